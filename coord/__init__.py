@@ -1,0 +1,1 @@
+"""coord: an etcd v3 client for Twisted with coordination recipes."""
