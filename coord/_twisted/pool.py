@@ -1,0 +1,646 @@
+"""The default transport: keep-alive HTTP/1.1 connections to etcd's JSON gateway.
+
+One :class:`HttpTransport` serves a client.  Per endpoint it keeps a pool of persistent
+connections, each carrying one request at a time (the gateway answers in order, but a
+slow request would hold up everything pipelined behind it).  Requests beyond the pool's
+size wait in a queue.
+
+Failover and retry (decided by :class:`Plan`, which does no I/O):
+
+* a request that was never written (connect refused, endpoint down) moves on to the next
+  endpoint -- always safe;
+* a *read* whose connection broke after it was written is sent again to the next endpoint;
+* a *write* whose connection broke after it was written, or that timed out, is never sent
+  again: it fails with :class:`~coord.errors.OutcomeUnknown` / ``WriteTimeout``;
+* an answer "etcdserver: no leader" is given before etcd proposes anything, so any request
+  that gets it is sent to the next endpoint;
+* "etcdserver: invalid auth token" makes the transport authenticate again and re-send once.
+
+This is the only module (with :mod:`coord._twisted.treq`) that touches sockets.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.internet import defer, protocol
+from twisted.python.failure import Failure
+
+from coord import errors
+from coord._wire import codec
+from coord._wire.http11 import ProtocolError, ResponseParser, build_request, request_head
+from coord._wire.stream import LineSplitter
+
+__all__ = ["Endpoint", "HttpTransport", "Plan", "parse_endpoint"]
+
+
+@attrs.frozen
+class Endpoint:
+    """One etcd client URL, e.g. ``http://127.0.0.1:2379``."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_endpoint(url: object) -> Endpoint:
+    """Parse ``http://host:port`` or ``https://host:port`` (path, query not allowed)."""
+    if isinstance(url, bytes):
+        url = url.decode("ascii")
+    if not isinstance(url, str):
+        raise TypeError(f"an endpoint must be a URL string, not {type(url).__name__}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise errors.InvalidArgument(f"endpoint must look like http://host:port, not {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise errors.InvalidArgument(f"endpoint {url!r} must not have a path or query")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 2379)
+    except ValueError:
+        raise errors.InvalidArgument(f"endpoint {url!r} has an invalid port")
+    return Endpoint(url.rstrip("/"), parts.scheme, parts.hostname, port)
+
+
+class Plan:
+    """Which endpoint a call tries next, and whether a failure may be retried.
+
+    Sans-IO bookkeeping for one call.  ``start`` is the index of the endpoint the client
+    currently prefers; each endpoint is tried at most once, except that a read gets one
+    extra try on its first endpoint (a kept-alive connection that the server had just
+    closed is indistinguishable from a dead server until we try again).
+    """
+
+    __slots__ = ("attempts", "budget", "count", "start")
+
+    def __init__(self, start: int, count: int, write: bool) -> None:
+        self.start = start
+        self.count = count
+        self.attempts = 0
+        self.budget = count if write else count + 1
+
+    def next_index(self) -> int | None:
+        """The endpoint index for the next attempt, or None when the budget is spent."""
+        if self.attempts >= self.budget:
+            return None
+        index = (self.start + self.attempts) % self.count
+        self.attempts += 1
+        return index
+
+    @staticmethod
+    def may_resend(write: bool, sent: bool) -> bool:
+        """Whether a call that failed in transport may go to another endpoint."""
+        return not (write and sent)
+
+
+class _Call:
+    """One request in flight: its bytes, its Deferred, its deadline and its retry plan."""
+
+    __slots__ = ("auth_retried", "body", "conn", "deferred", "done", "endpoint", "path",
+                 "plan", "sent", "timer", "write")
+
+    def __init__(self, path: str, body: bytes, write: bool) -> None:
+        self.path = path
+        self.body = body
+        self.write = write
+        self.deferred: defer.Deferred[Any] = defer.Deferred(self._cancel)
+        self.timer: Any = None
+        self.plan: Plan | None = None
+        self.endpoint: _EndpointPool | None = None
+        self.conn: _Connection | None = None
+        self.sent = False
+        self.done = False
+        self.auth_retried = False
+
+    def _cancel(self, d: defer.Deferred[Any]) -> None:
+        # Deferred.cancel() errbacks with CancelledError after this returns.
+        self.done = True
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        conn, self.conn = self.conn, None
+        if conn is not None and conn.call is self:
+            # The answer is still owed on this connection: it cannot carry another request.
+            conn.call = None
+            conn.abort()
+        elif self.endpoint is not None:
+            self.endpoint.forget(self)
+
+    def succeed(self, result: Any) -> None:
+        if not self.done:
+            self.done = True
+            self._cleanup()
+            self.deferred.callback(result)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self._cleanup()
+            self.deferred.errback(Failure(exc))
+
+
+class _Connection(protocol.Protocol):
+    """One HTTP/1.1 connection: carries one call at a time, or one stream for good."""
+
+    def __init__(self, pool: _EndpointPool) -> None:
+        self.pool = pool
+        self.call: _Call | None = None
+        self.stream: _Stream | None = None
+        self.parser = ResponseParser(self._on_head, self._on_body, self._on_complete)
+        self._chunks: list[bytes] = []
+        self.connected = False
+        self.closed = False
+
+    # wiring ---------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
+        if self.stream is not None:
+            self.stream.connected(self)
+        else:
+            self.pool.connection_ready(self)
+
+    def send(self, call: _Call, data: bytes) -> None:
+        self.call = call
+        call.conn = self
+        call.sent = True
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pool.connection_gone(self)
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            self.parser.feed(data)
+        except ProtocolError as e:
+            self._broken(errors.Unavailable(f"bad HTTP from {self.pool.endpoint.url}: {e}"))
+            self.abort()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.connected = False
+        if not self.closed:
+            self.closed = True
+            self.pool.connection_gone(self)
+        self._broken(errors.Unavailable(
+            f"connection to {self.pool.endpoint.url} lost: {reason.getErrorMessage()}"))
+
+    def _broken(self, exc: errors.CoordError) -> None:
+        call, self.call = self.call, None
+        if call is not None:
+            call.conn = None
+            self.pool.transport.call_broken(call, exc)
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.ended(exc)
+
+    # parser callbacks -------------------------------------------------------------------------
+
+    def _on_head(self, status: int) -> None:
+        if self.stream is not None:
+            self.stream.head(status)
+
+    def _on_body(self, data: bytes) -> None:
+        if self.stream is not None:
+            self.stream.data(data)
+        else:
+            self._chunks.append(data)
+
+    def _on_complete(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            self.abort()
+            stream.ended(None)
+            return
+        call, self.call = self.call, None
+        body = b"".join(self._chunks)
+        self._chunks = []
+        if not self.parser.keep_alive:
+            self.abort()
+        if call is None:
+            return
+        call.conn = None
+        if not self.closed:
+            self.pool.connection_ready(self)
+        self.pool.transport.call_answered(call, self.parser.status, body)
+
+
+class _Factory(protocol.ClientFactory):
+    def __init__(self, pool: _EndpointPool) -> None:
+        self.pool = pool
+
+    def buildProtocol(self, addr: Any) -> _Connection:
+        return _Connection(self.pool)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.pool.connect_failed(reason)
+
+
+class _EndpointPool:
+    """Connections to one endpoint: idle ones, a count of all, and calls waiting for one."""
+
+    def __init__(self, transport: HttpTransport, endpoint: Endpoint, index: int) -> None:
+        self.transport = transport
+        self.endpoint = endpoint
+        self.index = index
+        self.idle: list[_Connection] = []
+        self.all: set[_Connection] = set()
+        self.connecting = 0
+        self.waiting: collections.deque[_Call] = collections.deque()
+        self.heads: dict[str, bytes] = {}
+
+    def head(self, path: str) -> bytes:
+        head = self.heads.get(path)
+        if head is None:
+            head = self.heads[path] = request_head(self.endpoint.netloc, path,
+                                                   self.transport.extra_headers())
+        return head
+
+    def submit(self, call: _Call) -> None:
+        call.endpoint = self
+        if self.idle:
+            conn = self.idle.pop()
+            conn.send(call, build_request(self.head(call.path), call.body))
+            return
+        self.waiting.append(call)
+        if len(self.all) + self.connecting < self.transport.max_connections:
+            self.connect()
+
+    def connect(self) -> None:
+        self.connecting += 1
+        self.transport.connect(self.endpoint, _Factory(self))
+
+    def forget(self, call: _Call) -> None:
+        try:
+            self.waiting.remove(call)
+        except ValueError:
+            pass
+
+    def connection_ready(self, conn: _Connection) -> None:
+        if conn not in self.all:
+            self.connecting -= 1
+            self.all.add(conn)
+        while self.waiting:
+            call = self.waiting.popleft()
+            if not call.done:
+                conn.send(call, build_request(self.head(call.path), call.body))
+                return
+        self.idle.append(conn)
+
+    def connection_gone(self, conn: _Connection) -> None:
+        self.all.discard(conn)
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def connect_failed(self, reason: Failure) -> None:
+        self.connecting -= 1
+        self.transport.endpoint_down(self)
+        # The endpoint is unreachable: every call waiting for it moves on (none was sent).
+        waiting, self.waiting = self.waiting, collections.deque()
+        exc = errors.Unavailable(f"cannot connect to {self.endpoint.url}: "
+                                 f"{reason.getErrorMessage()}")
+        for call in waiting:
+            if not call.done:
+                self.transport.call_broken(call, exc)
+
+    def close(self) -> None:
+        for conn in list(self.all):
+            conn.abort()
+        self.idle.clear()
+
+
+class HttpTransport:
+    """The default transport (see the module docstring).
+
+    Args:
+        reactor: the Twisted reactor.
+        endpoints: parsed endpoints, in order of preference.
+        connect_timeout: seconds allowed for a TCP (and TLS) connect.
+        max_connections: most connections per endpoint (requests beyond wait).
+        tls: a callable ``(Endpoint) -> IOpenSSLClientConnectionCreator`` for https.
+        credentials: ``(user, password)`` to authenticate with, or None.
+    """
+
+    def __init__(self, reactor: Any, endpoints: list[Endpoint], connect_timeout: float = 5.0,
+                 max_connections: int = 64, tls: Callable[[Endpoint], Any] | None = None,
+                 credentials: tuple[str, str] | None = None) -> None:
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        self._tls = tls
+        self._pools = [_EndpointPool(self, ep, i) for i, ep in enumerate(endpoints)]
+        self._preferred = 0
+        self._credentials = credentials
+        self._token: str | None = None
+        self._authenticating: defer.Deferred[None] | None = None
+        self._auth_waiters: list[_Call] = []
+        self._streams: set[_Stream] = set()
+        self._closed = False
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return [p.endpoint for p in self._pools]
+
+    @property
+    def preferred(self) -> Endpoint:
+        return self._pools[self._preferred].endpoint
+
+    def extra_headers(self) -> dict[str, str]:
+        return {"Authorization": self._token} if self._token else {}
+
+    def connect(self, endpoint: Endpoint, factory: protocol.ClientFactory) -> None:
+        if endpoint.tls:
+            if self._tls is None:
+                raise errors.InvalidArgument(f"{endpoint.url} needs TLS options")
+            self.reactor.connectSSL(endpoint.host, endpoint.port, factory,
+                                    self._tls(endpoint), timeout=self.connect_timeout)
+        else:
+            self.reactor.connectTCP(endpoint.host, endpoint.port, factory,
+                                    timeout=self.connect_timeout)
+
+    # unary calls ------------------------------------------------------------------------------
+
+    def request(self, path: str, body: bytes, write: bool,
+                timeout: float | None) -> defer.Deferred[Any]:
+        """POST ``body`` to ``path``; the Deferred fires with the decoded JSON answer.
+
+        Args:
+            write: whether the request may change state (decides what is safe to re-send).
+            timeout: seconds for the whole call, retries included; None for no limit.
+
+        Cancelling the Deferred drops the call (and the connection, if the request was
+        already written).
+        """
+        call = _Call(path, body, write)
+        if self._closed:
+            call.fail(errors.Unavailable("the client is closed"))
+            return call.deferred
+        if timeout is not None:
+            call.timer = self.reactor.callLater(timeout, self._timed_out, call, timeout)
+        call.plan = Plan(self._preferred, len(self._pools), write)
+        if self._credentials is not None and self._token is None and path != AUTH_PATH:
+            self._wait_for_token(call)
+        else:
+            self._dispatch(call)
+        return call.deferred
+
+    def _dispatch(self, call: _Call) -> None:
+        index = call.plan.next_index()  # type: ignore[union-attr]
+        if index is None:
+            return
+        self._pools[index].submit(call)
+
+    def _timed_out(self, call: _Call, timeout: float) -> None:
+        call.timer = None
+        what = f"{call.path} did not complete within {timeout} s"
+        if call.write and call.sent:
+            call.fail(errors.WriteTimeout(what + "; the write may or may not have been applied"))
+        else:
+            call.fail(errors.Timeout(what))
+
+    def endpoint_down(self, pool: _EndpointPool) -> None:
+        if self._preferred == pool.index:
+            self._preferred = (pool.index + 1) % len(self._pools)
+
+    def call_broken(self, call: _Call, exc: errors.CoordError) -> None:
+        """The call's connection failed (or never connected)."""
+        if call.done:
+            return
+        if not Plan.may_resend(call.write, call.sent):
+            call.fail(errors.OutcomeUnknown(
+                f"{exc}; the write to {call.path} was sent, so it may or may not have "
+                "been applied; it is not re-sent"))
+            return
+        if call.sent:
+            self.endpoint_down(call.endpoint)  # type: ignore[arg-type]
+        call.sent = False
+        self._retry(call, exc)
+
+    def _retry(self, call: _Call, exc: errors.CoordError) -> None:
+        index = call.plan.next_index()  # type: ignore[union-attr]
+        if index is None:
+            call.fail(exc)
+        else:
+            self._pools[index].submit(call)
+
+    def call_answered(self, call: _Call, status: int, body: bytes) -> None:
+        if call.done:
+            return
+        if status == 200:
+            try:
+                call.succeed(codec.decode(body))
+            except errors.CoordError as e:
+                call.fail(e)
+            return
+        try:
+            obj = codec.decode(body)
+        except errors.CoordError:
+            obj = body
+        exc = errors.from_gateway(obj, status)
+        if exc.message == "etcdserver: no leader":
+            # Refused before anything was proposed: another member may have a leader.
+            self.endpoint_down(call.endpoint)  # type: ignore[arg-type]
+            call.sent = False
+            self._retry(call, exc)
+        elif isinstance(exc, errors.Unauthenticated) and self._credentials is not None \
+                and not call.auth_retried and call.path != AUTH_PATH:
+            # The token expired (or the server restarted): get a new one, send once more.
+            call.auth_retried = True
+            call.sent = False
+            self._token = None
+            self._wait_for_token(call)
+        else:
+            call.fail(exc)
+
+    # authentication -------------------------------------------------------------------------
+
+    def _wait_for_token(self, call: _Call) -> None:
+        self._auth_waiters.append(call)
+        if self._authenticating is None:
+            self._authenticating = self._authenticate()
+
+    def _authenticate(self) -> defer.Deferred[None]:
+        user, password = self._credentials  # type: ignore[misc]
+        d = self.request(AUTH_PATH, codec.encode({"name": user, "password": password}),
+                         False, self.connect_timeout * 2)
+
+        def got(obj: dict) -> None:
+            self._set_token(obj.get("token"))
+            waiters, self._auth_waiters = self._auth_waiters, []
+            for call in waiters:
+                if not call.done:
+                    call.plan = Plan(self._preferred, len(self._pools), call.write)
+                    self._dispatch(call)
+
+        def failed(f: Failure) -> None:
+            waiters, self._auth_waiters = self._auth_waiters, []
+            for call in waiters:
+                call.fail(f.value)
+
+        def done(_: Any) -> None:
+            self._authenticating = None
+
+        d.addCallbacks(got, failed)
+        d.addBoth(done)
+        return d
+
+    def _set_token(self, token: str | None) -> None:
+        self._token = token
+        for pool in self._pools:
+            pool.heads.clear()
+
+    # streams ----------------------------------------------------------------------------------
+
+    def stream(self, path: str, body: bytes, on_message: Callable[[Any], None],
+               on_end: Callable[[errors.CoordError | None], None],
+               endpoint: int | None = None) -> _Stream:
+        """Open a streaming POST on a connection of its own (see :class:`_Stream`)."""
+        stream = _Stream(self, path, body, on_message, on_end)
+        stream.open(self._preferred if endpoint is None else endpoint)
+        return stream
+
+    def close(self) -> defer.Deferred[None]:
+        """Drop every connection and fail pending calls with Unavailable."""
+        self._closed = True
+        for stream in list(self._streams):
+            stream.cancel()
+        for pool in self._pools:
+            waiting, pool.waiting = pool.waiting, collections.deque()
+            for call in waiting:
+                call.fail(errors.Unavailable("the client was closed"))
+            for conn in list(pool.all):
+                if conn.call is not None:
+                    conn.call.fail(errors.Unavailable("the client was closed"))
+            pool.close()
+        return defer.succeed(None)
+
+
+AUTH_PATH = "/v3/auth/authenticate"
+
+
+class _Stream:
+    """A streaming answer (watch, keep-alive) on its own connection.
+
+    ``on_message`` gets each decoded JSON message; ``on_end`` is called once, with None
+    when the server ended the stream, or with the error that ended it (an
+    :class:`~coord.errors.EtcdError` for an error status, Unavailable for a broken
+    connection).  ``cancel()`` closes the connection and calls neither.
+    """
+
+    def __init__(self, transport: HttpTransport, path: str, body: bytes,
+                 on_message: Callable[[Any], None],
+                 on_end: Callable[[errors.CoordError | None], None]) -> None:
+        self.transport = transport
+        self.path = path
+        self.body = body
+        self.on_message = on_message
+        self.on_end = on_end
+        self.status = 0
+        self.splitter = LineSplitter()
+        self.conn: _Connection | None = None
+        self.endpoint: Endpoint | None = None
+        self.finished = False
+        self._error_body: list[bytes] = []
+
+    def open(self, index: int) -> None:
+        pool = self.transport._pools[index]
+        self.endpoint = pool.endpoint
+        self.transport._streams.add(self)
+        self.transport.connect(pool.endpoint, _StreamFactory(pool, self))
+
+    def connected(self, conn: _Connection) -> None:
+        if self.finished:
+            conn.abort()
+            return
+        self.conn = conn
+        pool = conn.pool
+        conn.transport.write(build_request(pool.head(self.path), self.body))  # type: ignore[union-attr]
+
+    def connect_failed(self, pool: _EndpointPool, reason: Failure) -> None:
+        self.transport.endpoint_down(pool)
+        self.ended(errors.Unavailable(
+            f"cannot connect to {pool.endpoint.url}: {reason.getErrorMessage()}"))
+
+    def head(self, status: int) -> None:
+        self.status = status
+
+    def data(self, data: bytes) -> None:
+        if self.status != 200:
+            self._error_body.append(data)
+            return
+        for line in self.splitter.feed(data):
+            if self.finished:
+                return
+            try:
+                obj = codec.decode(line)
+            except errors.CoordError as e:
+                self.cancel()
+                self.on_end(e)
+                return
+            error_obj = obj.get("error") if isinstance(obj, dict) else None
+            if error_obj is not None:
+                # A stream ends with {"error": {...}} when the server aborts it.
+                self.cancel()
+                self.on_end(errors.from_gateway(error_obj, self.status))
+                return
+            self.on_message(obj.get("result", obj))
+
+    def ended(self, exc: errors.CoordError | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.transport._streams.discard(self)
+        if exc is None and self.status != 200:
+            body = b"".join(self._error_body)
+            try:
+                obj = codec.decode(body)
+            except errors.CoordError:
+                obj = body
+            exc = errors.from_gateway(obj, self.status)
+        self.on_end(exc)
+
+    def cancel(self) -> None:
+        """Stop the stream now: close its connection; no more callbacks."""
+        if self.finished:
+            return
+        self.finished = True
+        self.transport._streams.discard(self)
+        if self.conn is not None:
+            self.conn.stream = None
+            self.conn.abort()
+
+
+class _StreamFactory(protocol.ClientFactory):
+    def __init__(self, pool: _EndpointPool, stream: _Stream) -> None:
+        self.pool = pool
+        self.stream = stream
+
+    def buildProtocol(self, addr: Any) -> _Connection:
+        conn = _Connection(self.pool)
+        conn.stream = self.stream
+        return conn
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.stream.connect_failed(self.pool, reason)

@@ -1,0 +1,150 @@
+"""etcd JSON gateway codec: request dicts -> bytes, response JSON -> coord.types values.
+
+Sans-IO: no reactor, no sockets.  Gateway rules (grpc-gateway's protobuf JSON mapping):
+
+* every ``bytes`` field is base64; every int64 is a JSON string (numbers are accepted
+  on input, so coord sends plain numbers);
+* a field holding its zero value is omitted: absent ``kvs`` is ``[]``, absent
+  ``succeeded`` is false, absent ``count`` is 0, a PUT event has no ``type``;
+* field names are the proto names (``create_revision``), except where the proto itself
+  is camelCase (StatusResponse's ``dbSize``, Member's ``peerURLs``).
+"""
+
+from __future__ import annotations
+
+import json
+from binascii import a2b_base64, b2a_base64
+from typing import Any
+
+from coord import errors
+from coord.types import (
+    Alarm,
+    AlarmType,
+    Deleted,
+    Event,
+    EventType,
+    Header,
+    KeyValue,
+    Member,
+    Range,
+    Revision,
+    Status,
+    TransactionResult,
+)
+
+
+def _bytes_default(value: object) -> str:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return b2a_base64(value, newline=False).decode("ascii")
+    raise TypeError(f"cannot encode {type(value).__name__} for etcd")
+
+
+_encoder = json.JSONEncoder(separators=(",", ":"), default=_bytes_default)
+
+
+def encode(body: dict) -> bytes:
+    """A request dict (bytes values allowed, encoded as base64) as a JSON body."""
+    return _encoder.encode(body).encode("ascii")
+
+
+def decode(data: bytes) -> Any:
+    """Parse a JSON body; a body that is not JSON becomes an :class:`errors.EtcdError`."""
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise errors.EtcdError(f"etcd gateway sent a body that is not JSON: {data[:200]!r}")
+
+
+def b64(value: str | None) -> bytes:
+    return a2b_base64(value) if value else b""
+
+
+def header(obj: dict | None) -> Header:
+    if not obj:
+        return Header()
+    g = obj.get
+    return Header(int(g("cluster_id", 0)), int(g("member_id", 0)), int(g("revision", 0)),
+                  int(g("raft_term", 0)))
+
+
+def kv(obj: dict) -> KeyValue:
+    g = obj.get
+    value = g("value")
+    return KeyValue(
+        a2b_base64(obj["key"]),
+        a2b_base64(value) if value else b"",
+        int(g("create_revision", 0)),
+        int(g("mod_revision", 0)),
+        int(g("version", 0)),
+        int(g("lease", 0)),
+    )
+
+
+def range_response(obj: dict) -> Range:
+    kvs = obj.get("kvs")
+    return Range([kv(x) for x in kvs] if kvs else [], int(obj.get("count", 0)),
+                 bool(obj.get("more", False)), header(obj.get("header")))
+
+
+def put_response(obj: dict) -> Revision:
+    h = header(obj.get("header"))
+    prev = obj.get("prev_kv")
+    return Revision(h.revision, kv(prev) if prev else None, h)
+
+
+def delete_response(obj: dict) -> Deleted:
+    prev = obj.get("prev_kvs")
+    return Deleted(int(obj.get("deleted", 0)), [kv(x) for x in prev] if prev else [],
+                   header(obj.get("header")))
+
+
+_TXN_RESPONSES = {
+    "response_range": range_response,
+    "response_put": put_response,
+    "response_delete_range": delete_response,
+}
+
+
+def txn_response(obj: dict) -> TransactionResult:
+    responses: list[Any] = []
+    for item in obj.get("responses") or ():
+        ((name, value),) = item.items()
+        if name == "response_txn":
+            responses.append(txn_response(value))
+        else:
+            responses.append(_TXN_RESPONSES[name](value))
+    return TransactionResult(bool(obj.get("succeeded", False)), responses,
+                             header(obj.get("header")))
+
+
+def status_response(obj: dict) -> Status:
+    g = obj.get
+    return Status(
+        header(g("header")),
+        g("version", ""),
+        int(g("dbSize", 0)),
+        int(g("leader", 0)),
+        int(g("raftIndex", 0)),
+        int(g("raftTerm", 0)),
+        int(g("raftAppliedIndex", 0)),
+        int(g("dbSizeInUse", 0)),
+        list(g("errors") or ()),
+        bool(g("isLearner", False)),
+    )
+
+
+def member(obj: dict) -> Member:
+    g = obj.get
+    return Member(int(g("ID", 0)), g("name", ""), list(g("peerURLs") or ()),
+                  list(g("clientURLs") or ()), bool(g("isLearner", False)))
+
+
+def alarms(obj: dict) -> list[Alarm]:
+    return [Alarm(int(a.get("memberID", 0)), AlarmType(a.get("alarm", "NONE")))
+            for a in obj.get("alarms") or ()]
+
+
+def event(obj: dict) -> Event:
+    prev = obj.get("prev_kv")
+    return Event(EventType.DELETE if obj.get("type") == "DELETE" else EventType.PUT,
+                 kv(obj["kv"]), kv(prev) if prev else None)

@@ -1,0 +1,83 @@
+"""HTTP/1.1 framing for the etcd gateway: request bytes out, response events in.
+
+Sans-IO: :class:`ResponseParser` takes bytes with :meth:`~ResponseParser.feed` and reports
+what it parsed through three callbacks; :func:`request_head` / :func:`build_request`
+produce request bytes.  Parsing is done by httptools (llhttp), which also undoes chunked
+transfer-encoding -- the gateway streams watch and keep-alive answers chunked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httptools
+
+__all__ = ["ProtocolError", "ResponseParser", "build_request", "request_head"]
+
+
+class ProtocolError(Exception):
+    """The server sent bytes that are not a valid HTTP/1.1 response."""
+
+
+def request_head(host: str, path: str, headers: dict[str, str] | None = None) -> bytes:
+    """The request line and fixed headers of a JSON POST, up to ``Content-Length: ``.
+
+    Built once per (endpoint, path, headers) and reused: only the length and body vary.
+    """
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", "Content-Type: application/json",
+             "Accept: application/json"]
+    for name, value in (headers or {}).items():
+        if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
+            raise ValueError(f"header {name!r} contains a line break")
+        lines.append(f"{name}: {value}")
+    lines.append("Content-Length: ")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def build_request(head: bytes, body: bytes) -> bytes:
+    """One complete request: a head from :func:`request_head`, then the body."""
+    return b"%s%d\r\n\r\n%s" % (head, len(body), body)
+
+
+class ResponseParser:
+    """Incremental HTTP/1.1 response parser for one keep-alive connection.
+
+    Args:
+        on_head: called with the status code once the headers are complete.
+        on_body: called with each piece of body (already de-chunked), in order.
+        on_complete: called when a whole response has arrived; ``keep_alive`` is then
+            whether the connection may carry another request.
+
+    Raises (from :meth:`feed`):
+        ProtocolError: the bytes are not a valid response.
+    """
+
+    __slots__ = ("_on_body", "_on_complete", "_on_head", "_parser", "keep_alive", "status")
+
+    def __init__(self, on_head: Callable[[int], None], on_body: Callable[[bytes], None],
+                 on_complete: Callable[[], None]) -> None:
+        self._on_head = on_head
+        self._on_body = on_body
+        self._on_complete = on_complete
+        self.status = 0
+        self.keep_alive = True
+        self._parser = httptools.HttpResponseParser(self)
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            raise ProtocolError(str(e)) from e
+
+    # httptools callbacks -------------------------------------------------------------------
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+        self._on_head(self.status)
+
+    def on_body(self, body: bytes) -> None:
+        self._on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.keep_alive = self._parser.should_keep_alive()
+        self._on_complete()

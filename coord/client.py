@@ -1,0 +1,335 @@
+"""Client: etcd v3 over the JSON gateway, every call a Deferred.
+
+Usable with ``yield`` in ``inlineCallbacks`` and with ``await`` in ``async def`` code::
+
+    etcd = Client(reactor, "http://localhost:2379")
+    rev = yield etcd.set(b"k", b"v")
+    res = yield etcd.get(KeySet(b"k", prefix=True))
+
+Every call takes ``timeout=`` (seconds; ``None`` for no limit), defaulting to the
+client's ``timeout``.  A read that times out raises :class:`~coord.errors.Timeout`; a
+write that times out after it was sent raises :class:`~coord.errors.WriteTimeout`, whose
+outcome is unknown.  Cancelling a call's Deferred abandons it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer
+
+from coord import errors
+from coord._twisted.pool import HttpTransport, parse_endpoint
+from coord._sentinel import DEFAULT
+from coord._wire import codec
+from coord.keyset import KeyLike, KeySet
+from coord.lease import Lease
+from coord.txn import (
+    OpSet,
+    Transaction,
+    delete_json,
+    put_json,
+    range_json,
+    range_options,
+)
+from coord.types import (
+    Alarm,
+    Deleted,
+    Header,
+    Member,
+    Range,
+    Revision,
+    Status,
+    TransactionResult,
+)
+
+__all__ = ["Client"]
+
+
+# etcd's default --max-request-bytes (1.5 MiB).
+MAX_REQUEST_BYTES = 1536 * 1024
+
+
+class Client:
+    """An etcd v3 client.
+
+    Args:
+        reactor: the Twisted reactor.
+        url: one endpoint URL (``"http://127.0.0.1:2379"``) or a list of them, in order of
+            preference.  With several, an unreachable endpoint is skipped.
+        timeout: default seconds per call (``None``: no limit).
+        connect_timeout: seconds allowed to open a connection.
+        user, password: authenticate as this user; the token is obtained on first use
+            and obtained again when etcd says it expired.
+        ca_cert, cert, key: for https endpoints: the CA certificate to trust (PEM
+            bytes or a file path; default: the system's trust store), and a client
+            certificate and its key for mutual TLS.
+        agent: a Twisted ``IAgent`` (proxy, custom TLS, ...) to send requests through
+            instead of coord's own connection pool (via treq).
+        max_connections: most connections per endpoint in the default transport.
+        max_request_bytes: the server's ``--max-request-bytes``; a write bigger than
+            this raises :class:`~coord.errors.RequestTooLarge` before it is sent.
+
+    Raises:
+        InvalidArgument: a malformed endpoint URL, or an https one with TLS unavailable.
+    """
+
+    def __init__(self, reactor: Any, url: str | bytes | Sequence[str], *,
+                 timeout: float | None = 30.0, connect_timeout: float = 5.0,
+                 user: str | None = None, password: str | None = None,
+                 ca_cert: bytes | str | None = None, cert: bytes | str | None = None,
+                 key: bytes | str | None = None, agent: Any = None,
+                 max_connections: int = 64,
+                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+        urls = [url] if isinstance(url, (str, bytes)) else list(url)
+        if not urls:
+            raise errors.InvalidArgument("Client needs at least one endpoint URL")
+        endpoints = [parse_endpoint(u) for u in urls]
+        if (user is None) != (password is None):
+            raise errors.InvalidArgument("user and password go together")
+        credentials = (user, password) if user is not None else None
+        self._reactor = reactor
+        self.timeout = timeout
+        self.max_request_bytes = max_request_bytes
+        if agent is not None:
+            from coord._twisted.treq import TreqTransport
+
+            self._transport: Any = TreqTransport(reactor, endpoints, agent,
+                                                 credentials=credentials)
+        else:
+            tls = None
+            if any(ep.tls for ep in endpoints):
+                from coord._twisted.tls import client_tls
+
+                tls = client_tls(ca_cert, cert, key)
+            self._transport = HttpTransport(reactor, endpoints, connect_timeout=connect_timeout,
+                                            max_connections=max_connections, tls=tls,
+                                            credentials=credentials)
+
+    def __repr__(self) -> str:
+        urls = ", ".join(ep.url for ep in self._transport.endpoints)
+        return f"<coord.Client {urls}>"
+
+    # plumbing -------------------------------------------------------------------------------
+
+    def _request(self, path: str, body: dict, write: bool,
+                 timeout: Any = DEFAULT) -> defer.Deferred[Any]:
+        if timeout is DEFAULT:
+            timeout = self.timeout
+        return self._transport.request(path, codec.encode(body), write, timeout)
+
+    def _check_size(self, size: int) -> None:
+        if size > self.max_request_bytes:
+            raise errors.RequestTooLarge(
+                f"request carries {size} bytes of keys and values; etcd accepts at most "
+                f"{self.max_request_bytes} (--max-request-bytes)")
+
+    # KV ---------------------------------------------------------------------------------------
+
+    def set(self, key: bytes | str, value: bytes | str = b"", lease: Any = None,
+            return_previous: bool = False, ignore_value: bool = False,
+            ignore_lease: bool = False, timeout: Any = DEFAULT) -> defer.Deferred[Revision]:
+        """Write ``value`` at ``key`` (``Put``).
+
+        Args:
+            lease: a :class:`Lease` or lease ID to attach the key to (0/None: none).
+            return_previous: also return the key's previous state.
+            ignore_value: keep the current value (only change the lease).
+            ignore_lease: keep the current lease (only change the value).
+
+        Returns:
+            Deferred firing with a :class:`~coord.types.Revision`.
+
+        Raises:
+            TypeError: key or value not bytes/str.
+            InvalidArgument: empty key.
+            RequestTooLarge: key and value bigger than the server accepts.
+            LeaseNotFound: the lease does not exist.
+        """
+        op = OpSet(key, value, lease, return_previous, ignore_value, ignore_lease)
+        self._check_size(len(op.key) + len(op.value))
+        d = self._request("/v3/kv/put", put_json(op), True, timeout)
+        return d.addCallback(codec.put_response)
+
+    def get(self, key: KeyLike, limit: int | None = None, sort_order: str | None = None,
+            sort_target: str | None = None, revision: int | None = None,
+            keys_only: bool = False, count_only: bool = False, serializable: bool = False,
+            min_mod_revision: int | None = None, max_mod_revision: int | None = None,
+            min_create_revision: int | None = None, max_create_revision: int | None = None,
+            timeout: Any = DEFAULT) -> defer.Deferred[Range]:
+        """Read a key, or a :class:`KeySet` (``Range``).
+
+        Args:
+            limit: at most this many keys (0/None: no limit); ``Range.more`` tells if
+                more remain.
+            sort_order: ``"ascend"``, ``"descend"`` or None.
+            sort_target: ``"key"``, ``"version"``, ``"create"``, ``"mod"`` or ``"value"``.
+            revision: read the store as of this revision (0/None: latest).
+            keys_only: leave values out.  count_only: return only the count.
+            serializable: answer from the member's local copy (may be stale).
+            min_mod_revision .. max_create_revision: filter keys by revisions.
+
+        Returns:
+            Deferred firing with a :class:`~coord.types.Range`.
+
+        Raises:
+            Compacted: ``revision`` was compacted.  FutureRevision: it is in the future.
+        """
+        keys = KeySet.of(key)
+        body = range_json(keys, range_options(
+            limit, sort_order, sort_target, revision, keys_only, count_only, serializable,
+            min_mod_revision, max_mod_revision, min_create_revision, max_create_revision))
+        d = self._request("/v3/kv/range", body, False, timeout)
+        return d.addCallback(codec.range_response)
+
+    def delete(self, key: KeyLike, return_previous: bool = False,
+               timeout: Any = DEFAULT) -> defer.Deferred[Deleted]:
+        """Delete a key, or every key of a :class:`KeySet` (``DeleteRange``).
+
+        Returns:
+            Deferred firing with :class:`~coord.types.Deleted` (count, previous values
+            when ``return_previous``).
+        """
+        body = delete_json(KeySet.of(key), bool(return_previous))
+        d = self._request("/v3/kv/deleterange", body, True, timeout)
+        return d.addCallback(codec.delete_response)
+
+    def submit(self, txn: Transaction, timeout: Any = DEFAULT) -> defer.Deferred[TransactionResult]:
+        """Apply a :class:`Transaction` atomically.
+
+        Returns:
+            Deferred firing with a :class:`~coord.types.TransactionResult` when every
+            comparison held (its ``responses`` are the success branch's).
+
+        Raises:
+            Failed: a comparison did not hold; ``.responses`` holds the failure
+                branch's responses.
+        """
+        if not isinstance(txn, Transaction):
+            raise TypeError(f"submit() takes a Transaction, not {type(txn).__name__}")
+        self._check_size(txn._payload_bytes())
+        write = _txn_writes(txn)
+        d = self._request("/v3/kv/txn", txn._body(), write, timeout)
+        return d.addCallback(_txn_outcome)
+
+    def compact(self, revision: int, physical: bool = False,
+                timeout: Any = DEFAULT) -> defer.Deferred[Header]:
+        """Discard history before ``revision`` (``Compact``).
+
+        Args:
+            physical: wait until the compaction is physically applied.
+
+        Raises:
+            Compacted: ``revision`` is at or below an earlier compaction.
+            FutureRevision: ``revision`` is above the current revision.
+        """
+        if isinstance(revision, bool) or not isinstance(revision, int):
+            raise TypeError(f"revision must be an int, not {type(revision).__name__}")
+        if revision <= 0:
+            raise errors.InvalidArgument(f"revision must be positive, not {revision}")
+        body: dict[str, Any] = {"revision": revision}
+        if physical:
+            body["physical"] = True
+        d = self._request("/v3/kv/compaction", body, True, timeout)
+        return d.addCallback(lambda obj: codec.header(obj.get("header")))
+
+    # leases -----------------------------------------------------------------------------------
+
+    def lease(self, time_to_live: int, lease_id: int | None = None,
+              timeout: Any = DEFAULT) -> defer.Deferred[Lease]:
+        """Grant a lease (``LeaseGrant``).
+
+        Args:
+            time_to_live: seconds the lease lives without a refresh (etcd may grant
+                more: it has a minimum TTL).
+            lease_id: ask for this ID (None/0: the server picks one).
+
+        Returns:
+            Deferred firing with a :class:`~coord.lease.Lease`.
+        """
+        if isinstance(time_to_live, bool) or not isinstance(time_to_live, int):
+            raise TypeError(f"time_to_live must be an int, not {type(time_to_live).__name__}")
+        if time_to_live <= 0:
+            raise errors.InvalidArgument(f"time_to_live must be positive, not {time_to_live}")
+        body: dict[str, Any] = {"TTL": time_to_live}
+        if lease_id:
+            if isinstance(lease_id, bool) or not isinstance(lease_id, int):
+                raise TypeError(f"lease_id must be an int, not {type(lease_id).__name__}")
+            if lease_id < 0:
+                raise errors.InvalidArgument(f"lease_id must be positive, not {lease_id}")
+            body["ID"] = lease_id
+        d = self._request("/v3/lease/grant", body, True, timeout)
+
+        def granted(obj: dict) -> Lease:
+            if obj.get("error"):
+                raise errors.EtcdError(obj["error"])
+            return Lease(self, int(obj["ID"]), int(obj.get("TTL", 0)),
+                         codec.header(obj.get("header")))
+
+        return d.addCallback(granted)
+
+    def leases(self, timeout: Any = DEFAULT) -> defer.Deferred[list[Lease]]:
+        """Every lease the cluster holds (``LeaseLeases``), as :class:`Lease` handles."""
+        d = self._request("/v3/lease/leases", {}, False, timeout)
+        return d.addCallback(
+            lambda obj: [Lease(self, int(x["ID"])) for x in obj.get("leases") or ()])
+
+    # maintenance and cluster ----------------------------------------------------------------
+
+    def status(self, timeout: Any = DEFAULT) -> defer.Deferred[Status]:
+        """The status of the member that answers (version, leader, db size, ...)."""
+        d = self._request("/v3/maintenance/status", {}, False, timeout)
+        return d.addCallback(codec.status_response)
+
+    def alarms(self, timeout: Any = DEFAULT) -> defer.Deferred[list[Alarm]]:
+        """The alarms raised in the cluster (NOSPACE, CORRUPT)."""
+        d = self._request("/v3/maintenance/alarm", {"action": "GET"}, False,
+                          timeout)
+        return d.addCallback(codec.alarms)
+
+    def disarm(self, alarm: Alarm, timeout: Any = DEFAULT) -> defer.Deferred[list[Alarm]]:
+        """Deactivate ``alarm`` (after the cause was fixed, e.g. space freed)."""
+        body = {"action": "DEACTIVATE", "memberID": alarm.member_id, "alarm": alarm.alarm.value}
+        d = self._request("/v3/maintenance/alarm", body, True, timeout)
+        return d.addCallback(codec.alarms)
+
+    def defragment(self, timeout: Any = DEFAULT) -> defer.Deferred[None]:
+        """Defragment the answering member's backend database (blocks it meanwhile)."""
+        d = self._request("/v3/maintenance/defragment", {}, False, timeout)
+        return d.addCallback(lambda _: None)
+
+    def members(self, timeout: Any = DEFAULT) -> defer.Deferred[list[Member]]:
+        """The cluster's members (``MemberList``)."""
+        d = self._request("/v3/cluster/member/list", {}, False, timeout)
+        return d.addCallback(lambda obj: [codec.member(m) for m in obj.get("members") or ()])
+
+    # lifetime ---------------------------------------------------------------------------------
+
+    def close(self) -> defer.Deferred[None]:
+        """Close every connection; pending calls fail with Unavailable."""
+        return self._transport.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _txn_writes(txn: Transaction) -> bool:
+    """Whether a transaction may write (if every operation is a read, re-sending is safe)."""
+    for op in txn.success + txn.failure:
+        if isinstance(op, Transaction):
+            if _txn_writes(op):
+                return True
+        elif not hasattr(op, "options"):  # OpSet, OpDel
+            return True
+    return False
+
+
+def _txn_outcome(obj: dict) -> TransactionResult:
+    result = codec.txn_response(obj)
+    if not result.succeeded:
+        raise errors.Failed(result.responses, result.header)
+    return result

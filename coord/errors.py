@@ -1,0 +1,259 @@
+"""One exception tree for coord, and the one place that maps etcd's answers onto it.
+
+Every failure a coord call can report is a :class:`CoordError`. Three families:
+
+* :class:`EtcdError` -- etcd (through its JSON gateway) answered with an error body
+  ``{"error": ..., "code": <gRPC status code>, "message": ...}``. The concrete class is
+  chosen by :func:`from_gateway`, first by etcd's exact message (etcd's ``rpctypes``
+  sentinels, e.g. ``"etcdserver: mvcc: required revision has been compacted"``), then by
+  the gRPC code.
+* :class:`Unavailable` -- no answer could be had from any endpoint.  Its subclass
+  :class:`OutcomeUnknown` is raised when a *write* was sent and the connection broke
+  (or the call timed out) before the answer arrived: the write may or may not have been
+  applied, and coord never re-sends it by itself.
+* Local misuse -- :class:`InvalidArgument` (also a ``ValueError``) for values etcd would
+  refuse, raised before anything is sent.  Wrong *types* raise the builtin ``TypeError``.
+
+:class:`Timeout` and :class:`Failed` (a transaction whose comparisons did not hold) stand
+on their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AuthFailed",
+    "Compacted",
+    "CoordError",
+    "EtcdError",
+    "Failed",
+    "FutureRevision",
+    "InvalidArgument",
+    "LeaseExpired",
+    "LeaseNotFound",
+    "NoSpace",
+    "NotLeader",
+    "OutcomeUnknown",
+    "PermissionDenied",
+    "RequestTooLarge",
+    "ResourceExhausted",
+    "Timeout",
+    "TooManyOperations",
+    "Unauthenticated",
+    "Unavailable",
+    "from_gateway",
+]
+
+# gRPC status codes (google.golang.org/grpc/codes), as the gateway reports them in "code".
+OK = 0
+CANCELLED = 1
+UNKNOWN = 2
+INVALID_ARGUMENT = 3
+DEADLINE_EXCEEDED = 4
+NOT_FOUND = 5
+ALREADY_EXISTS = 6
+PERMISSION_DENIED = 7
+RESOURCE_EXHAUSTED = 8
+FAILED_PRECONDITION = 9
+ABORTED = 10
+OUT_OF_RANGE = 11
+UNIMPLEMENTED = 12
+INTERNAL = 13
+UNAVAILABLE = 14
+DATA_LOSS = 15
+UNAUTHENTICATED = 16
+
+
+class CoordError(Exception):
+    """Base class of every error coord raises (besides ``TypeError`` for wrong types)."""
+
+
+class InvalidArgument(CoordError, ValueError):
+    """A request etcd would refuse (empty key, negative TTL, ...), or that etcd refused
+    with INVALID_ARGUMENT.  Raised locally before anything is sent where coord can tell."""
+
+
+class TooManyOperations(InvalidArgument):
+    """A transaction has more operations than etcd allows (``--max-txn-ops``, 128 by default)."""
+
+
+class RequestTooLarge(InvalidArgument):
+    """The request is bigger than etcd accepts (``--max-request-bytes``, 1.5 MiB by default)."""
+
+
+class Timeout(CoordError):
+    """The call did not complete within its timeout.
+
+    For a write, the outcome is unknown: see :class:`WriteTimeout`.
+    """
+
+
+class Failed(CoordError):
+    """A transaction's comparisons did not all hold; the ``failure`` branch ran.
+
+    Attributes:
+        responses: the responses of the failure branch's operations, in order.
+        header: the response header (its revision is the store revision the
+            transaction was evaluated at).
+    """
+
+    def __init__(self, responses: list[Any], header: Any = None) -> None:
+        super().__init__(f"transaction failed ({len(responses)} failure responses)")
+        self.responses = responses
+        self.header = header
+
+
+class Unavailable(CoordError):
+    """No endpoint could serve the request (connection refused, reset, no leader...)."""
+
+
+class OutcomeUnknown(Unavailable):
+    """A write was sent but its answer never came: it may or may not have been applied.
+
+    coord never re-sends such a write on its own; read the affected keys (or compare on
+    revisions in a transaction) to find out what happened.
+    """
+
+
+class WriteTimeout(Timeout, OutcomeUnknown):
+    """A write timed out after it was sent: its outcome is unknown (see :class:`OutcomeUnknown`)."""
+
+
+class NotLeader(CoordError):
+    """A leader-only operation was attempted by a non-leader (used by recipes)."""
+
+
+class EtcdError(CoordError):
+    """etcd answered with an error.
+
+    Attributes:
+        code: the gRPC status code the gateway reported.
+        message: etcd's message, e.g. ``"etcdserver: key is not provided"``.
+    """
+
+    def __init__(self, message: str, code: int = UNKNOWN) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class EtcdInvalidArgument(EtcdError, InvalidArgument):
+    """etcd refused the request as invalid (gRPC INVALID_ARGUMENT)."""
+
+
+class Compacted(EtcdError):
+    """The requested revision has been compacted away.
+
+    Attributes:
+        compact_revision: the store's compaction revision when known (watches report it),
+            else ``None``.
+    """
+
+    def __init__(self, message: str, code: int = OUT_OF_RANGE, compact_revision: int | None = None):
+        super().__init__(message, code)
+        self.compact_revision = compact_revision
+
+
+class FutureRevision(EtcdError):
+    """The requested revision is newer than the store's current revision."""
+
+
+class LeaseNotFound(EtcdError):
+    """The lease does not exist: it was never granted, was revoked, or has expired."""
+
+
+class LeaseExpired(LeaseNotFound):
+    """The lease existed but is gone now (etcd reported TTL -1 / 0 for it)."""
+
+
+class Unauthenticated(EtcdError):
+    """Authentication failed or is required (bad credentials, or an invalid token)."""
+
+
+class AuthFailed(Unauthenticated):
+    """The user name or password was refused."""
+
+
+class PermissionDenied(EtcdError):
+    """The authenticated user lacks the permission for this request."""
+
+
+class ResourceExhausted(EtcdError):
+    """etcd is out of a resource (too many requests, ...)."""
+
+
+class NoSpace(ResourceExhausted):
+    """etcd raised its NOSPACE alarm: writes are refused until space is freed and the
+    alarm is disarmed."""
+
+
+class EtcdUnavailable(EtcdError, Unavailable):
+    """etcd answered but cannot serve now (no leader, stopping, timeout inside etcd)."""
+
+
+class EtcdRequestTooLarge(EtcdError, RequestTooLarge):
+    """etcd refused the request as too large."""
+
+
+class EtcdTooManyOperations(EtcdError, TooManyOperations):
+    """etcd refused a transaction with too many operations."""
+
+
+# etcd's exact messages (api/v3rpc/rpctypes/error.go), mapped to the class that carries them.
+_BY_MESSAGE: dict[str, type[EtcdError]] = {
+    "etcdserver: mvcc: required revision has been compacted": Compacted,
+    "etcdserver: mvcc: required revision is a future revision": FutureRevision,
+    "etcdserver: requested lease not found": LeaseNotFound,
+    "etcdserver: lease not found": LeaseNotFound,
+    "etcdserver: request is too large": EtcdRequestTooLarge,
+    "etcdserver: too many operations in txn request": EtcdTooManyOperations,
+    "etcdserver: mvcc: database space exceeded": NoSpace,
+    "etcdserver: authentication failed, invalid user ID or password": AuthFailed,
+    "etcdserver: invalid auth token": Unauthenticated,
+    "etcdserver: user name is empty": Unauthenticated,
+    "etcdserver: permission denied": PermissionDenied,
+    "etcdserver: no leader": EtcdUnavailable,
+    "etcdserver: not leader": EtcdUnavailable,
+    "etcdserver: leader changed": EtcdUnavailable,
+    "etcdserver: request timed out": EtcdUnavailable,
+    "etcdserver: request timed out, possibly due to previous leader failure": EtcdUnavailable,
+    "etcdserver: request timed out, possibly due to connection lost": EtcdUnavailable,
+    "etcdserver: server stopped": EtcdUnavailable,
+    "etcdserver: too many requests": ResourceExhausted,
+}
+
+_BY_CODE: dict[int, type[EtcdError]] = {
+    INVALID_ARGUMENT: EtcdInvalidArgument,
+    NOT_FOUND: EtcdError,
+    PERMISSION_DENIED: PermissionDenied,
+    RESOURCE_EXHAUSTED: ResourceExhausted,
+    UNAVAILABLE: EtcdUnavailable,
+    UNAUTHENTICATED: Unauthenticated,
+}
+
+# Errors etcd raises before it applies anything: a request that got one may be re-sent.
+RETRYABLE_BEFORE_APPLY = (EtcdUnavailable,)
+
+
+def from_gateway(body: Any, http_status: int | None = None) -> EtcdError:
+    """Turn a gateway error body into the matching :class:`EtcdError`.
+
+    Args:
+        body: the decoded JSON error body (a dict with ``message``/``error`` and ``code``),
+            or anything else if the body was not JSON.
+        http_status: the HTTP status line's code, used in the message when the body is not
+            an etcd error body.
+    """
+    if isinstance(body, dict):
+        message = body.get("message") or body.get("error") or ""
+        # Unary errors carry "code"; errors inside a stream carry "grpc_code".
+        code = body.get("code", body.get("grpc_code", UNKNOWN))
+        if not isinstance(code, int):
+            code = UNKNOWN
+    else:
+        message, code = "", UNKNOWN
+    if not message:
+        message = f"etcd gateway answered HTTP {http_status} with {body!r:.200}"
+    cls = _BY_MESSAGE.get(message) or _BY_CODE.get(code, EtcdError)
+    return cls(message, code)

@@ -1,0 +1,116 @@
+"""Lease: a handle on one etcd lease (grant with :meth:`coord.Client.lease`).
+
+Keys written with ``lease=`` are deleted when the lease expires or is revoked.  A lease
+expires ``ttl`` seconds after its last refresh; :meth:`Lease.refresh` is one keep-alive.
+(A :class:`coord.session.Session` keeps a lease alive for you.)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+
+from coord import errors
+from coord._sentinel import DEFAULT
+from coord._wire import codec
+from coord.types import Header
+
+if TYPE_CHECKING:
+    from coord.client import Client
+
+__all__ = ["Lease"]
+
+
+class Lease:
+    """A granted lease.
+
+    Attributes:
+        lease_id: the lease's ID (an int64).
+        ttl: the TTL the server granted, in seconds (None for a handle from
+            :meth:`Client.leases`, which does not tell).
+        header: the header of the grant's answer.
+    """
+
+    def __init__(self, client: Client, lease_id: int, ttl: int | None = None,
+                 header: Header | None = None) -> None:
+        self._client = client
+        self.lease_id = lease_id
+        self.ttl = ttl
+        self.header = header
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.lease_id:#x} ttl={self.ttl}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Lease) and other.lease_id == self.lease_id
+
+    def __hash__(self) -> int:
+        return hash(self.lease_id)
+
+    def refresh(self, timeout: Any = DEFAULT) -> defer.Deferred[int]:
+        """Keep the lease alive once (``LeaseKeepAlive``).
+
+        Returns:
+            Deferred firing with the TTL, in seconds, the lease has again.
+
+        Raises:
+            LeaseExpired: the lease is gone (expired or revoked); etcd answers a
+                keep-alive for such a lease with TTL 0.
+        """
+        d = self._client._request("/v3/lease/keepalive", {"ID": self.lease_id}, False, timeout)
+        return d.addCallback(self._refreshed)
+
+    def _refreshed(self, obj: Any) -> int:
+        if "error" in obj:
+            raise errors.from_gateway(obj["error"])
+        result = obj.get("result", obj)
+        ttl = int(result.get("TTL", 0))
+        if ttl <= 0:
+            raise errors.LeaseExpired(f"lease {self.lease_id:#x} has expired or was revoked",
+                                      errors.NOT_FOUND)
+        return ttl
+
+    def _time_to_live(self, keys: bool, timeout: Any) -> defer.Deferred[Any]:
+        body: dict[str, Any] = {"ID": self.lease_id}
+        if keys:
+            body["keys"] = True
+        d = self._client._request("/v3/lease/timetolive", body, False, timeout)
+        return d.addCallback(self._check_alive)
+
+    def _check_alive(self, obj: dict) -> dict:
+        # The gateway answers an unknown or expired lease with HTTP 200 and TTL -1: that is
+        # an error, not a remaining time.
+        if int(obj.get("TTL", -1)) < 0:
+            raise errors.LeaseExpired(f"lease {self.lease_id:#x} has expired or was revoked",
+                                      errors.NOT_FOUND)
+        return obj
+
+    def remaining(self, timeout: Any = DEFAULT) -> defer.Deferred[int]:
+        """Seconds until the lease expires unless refreshed.
+
+        Raises:
+            LeaseExpired: the lease is gone.
+        """
+        return self._time_to_live(False, timeout).addCallback(lambda obj: int(obj.get("TTL", 0)))
+
+    def keys(self, timeout: Any = DEFAULT) -> defer.Deferred[list[bytes]]:
+        """The keys attached to the lease.
+
+        Raises:
+            LeaseExpired: the lease is gone.
+        """
+        d = self._time_to_live(True, timeout)
+        return d.addCallback(lambda obj: [codec.b64(k) for k in obj.get("keys") or ()])
+
+    def revoke(self, timeout: Any = DEFAULT) -> defer.Deferred[Header]:
+        """Revoke the lease now, deleting its keys.
+
+        Returns:
+            Deferred firing with the header of the answer.
+
+        Raises:
+            LeaseNotFound: the lease was already gone.
+        """
+        d = self._client._request("/v3/lease/revoke", {"ID": self.lease_id}, True, timeout)
+        return d.addCallback(lambda obj: codec.header(obj.get("header")))
