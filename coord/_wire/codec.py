@@ -47,10 +47,13 @@ def encode(body: dict) -> bytes:
     return _encoder.encode(body).encode("ascii")
 
 
+_decode = json.JSONDecoder().decode
+
+
 def decode(data: bytes) -> Any:
     """Parse a JSON body; a body that is not JSON becomes an :class:`errors.EtcdError`."""
     try:
-        return json.loads(data)
+        return _decode(data.decode("utf-8"))
     except ValueError:
         raise errors.EtcdError(f"etcd gateway sent a body that is not JSON: {data[:200]!r}")
 

@@ -1,0 +1,32 @@
+"""Shared fixtures: a coord Client on the suite's etcd, through each transport."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from coord import Client
+
+
+def make_client(url, transport="pool", **kwargs):
+    """A Client through coord's own pool, or through treq with a plain Agent."""
+    if transport == "treq":
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        kwargs["agent"] = Agent(reactor, pool=pool)
+    return Client(reactor, url, **kwargs)
+
+
+@pytest.fixture(params=["pool", "treq"])
+def transport(request):
+    """Each client test runs through both transports."""
+    return request.param
+
+
+@pytest.fixture
+def client(etcd, transport):
+    """A Client on a clean keyspace; closed after the test."""
+    c = make_client(etcd.url, transport)
+    yield c
+    pytest_twisted.blockon(c.close())

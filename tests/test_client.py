@@ -1,0 +1,357 @@
+"""Client core against a real etcd: KV options, transactions, leases, maintenance, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+
+from coord import (
+    CompCreated,
+    CompLease,
+    CompModified,
+    CompValue,
+    CompVersion,
+    Compacted,
+    Failed,
+    FutureRevision,
+    InvalidArgument,
+    KeySet,
+    LeaseExpired,
+    LeaseNotFound,
+    OpDel,
+    OpGet,
+    OpSet,
+    Range,
+    RequestTooLarge,
+    Revision,
+    TooManyOperations,
+    Transaction,
+    TransactionResult,
+)
+from coord.types import Deleted
+
+
+def sleep(seconds):
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+# -- KV ----------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_set_returns_revision_and_previous(client):
+    first = await client.set(b"k", b"v1")
+    assert isinstance(first, Revision) and first.previous is None
+    second = await client.set("k", "v2", return_previous=True)
+    assert second.revision == first.revision + 1
+    assert second.previous.value == b"v1"
+    assert second.previous.mod_revision == first.revision
+    kv = (await client.get(b"k")).kvs[0]
+    assert (kv.value, kv.version, kv.create_revision, kv.mod_revision) == (
+        b"v2", 2, first.revision, second.revision)
+
+
+@pytest_twisted.ensureDeferred
+async def test_set_binary_and_empty_values(client):
+    value = bytes(range(256)) * 4
+    await client.set(b"\x00\xffbin", value)
+    assert (await client.get(b"\x00\xffbin")).kvs[0].value == value
+    await client.set(b"empty", b"")
+    kv = (await client.get(b"empty")).kvs[0]
+    assert kv.value == b"" and kv.version == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_ignore_value_and_ignore_lease(client):
+    lease = await client.lease(30)
+    await client.set(b"k", b"v", lease=lease)
+    await client.set(b"k", ignore_value=True)  # keeps the value, drops the lease
+    kv = (await client.get(b"k")).kvs[0]
+    assert kv.value == b"v" and kv.lease == 0
+    await client.set(b"k", b"v", lease=lease.lease_id)
+    await client.set(b"k", b"w", ignore_lease=True)
+    kv = (await client.get(b"k")).kvs[0]
+    assert kv.value == b"w" and kv.lease == lease.lease_id
+    await lease.revoke()
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_range_options(client):
+    revs = {}
+    for name in [b"a", b"b", b"c", b"d", b"e"]:
+        revs[name] = (await client.set(b"r/" + name, name * 3)).revision
+    prefix = KeySet(b"r/", prefix=True)
+
+    limited = await client.get(prefix, limit=2)
+    assert [kv.key for kv in limited.kvs] == [b"r/a", b"r/b"]
+    assert limited.count == 5 and limited.more is True
+
+    desc = await client.get(prefix, sort_order="descend", sort_target="key")
+    assert [kv.key for kv in desc.kvs] == [b"r/e", b"r/d", b"r/c", b"r/b", b"r/a"]
+
+    keys_only = await client.get(prefix, keys_only=True)
+    assert all(kv.value == b"" for kv in keys_only.kvs) and len(keys_only.kvs) == 5
+
+    counted = await client.get(prefix, count_only=True)
+    assert counted.kvs == [] and counted.count == 5
+
+    serial = await client.get(b"r/a", serializable=True)
+    assert serial.kvs[0].value == b"aaa"
+
+    old = await client.get(prefix, revision=revs[b"b"])
+    assert [kv.key for kv in old.kvs] == [b"r/a", b"r/b"]
+
+    newer = await client.get(prefix, min_mod_revision=revs[b"d"])
+    assert [kv.key for kv in newer.kvs] == [b"r/d", b"r/e"]
+    older = await client.get(prefix, max_create_revision=revs[b"b"])
+    assert [kv.key for kv in older.kvs] == [b"r/a", b"r/b"]
+
+    everything = await client.get(KeySet(b"", prefix=True))
+    assert len(everything.kvs) == 5
+    open_ended = await client.get(KeySet(b"r/c", b"\0"))
+    assert [kv.key for kv in open_ended.kvs] == [b"r/c", b"r/d", b"r/e"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_missing_key_is_empty_not_error(client):
+    result = await client.get(b"missing")
+    assert isinstance(result, Range)
+    assert result.kvs == [] and result.count == 0 and result.more is False
+    assert result.header.revision >= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_counts_and_previous(client):
+    for i in range(5):
+        await client.set(b"d/%d" % i, b"%d" % i)
+    none = await client.delete(b"nothing")
+    assert isinstance(none, Deleted) and none.deleted == 0 and none.previous == []
+    some = await client.delete(KeySet(b"d/1", b"d/3"), return_previous=True)
+    assert some.deleted == 2
+    assert [kv.key for kv in some.previous] == [b"d/1", b"d/2"]
+    rest = await client.delete(KeySet(b"d/", prefix=True))
+    assert rest.deleted == 3 and rest.previous == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_compact_then_old_revision_is_compacted(client):
+    first = await client.set(b"c", b"1")
+    second = await client.set(b"c", b"2")
+    await client.set(b"c", b"3")
+    await client.compact(second.revision, physical=True)
+    with pytest.raises(Compacted) as info:
+        await client.get(b"c", revision=first.revision)
+    assert "compacted" in info.value.message
+    assert (await client.get(b"c", revision=second.revision)).kvs[0].value == b"2"
+    with pytest.raises(Compacted):
+        await client.compact(first.revision)
+
+
+@pytest_twisted.ensureDeferred
+async def test_future_revision(client):
+    rev = (await client.set(b"f", b"1")).revision
+    with pytest.raises(FutureRevision):
+        await client.get(b"f", revision=rev + 1000)
+
+
+# -- transactions ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_txn_every_comparison_target(client):
+    lease = await client.lease(30)
+    put = await client.set(b"t", b"m", lease=lease)
+    await client.set(b"t", b"m", lease=lease)  # version 2
+    cases = [
+        (CompValue(b"t", "==", b"m"), True), (CompValue(b"t", "!=", b"m"), False),
+        (CompValue(b"t", ">", b"a"), True), (CompValue(b"t", "<", b"a"), False),
+        (CompVersion(b"t", "==", 2), True), (CompVersion(b"t", ">", 2), False),
+        (CompVersion(b"t", "<", 3), True), (CompVersion(b"t", "!=", 2), False),
+        (CompCreated(b"t", "==", put.revision), True), (CompCreated(b"t", ">", put.revision), False),
+        (CompModified(b"t", ">", put.revision), True), (CompModified(b"t", "<", put.revision), False),
+        (CompLease(b"t", "==", lease.lease_id), True), (CompLease(b"t", "==", 0), False),
+        (CompCreated(b"absent", "==", 0), True), (CompVersion(b"absent", ">", 0), False),
+    ]
+    for comparison, expected in cases:
+        txn = Transaction(compare=[comparison], success=[OpGet(b"t")], failure=[OpGet(b"t")])
+        if expected:
+            result = await client.submit(txn)
+            assert isinstance(result, TransactionResult) and result.succeeded, comparison
+        else:
+            with pytest.raises(Failed):
+                await client.submit(txn)
+    await lease.revoke()
+
+
+@pytest_twisted.ensureDeferred
+async def test_txn_range_comparison(client):
+    for i in range(3):
+        await client.set(b"g/%d" % i, b"x")
+    ok = Transaction(compare=[CompValue(KeySet(b"g/", prefix=True), "==", b"x")],
+                     success=[OpSet(b"g/ok", b"1")])
+    await client.submit(ok)
+    await client.set(b"g/1", b"y")
+    bad = Transaction(compare=[CompValue(KeySet(b"g/0", b"g/3"), "==", b"x")],
+                      success=[OpSet(b"g/ok", b"2")])
+    with pytest.raises(Failed):
+        await client.submit(bad)
+    assert (await client.get(b"g/ok")).kvs[0].value == b"1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_txn_responses_and_nested(client):
+    await client.set(b"n/a", b"1")
+    txn = Transaction(
+        compare=[CompVersion(b"n/a", ">", 0)],
+        success=[
+            OpGet(KeySet(b"n/", prefix=True)),
+            OpSet(b"n/b", b"2", return_previous=True),
+            OpDel(b"n/a", return_previous=True),
+            Transaction(compare=[CompCreated(b"n/c", "==", 0)], success=[OpSet(b"n/c", b"3")],
+                        failure=[OpGet(b"n/c")]),
+        ],
+    )
+    result = await client.submit(txn)
+    rng, put, dele, nested = result.responses
+    assert [kv.key for kv in rng.kvs] == [b"n/a"]
+    assert isinstance(put, Revision) and put.previous is None
+    assert isinstance(dele, Deleted) and dele.deleted == 1 and dele.previous[0].value == b"1"
+    assert isinstance(nested, TransactionResult) and nested.succeeded
+    assert put.revision == result.header.revision
+    assert (await client.get(b"n/c")).kvs[0].value == b"3"
+
+
+@pytest_twisted.ensureDeferred
+async def test_txn_failed_carries_failure_responses(client):
+    txn = Transaction(compare=[CompValue(b"nope", "==", b"x")],
+                      success=[OpSet(b"s", b"1")], failure=[OpSet(b"f", b"1"), OpGet(b"f")])
+    with pytest.raises(Failed) as info:
+        await client.submit(txn)
+    put, get = info.value.responses
+    assert isinstance(put, Revision) and get.kvs[0].value == b"1"
+    assert info.value.header.revision == put.revision
+    assert (await client.get(b"s")).kvs == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_txn_empty_compare_succeeds(client):
+    result = await client.submit(Transaction(success=[OpSet(b"e", b"1")]))
+    assert result.succeeded
+
+
+# -- leases ------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_lease_lifecycle(client):
+    lease = await client.lease(20)
+    assert lease.ttl == 20 and lease.lease_id > 0
+    assert 18 <= await lease.remaining() <= 20
+    await client.set(b"l/1", b"a", lease=lease)
+    await client.set(b"l/2", b"b", lease=lease)
+    assert sorted(await lease.keys()) == [b"l/1", b"l/2"]
+    assert await lease.refresh() == 20
+    assert lease in await client.leases()
+    await lease.revoke()
+    assert (await client.get(KeySet(b"l/", prefix=True))).kvs == []
+    assert lease not in await client.leases()
+    with pytest.raises(LeaseExpired):
+        await lease.remaining()
+    with pytest.raises(LeaseExpired):
+        await lease.keys()
+    with pytest.raises(LeaseExpired):
+        await lease.refresh()
+    with pytest.raises(LeaseNotFound):
+        await lease.revoke()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lease_with_chosen_id(client):
+    lease = await client.lease(10, lease_id=0x1234abcd)
+    assert lease.lease_id == 0x1234abcd
+    await lease.revoke()
+
+
+@pytest_twisted.ensureDeferred
+async def test_lease_expires_and_deletes_keys(client):
+    lease = await client.lease(1)
+    await client.set(b"exp", b"x", lease=lease)
+    for _ in range(60):
+        if not (await client.get(b"exp")).kvs:
+            break
+        await sleep(0.1)
+    assert (await client.get(b"exp")).kvs == []
+    with pytest.raises(LeaseExpired):
+        await lease.remaining()
+
+
+@pytest_twisted.ensureDeferred
+async def test_set_with_unknown_lease(client):
+    with pytest.raises(LeaseNotFound):
+        await client.set(b"k", b"v", lease=0x7777)
+    assert (await client.get(b"k")).kvs == []
+
+
+# -- maintenance ---------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_maintenance(client, etcd):
+    status = await client.status()
+    assert status.db_size > 0 and status.raft_index > 0 and status.leader
+    members = await client.members()
+    assert len(members) == 1 and etcd.url in members[0].client_urls
+    assert members[0].id == status.header.member_id
+    assert await client.alarms() == []
+    assert await client.defragment() is None
+
+
+# -- bad input: typed errors, nothing sent -------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_input(client):
+    with pytest.raises(TypeError, match="key"):
+        client.set(42, b"v")
+    with pytest.raises(TypeError, match="value"):
+        client.set(b"k", 3.5)
+    with pytest.raises(InvalidArgument, match="empty"):
+        client.set(b"", b"v")
+    with pytest.raises(InvalidArgument, match="empty"):
+        client.get(b"")
+    with pytest.raises(TypeError, match="key"):
+        client.delete(None)
+    with pytest.raises(InvalidArgument):
+        client.lease(-1)
+    with pytest.raises(InvalidArgument):
+        client.lease(0)
+    with pytest.raises(TypeError):
+        client.lease("10")
+    with pytest.raises(RequestTooLarge):
+        client.set(b"big", b"x" * (1536 * 1024 + 1))
+    with pytest.raises(TooManyOperations):
+        Transaction(success=[OpSet(b"k%d" % i, b"v") for i in range(129)])
+    with pytest.raises(InvalidArgument):
+        client.get(b"k", sort_order="sideways")
+    with pytest.raises(TypeError):
+        client.submit([OpSet(b"k", b"v")])
+    with pytest.raises(RequestTooLarge):
+        client.submit(Transaction(success=[OpSet(b"k%d" % i, b"x" * 20000) for i in range(100)]))
+    # Nothing reached etcd.
+    assert (await client.get(KeySet(b"", prefix=True))).kvs == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_side_limits_are_typed(client):
+    # 128 operations is etcd's default limit: allowed.
+    ops = [OpSet(b"m%03d" % i, b"v") for i in range(128)]
+    await client.submit(Transaction(success=ops))
+    assert (await client.get(KeySet(b"m", prefix=True), count_only=True)).count == 128
+    # Just under the local limit but over the server's (it counts the whole request).
+    with pytest.raises(RequestTooLarge):
+        await client.set(b"big", b"x" * (1536 * 1024 - 10))
+    assert (await client.get(b"big")).kvs == []
+    # A value of 1 MiB is fine.
+    await client.set(b"mib", b"y" * (1 << 20))
+    assert len((await client.get(b"mib")).kvs[0].value) == 1 << 20
