@@ -62,6 +62,7 @@ __all__ = [
     "find_etcd",
     "find_etcdctl",
     "live_pids",
+    "stop_all",
 ]
 
 ETCD_ENV = "COORD_ETCD"
@@ -230,6 +231,26 @@ def _free_ports(count: int, host: str = LOOPBACK) -> list[int]:
     return ports
 
 
+_ADDRESS_IN_USE = "address already in use"  # as etcd says it, too
+
+
+def _port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    """True if nothing listens on `port`.
+
+    SO_REUSEADDR lets the probe ignore connections in TIME_WAIT (left by a
+    previous etcd on this port, which would not stop a new one from binding),
+    while an active listener still makes bind or listen fail.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+            probe.listen(1)
+        except OSError:
+            return False
+    return True
+
+
 # The servers run on loopback: never send their traffic through an HTTP proxy
 # configured in the environment (http_proxy without a no_proxy for 127.0.0.1).
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -290,8 +311,12 @@ def live_pids() -> list[int]:
 
 
 @atexit.register
-def _stop_everything() -> None:
-    """Stop every server and cluster still registered (the program forgot, or was interrupted)."""
+def stop_all() -> None:
+    """Stop every server and cluster this module started that is not stopped yet.
+
+    Registered with `atexit`, so a program that forgets (or is interrupted)
+    leaves no process or temporary directory behind.
+    """
     with _registry_lock:
         owners = list(_registry)
     for owner in owners:
@@ -514,15 +539,15 @@ class EtcdServer:
         if self.running:
             raise RuntimeError(f"{self!r} is already running")
         for attempt in range(3):
-            self._spawn()
             try:
+                self._spawn()
                 self._wait_ready(time.monotonic() + self.start_timeout)
                 return self
             except EtcdStartError as error:
                 retry = (
                     self._auto_ports
                     and not self._started_once
-                    and "address already in use" in str(error)
+                    and _ADDRESS_IN_USE in str(error)
                     and attempt < 2
                 )
                 self.stop()
@@ -554,14 +579,20 @@ class EtcdServer:
         self._paused = False
 
     def pause(self) -> None:
-        """SIGSTOP etcd: it keeps its sockets but answers nothing (a hung server)."""
+        """SIGSTOP etcd: it keeps its sockets but answers nothing (a hung server).
+
+        Returns once the process is stopped (signals are delivered asynchronously:
+        a request sent right after kill(2) could otherwise still be answered).
+        """
         self._signal_running(signal.SIGSTOP)
         self._paused = True
+        self._await_stopped(True)
 
     def resume(self) -> None:
-        """SIGCONT a paused etcd."""
+        """SIGCONT a paused etcd; returns once the process runs again."""
         self._signal_running(signal.SIGCONT)
         self._paused = False
+        self._await_stopped(False)
 
     def restart(self) -> EtcdServer:
         """Stop etcd gracefully if it runs, then start it again on the same data dir and ports.
@@ -625,7 +656,16 @@ class EtcdServer:
         ]
 
     def _spawn(self) -> None:
-        """Start the etcd process (without waiting for it to answer)."""
+        """Start the etcd process (without waiting for it to answer).
+
+        Raises:
+            EtcdStartError: one of our ports is already taken. Checked first because
+                the readiness poll cannot tell our etcd from another server that
+                answers on the same port.
+        """
+        for port in (self.client_port, self.peer_port):
+            if not _port_is_free(port):
+                raise EtcdStartError(f"{self!r}: 127.0.0.1:{port}: {_ADDRESS_IN_USE}")
         if self._workdir is None:
             self._workdir = tempfile.mkdtemp(prefix=f"coord-etcd-{self.name}-")
         _register(self)
@@ -680,6 +720,21 @@ class EtcdServer:
                 proc.kill()
                 proc.wait()
         self._paused = False
+
+    def _await_stopped(self, stopped: bool, timeout: float = 5.0) -> None:
+        """Wait until the process is (or is no longer) in the stopped state, on Linux."""
+        path = f"/proc/{self.pid}/stat"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with open(path) as stat:
+                    # "pid (comm) S ...": the state letter follows the last ")".
+                    state = stat.read().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return  # no procfs (not Linux), or the process is gone
+            if (state == "T") == stopped:
+                return
+            time.sleep(0.001)
 
     def _signal_running(self, signum: signal.Signals) -> None:
         if not self.running:
@@ -760,7 +815,7 @@ class EtcdCluster:
             except (EtcdStartError, TimeoutError) as error:
                 self.stop()
                 # Retry with fresh ports if another program took one of ours.
-                if "address already in use" not in str(error) or attempt == 2:
+                if _ADDRESS_IN_USE not in str(error) or attempt == 2:
                     if isinstance(error, EtcdStartError):
                         raise
                     raise EtcdStartError(str(error))
