@@ -1,0 +1,1185 @@
+"""Sans-IO parts of the client: JSON codec, error mapping, HTTP/1.1 framing, line splitting,
+and the JSON of transactions.
+
+Every expectation is written out by hand (from etcd's rpc.proto / the gateway's actual
+output) or computed with an independent tool (stdlib base64/json, httptools' request
+parser), never by calling the function under test.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httptools
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coord import errors
+from coord._wire import codec
+from coord._wire.http11 import ProtocolError, ResponseParser, build_request, request_head
+from coord._wire.stream import LineSplitter
+from coord.keyset import KeySet
+from coord.lease import Lease
+from coord.txn import (
+    CompCreated,
+    CompLease,
+    CompModified,
+    CompValue,
+    CompVersion,
+    OpDel,
+    OpGet,
+    OpSet,
+    Transaction,
+)
+from coord.types import (
+    Alarm,
+    AlarmType,
+    Deleted,
+    Event,
+    EventType,
+    Header,
+    KeyValue,
+    Member,
+    Range,
+    Revision,
+    Status,
+    TransactionResult,
+)
+
+SETTINGS = settings(max_examples=200, deadline=None, database=None)
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+# ============================================================================================
+# codec: encode
+# ============================================================================================
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({}, b"{}"),
+        ({"key": b"foo"}, b'{"key":"Zm9v"}'),
+        ({"key": b"foo", "range_end": b"\0"}, b'{"key":"Zm9v","range_end":"AA=="}'),
+        ({"key": b"\xff"}, b'{"key":"/w=="}'),
+        ({"key": b""}, b'{"key":""}'),
+        ({"key": bytearray(b"ab")}, b'{"key":"YWI="}'),
+        ({"key": memoryview(b"abc")}, b'{"key":"YWJj"}'),
+        ({"ttl": 5, "ID": 0}, b'{"ttl":5,"ID":0}'),
+        ({"prev_kv": True, "keys_only": False}, b'{"prev_kv":true,"keys_only":false}'),
+        ({"compare": [{"key": b"k", "value": b"v"}]},
+         b'{"compare":[{"key":"aw==","value":"dg=="}]}'),
+        ({"name": "é"}, b'{"name":"\\u00e9"}'),  # str stays text, escaped to ASCII
+        ({"big": 2**63 - 1}, b'{"big":9223372036854775807}'),
+    ],
+)
+def test_encode_table(body, expected):
+    out = codec.encode(body)
+    assert out == expected
+    assert type(out) is bytes
+
+
+@pytest.mark.parametrize("bad", [{1, 2}, object(), 1j])
+def test_encode_rejects_unknown_types(bad):
+    with pytest.raises(TypeError):
+        codec.encode({"x": bad})
+
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64),
+                         st.text(max_size=10))
+field_names = st.text(st.characters(codec="ascii", categories=["L", "N"]) | st.just("_"),
+                      min_size=1, max_size=8)
+
+
+@SETTINGS
+@given(st.dictionaries(field_names, st.one_of(st.binary(max_size=40), json_scalars,
+                                              st.lists(st.binary(max_size=10), max_size=3)),
+                       max_size=6))
+def test_encode_roundtrip(body):
+    out = codec.encode(body)
+    # Compact: exactly what json.dumps gives with bytes replaced by their base64 text.
+    def expect(v):
+        if isinstance(v, bytes):
+            return base64.b64encode(v).decode()
+        if isinstance(v, list):
+            return [expect(x) for x in v]
+        return v
+
+    expected = {k: expect(v) for k, v in body.items()}
+    assert out == json.dumps(expected, separators=(",", ":")).encode("ascii")
+    back = codec.decode(out)
+    assert back == expected
+    for k, v in body.items():
+        if isinstance(v, bytes):
+            assert base64.b64decode(back[k], validate=True) == v
+        elif isinstance(v, list):
+            assert [base64.b64decode(x, validate=True) for x in back[k]] == v
+
+
+# ============================================================================================
+# codec: decode
+# ============================================================================================
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b" ", b"not json", b"{", b'{"a":1', b"<html>502 Bad Gateway</html>",
+     b'{"a":1}{"b":2}', b'{"a":1}\n{"b":2}', b"\xff\xfe", b'{"a":"\xff"}', b"{'a': 1}"],
+)
+def test_decode_not_json(data):
+    with pytest.raises(errors.EtcdError) as info:
+        codec.decode(data)
+    assert "not JSON" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"{}", {}),
+        (b'{"a":"1"}', {"a": "1"}),
+        (b' {"a": [1, 2]} \n', {"a": [1, 2]}),
+        (b'"x"', "x"),
+        ('{"k":"é"}'.encode(), {"k": "é"}),
+    ],
+)
+def test_decode_json(data, expected):
+    assert codec.decode(data) == expected
+
+
+# ============================================================================================
+# codec: response decoders
+# ============================================================================================
+
+HDR_JSON = {"cluster_id": "324952591200643719", "member_id": "3319814642761637952",
+            "revision": "2", "raft_term": "2"}
+HDR = Header(324952591200643719, 3319814642761637952, 2, 2)
+FOO_JSON = {"key": "Zm9v", "create_revision": "2", "mod_revision": "2", "version": "1",
+            "value": "YmFy"}
+FOO = KeyValue(b"foo", b"bar", 2, 2, 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, Header()),
+        ({}, Header()),
+        (HDR_JSON, HDR),
+        ({"revision": "3"}, Header(0, 0, 3, 0)),
+        # uint64 IDs beyond int64, and plain JSON numbers, are both accepted.
+        ({"cluster_id": "18446744073709551615", "member_id": 7, "revision": 9,
+          "raft_term": "1"}, Header(18446744073709551615, 7, 9, 1)),
+    ],
+)
+def test_header_table(raw, expected):
+    assert codec.header(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (FOO_JSON, FOO),
+        # Value omitted: the empty value (or keys_only).
+        ({"key": "Zm9v", "create_revision": "5", "mod_revision": "6", "version": "2"},
+         KeyValue(b"foo", b"", 5, 6, 2, 0)),
+        ({"key": "Zm9v", "value": ""}, KeyValue(b"foo", b"", 0, 0, 0, 0)),
+        # Only the key: a DELETE event's kv carries little more.
+        ({"key": "Zm9v", "mod_revision": "9"}, KeyValue(b"foo", b"", 0, 9, 0, 0)),
+        ({"key": b64(b"\xff\x00\xfe"), "value": b64(b"\x00" * 7), "lease": "7587862072907265348"},
+         KeyValue(b"\xff\x00\xfe", b"\x00" * 7, 0, 0, 0, 7587862072907265348)),
+        ({"key": "AA==", "create_revision": 3, "mod_revision": 4, "version": 1, "value": "YQ==",
+          "lease": 0}, KeyValue(b"\0", b"a", 3, 4, 1, 0)),
+    ],
+)
+def test_kv_table(raw, expected):
+    got = codec.kv(raw)
+    assert got == expected
+    assert type(got.create_revision) is int and type(got.lease) is int
+
+
+RANGE_REAL = (
+    b'{"header":{"cluster_id":"324952591200643719","member_id":"3319814642761637952",'
+    b'"revision":"2","raft_term":"2"},"kvs":[{"key":"Zm9v","create_revision":"2",'
+    b'"mod_revision":"2","version":"1","value":"YmFy"}],"count":"1"}'
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (RANGE_REAL, Range([FOO], 1, False, HDR)),
+        # Nothing found: no kvs, no count.
+        (b'{"header":{"revision":"7"}}', Range([], 0, False, Header(0, 0, 7, 0))),
+        # count_only: a count and no kvs.
+        (b'{"header":{"revision":"7"},"count":"12"}', Range([], 12, False, Header(0, 0, 7, 0))),
+        # A limit cut the answer short.
+        (b'{"header":{"revision":"7"},"kvs":[{"key":"YQ=="},{"key":"Yg=="}],"more":true,'
+         b'"count":"5"}',
+         Range([KeyValue(b"a"), KeyValue(b"b")], 5, True, Header(0, 0, 7, 0))),
+        (b'{"kvs":[],"count":"0"}', Range([], 0, False, Header())),
+        (b"{}", Range()),
+    ],
+)
+def test_range_response_table(raw, expected):
+    got = codec.range_response(codec.decode(raw))
+    assert got == expected
+    assert isinstance(got.kvs, list)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'{"header":{"cluster_id":"1","member_id":"2","revision":"3","raft_term":"4"}}',
+         Revision(3, None, Header(1, 2, 3, 4))),
+        (b'{"header":{"revision":"3"},"prev_kv":' + json.dumps(FOO_JSON).encode() + b"}",
+         Revision(3, FOO, Header(0, 0, 3, 0))),
+        (b"{}", Revision(0, None, Header())),
+    ],
+)
+def test_put_response_table(raw, expected):
+    assert codec.put_response(codec.decode(raw)) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'{"header":{"revision":"4"},"deleted":"2"}', Deleted(2, [], Header(0, 0, 4, 0))),
+        (b'{"header":{"revision":"4"}}', Deleted(0, [], Header(0, 0, 4, 0))),
+        (b'{"header":{"revision":"4"},"deleted":"1","prev_kvs":[' + json.dumps(FOO_JSON).encode()
+         + b"]}", Deleted(1, [FOO], Header(0, 0, 4, 0))),
+    ],
+)
+def test_delete_response_table(raw, expected):
+    assert codec.delete_response(codec.decode(raw)) == expected
+
+
+TXN_REAL = {
+    "header": {**HDR_JSON, "revision": "3"},
+    "succeeded": True,
+    "responses": [
+        {"response_range": {"header": {"revision": "2"}, "kvs": [FOO_JSON], "count": "1"}},
+        {"response_put": {"header": {"revision": "3"}, "prev_kv": FOO_JSON}},
+        {"response_delete_range": {"header": {"revision": "3"}}},
+        {"response_txn": {"header": {}, "succeeded": True, "responses": [
+            {"response_put": {"header": {"revision": "3"}}},
+            {"response_txn": {"responses": [{"response_range": {"header": {"revision": "3"}}}]}},
+        ]}},
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (TXN_REAL, TransactionResult(True, [
+            Range([FOO], 1, False, Header(0, 0, 2, 0)),
+            Revision(3, FOO, Header(0, 0, 3, 0)),
+            Deleted(0, [], Header(0, 0, 3, 0)),
+            TransactionResult(True, [
+                Revision(3, None, Header(0, 0, 3, 0)),
+                TransactionResult(False, [Range([], 0, False, Header(0, 0, 3, 0))], Header()),
+            ], Header()),
+        ], Header(324952591200643719, 3319814642761637952, 3, 2))),
+        # Failed, no operations in the failure branch: no "succeeded", no "responses".
+        ({"header": {"revision": "9"}}, TransactionResult(False, [], Header(0, 0, 9, 0))),
+        ({"header": {"revision": "9"}, "succeeded": False, "responses": []},
+         TransactionResult(False, [], Header(0, 0, 9, 0))),
+        ({"succeeded": True}, TransactionResult(True, [], Header())),
+        # A sub-response whose fields are all zero values is an empty object.
+        ({"responses": [{"response_put": {}}, {"response_delete_range": {}},
+                        {"response_range": {}}]},
+         TransactionResult(False, [Revision(0), Deleted(), Range()], Header())),
+    ],
+)
+def test_txn_response_table(raw, expected):
+    got = codec.txn_response(raw)
+    assert got == expected
+    assert [type(r) for r in got.responses] == [type(r) for r in expected.responses]
+
+
+STATUS_REAL = (
+    b'{"header":{"cluster_id":"14841639068965178418","member_id":"10276657743932975437",'
+    b'"revision":"1","raft_term":"2"},"version":"3.5.1","dbSize":"20480",'
+    b'"leader":"10276657743932975437","raftIndex":"4","raftTerm":"2",'
+    b'"raftAppliedIndex":"4","dbSizeInUse":"16384"}'
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (STATUS_REAL, Status(Header(14841639068965178418, 10276657743932975437, 1, 2), "3.5.1",
+                             20480, 10276657743932975437, 4, 2, 4, 16384, [], False)),
+        (b'{"header":{},"version":"3.4.27","dbSize":"1","leader":"5","raftIndex":"6",'
+         b'"raftTerm":"7","raftAppliedIndex":"8","dbSizeInUse":"9",'
+         b'"errors":["memberID:1 alarm:NOSPACE "],"isLearner":true}',
+         Status(Header(), "3.4.27", 1, 5, 6, 7, 8, 9, ["memberID:1 alarm:NOSPACE "], True)),
+        (b"{}", Status(Header())),
+    ],
+)
+def test_status_response_table(raw, expected):
+    assert codec.status_response(codec.decode(raw)) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"ID": "10276657743932975437", "name": "default",
+          "peerURLs": ["http://localhost:2380"], "clientURLs": ["http://localhost:2379"]},
+         Member(10276657743932975437, "default", ["http://localhost:2380"],
+                ["http://localhost:2379"], False)),
+        # A learner / a member added but not started yet: no name, no client URLs.
+        ({"ID": "3", "peerURLs": ["http://10.0.0.3:2380"], "isLearner": True},
+         Member(3, "", ["http://10.0.0.3:2380"], [], True)),
+        ({}, Member(0)),
+    ],
+)
+def test_member_table(raw, expected):
+    assert codec.member(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"header": HDR_JSON}, []),
+        ({"header": HDR_JSON, "alarms": []}, []),
+        ({"header": HDR_JSON, "alarms": [{"memberID": "3319814642761637952", "alarm": "NOSPACE"}]},
+         [Alarm(3319814642761637952, AlarmType.NOSPACE)]),
+        ({"alarms": [{"memberID": "1", "alarm": "CORRUPT"}, {"memberID": "2"}]},
+         [Alarm(1, AlarmType.CORRUPT), Alarm(2, AlarmType.NONE)]),
+    ],
+)
+def test_alarms_table(raw, expected):
+    assert codec.alarms(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # A PUT event has no "type": PUT is the enum's zero value.
+        ({"kv": FOO_JSON}, Event(EventType.PUT, FOO, None)),
+        ({"type": "PUT", "kv": FOO_JSON}, Event(EventType.PUT, FOO, None)),
+        ({"type": "DELETE", "kv": {"key": "Zm9v", "mod_revision": "3"}},
+         Event(EventType.DELETE, KeyValue(b"foo", b"", 0, 3, 0, 0), None)),
+        ({"type": "DELETE", "kv": {"key": "Zm9v", "mod_revision": "3"}, "prev_kv": FOO_JSON},
+         Event(EventType.DELETE, KeyValue(b"foo", mod_revision=3), FOO)),
+        ({"kv": {**FOO_JSON, "mod_revision": "4", "version": "2", "value": "YmF6"},
+          "prev_kv": FOO_JSON},
+         Event(EventType.PUT, KeyValue(b"foo", b"baz", 2, 4, 2, 0), FOO)),
+    ],
+)
+def test_event_table(raw, expected):
+    got = codec.event(raw)
+    assert got == expected
+    assert got.revision == expected.kv.mod_revision
+
+
+# ============================================================================================
+# errors.from_gateway
+# ============================================================================================
+
+
+def _err(message, code):
+    return {"error": message, "code": code, "message": message}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "cls", "code", "message"),
+    [
+        (_err("etcdserver: mvcc: required revision has been compacted", 11), 400,
+         errors.Compacted, 11, "etcdserver: mvcc: required revision has been compacted"),
+        (_err("etcdserver: mvcc: required revision is a future revision", 11), 400,
+         errors.FutureRevision, 11, "etcdserver: mvcc: required revision is a future revision"),
+        (_err("etcdserver: requested lease not found", 5), 404,
+         errors.LeaseNotFound, 5, "etcdserver: requested lease not found"),
+        (_err("etcdserver: key is not provided", 3), 400,
+         errors.InvalidArgument, 3, "etcdserver: key is not provided"),
+        (_err("etcdserver: duplicate key given in txn request", 3), 400,
+         errors.InvalidArgument, 3, "etcdserver: duplicate key given in txn request"),
+        (_err("etcdserver: invalid auth token", 16), 401,
+         errors.Unauthenticated, 16, "etcdserver: invalid auth token"),
+        (_err("etcdserver: permission denied", 7), 403,
+         errors.PermissionDenied, 7, "etcdserver: permission denied"),
+        (_err("etcdserver: request is too large", 3), 400,
+         errors.RequestTooLarge, 3, "etcdserver: request is too large"),
+        (_err("etcdserver: too many operations in txn request", 3), 400,
+         errors.TooManyOperations, 3, "etcdserver: too many operations in txn request"),
+        (_err("etcdserver: no leader", 14), 503,
+         errors.Unavailable, 14, "etcdserver: no leader"),
+        (_err("etcdserver: request timed out", 14), 503,
+         errors.Unavailable, 14, "etcdserver: request timed out"),
+        (_err("some brand new failure", 14), 503,
+         errors.Unavailable, 14, "some brand new failure"),
+        (_err("etcdserver: mvcc: database space exceeded", 8), 429,
+         errors.NoSpace, 8, "etcdserver: mvcc: database space exceeded"),
+        (_err("etcdserver: authentication failed, invalid user ID or password", 3), 400,
+         errors.AuthFailed, 3, "etcdserver: authentication failed, invalid user ID or password"),
+        (_err("context deadline exceeded", 4), 504,
+         errors.EtcdError, 4, "context deadline exceeded"),
+        # Only "message" or only "error".
+        ({"message": "etcdserver: permission denied", "code": 7}, 403,
+         errors.PermissionDenied, 7, "etcdserver: permission denied"),
+        ({"error": "etcdserver: no leader", "code": 14}, 503,
+         errors.Unavailable, 14, "etcdserver: no leader"),
+        # Errors inside a stream say "grpc_code" (grpc-gateway's StreamError).
+        ({"grpc_code": 11, "http_code": 400,
+          "message": "etcdserver: mvcc: required revision has been compacted",
+          "http_status": "Bad Request"}, 200,
+         errors.Compacted, 11, "etcdserver: mvcc: required revision has been compacted"),
+        ({"grpc_code": 14, "http_code": 503, "message": "whatever", "http_status": "x"}, 200,
+         errors.Unavailable, 14, "whatever"),
+        ({"grpc_code": 16, "message": "etcdserver: invalid auth token"}, 200,
+         errors.Unauthenticated, 16, "etcdserver: invalid auth token"),
+    ],
+)
+def test_from_gateway_table(body, status, cls, code, message):
+    exc = errors.from_gateway(body, status)
+    assert isinstance(exc, cls), type(exc)
+    assert isinstance(exc, errors.EtcdError)
+    assert exc.code == code
+    assert exc.message == message
+    assert str(exc) == message
+
+
+def test_from_gateway_exact_classes():
+    assert type(errors.from_gateway(
+        _err("etcdserver: mvcc: required revision has been compacted", 11), 400)) \
+        is errors.Compacted
+    assert errors.from_gateway(
+        _err("etcdserver: mvcc: required revision has been compacted", 11)).compact_revision \
+        is None
+    # An InvalidArgument from etcd is also an EtcdError and a ValueError.
+    exc = errors.from_gateway(_err("etcdserver: key is not provided", 3), 400)
+    assert isinstance(exc, ValueError)
+    # Not Unavailable: a compacted read is not worth retrying elsewhere.
+    assert not isinstance(errors.from_gateway(_err("x", 11), 400), errors.Unavailable)
+    # The message wins over the code: "no leader" with some other code is still Unavailable.
+    assert isinstance(errors.from_gateway(_err("etcdserver: no leader", 2)), errors.Unavailable)
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"<html><body>502 Bad Gateway</body></html>", 502),
+        ("upstream connect error", 503),
+        (None, 500),
+        ([1, 2], 500),
+        (42, 418),
+        ({}, 404),
+        ({"code": 14}, 503),
+        ({"error": "", "message": "", "code": 2}, 500),
+    ],
+)
+def test_from_gateway_not_an_error_body(body, status):
+    exc = errors.from_gateway(body, status)
+    assert isinstance(exc, errors.EtcdError)
+    assert str(status) in exc.message
+    assert str(status) in str(exc)
+
+
+def test_from_gateway_non_error_body_keeps_code():
+    exc = errors.from_gateway({"code": 14}, 503)
+    assert isinstance(exc, errors.Unavailable)
+    assert exc.code == 14
+    assert errors.from_gateway(b"junk", 502).code == 2  # UNKNOWN
+
+
+def test_from_gateway_non_int_code_is_unknown():
+    exc = errors.from_gateway({"message": "boom", "code": "14"}, 500)
+    assert exc.code == 2
+    assert type(exc) is errors.EtcdError
+
+
+# grpc-gateway v1 (etcd 3.4/3.5) answers a stream that fails before its first message with
+# the error's HTTP status and the body {"error": {<StreamError>}}; the transports hand that
+# whole body to from_gateway (pool._Stream.ended, treq).
+STREAM_ERROR_BODY = {"error": {"grpc_code": 16, "http_code": 401,
+                               "message": "etcdserver: invalid auth token",
+                               "http_status": "Unauthorized"}}
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: from_gateway raises TypeError (unhashable dict) "
+                   "on a body whose 'error' is an object, e.g. a failed stream's body")
+def test_from_gateway_wrapped_stream_error_returns_an_error():
+    exc = errors.from_gateway(STREAM_ERROR_BODY, 401)
+    assert isinstance(exc, errors.EtcdError)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: from_gateway does not unwrap {'error': {...}} "
+                   "stream error bodies (raises TypeError instead)")
+def test_from_gateway_wrapped_stream_error_is_mapped():
+    exc = errors.from_gateway(STREAM_ERROR_BODY, 401)
+    assert isinstance(exc, errors.Unauthenticated)
+    assert exc.code == 16
+    assert exc.message == "etcdserver: invalid auth token"
+
+
+# ============================================================================================
+# http11: request bytes
+# ============================================================================================
+
+
+def parse_request(data: bytes):
+    """Parse request bytes with httptools' request parser (an independent check)."""
+
+    class P:
+        def __init__(self):
+            self.headers = []
+            self.body = b""
+            self.url = b""
+            self.complete = 0
+
+        def on_url(self, url):
+            self.url += url
+
+        def on_header(self, name, value):
+            self.headers.append((name, value))
+
+        def on_body(self, body):
+            self.body += body
+
+        def on_message_complete(self):
+            self.complete += 1
+
+    p = P()
+    parser = httptools.HttpRequestParser(p)
+    parser.feed_data(data)
+    return p, parser
+
+
+def test_request_head_exact():
+    head = request_head("127.0.0.1:2379", "/v3/kv/range")
+    assert head == (b"POST /v3/kv/range HTTP/1.1\r\nHost: 127.0.0.1:2379\r\n"
+                    b"Content-Type: application/json\r\nAccept: application/json\r\n"
+                    b"Content-Length: ")
+    req = build_request(head, b'{"key":"Zm9v"}')
+    assert req == head + b'14\r\n\r\n{"key":"Zm9v"}'
+
+
+def test_request_head_with_headers():
+    head = request_head("h", "/v3/kv/put", {"Authorization": "tok.en.1"})
+    assert b"\r\nAuthorization: tok.en.1\r\n" in head
+    assert head.endswith(b"\r\nContent-Length: ")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"{}", b'{"key":"Zm9v"}', "é€".encode(), b"\r\n\r\n", b"x" * 100_000, bytes(range(256))],
+)
+def test_build_request_parses_back(body):
+    head = request_head("example:2379", "/v3/kv/put", {"Authorization": "abc"})
+    req = build_request(head, body)
+    p, parser = parse_request(req)
+    assert p.complete == 1
+    assert parser.get_method() == b"POST"
+    assert p.url == b"/v3/kv/put"
+    assert p.body == body
+    headers = {k.lower(): v for k, v in p.headers}
+    assert headers[b"content-length"] == str(len(body)).encode()
+    assert headers[b"host"] == b"example:2379"
+    assert headers[b"authorization"] == b"abc"
+    assert headers[b"content-type"] == b"application/json"
+
+
+def test_two_requests_back_to_back_parse():
+    head = request_head("h", "/v3/kv/range")
+    p, _ = parse_request(build_request(head, b'{"a":1}') + build_request(head, b"{}"))
+    assert p.complete == 2
+    assert p.body == b'{"a":1}{}'
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": "abc\r\nX-Injected: 1"},
+        {"Authorization": "abc\n"},
+        {"Authorization": "\rabc"},
+        {"X-Evil\r\nX-Injected": "1"},
+        {"X-Evil\n": "1"},
+    ],
+)
+def test_request_head_rejects_line_breaks(headers):
+    with pytest.raises(ValueError):
+        request_head("h", "/v3/kv/range", headers)
+
+
+# ============================================================================================
+# http11: ResponseParser
+# ============================================================================================
+
+
+def parse(pieces, parser_out=None):
+    """Feed pieces to a fresh ResponseParser; return its events with body pieces merged.
+
+    Events: ("head", status), ("body", bytes), ("complete", keep_alive).
+    """
+    events: list = []
+
+    def on_body(b):
+        assert isinstance(b, bytes)
+        if events and events[-1][0] == "body":
+            events[-1] = ("body", events[-1][1] + b)
+        else:
+            events.append(("body", b))
+
+    parser = ResponseParser(lambda s: events.append(("head", s)), on_body,
+                            lambda: events.append(("complete", parser.keep_alive)))
+    for piece in pieces:
+        parser.feed(piece)
+    if parser_out is not None:
+        parser_out.append(parser)
+    return events
+
+
+RANGE_BODY = RANGE_REAL
+
+CONTENT_LENGTH = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Grpc-Metadata-Content-Type: application/grpc\r\n"
+    b"Date: Tue, 07 May 2024 10:00:00 GMT\r\n"
+    b"Content-Length: " + str(len(RANGE_BODY)).encode() + b"\r\n"
+    b"\r\n" + RANGE_BODY
+)
+
+WATCH_1 = b'{"result":{"header":{"revision":"1"},"created":true}}\n'
+WATCH_2 = (b'{"result":{"header":{"revision":"2"},"events":[{"kv":{"key":"Zm9v",'
+           b'"create_revision":"2","mod_revision":"2","version":"1","value":"YmFy"}}]}}\n')
+
+# etcd 3.4's gateway: chunked, announcing a trailer that follows the last chunk.
+CHUNKED_TRAILER = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Grpc-Metadata-Content-Type: application/grpc\r\n"
+    b"Trailer: Grpc-Trailer-Content-Type\r\n"
+    b"Date: Tue, 07 May 2024 10:00:00 GMT\r\n"
+    b"Transfer-Encoding: chunked\r\n"
+    b"\r\n"
+    + b"%x\r\n" % len(WATCH_1) + WATCH_1 + b"\r\n"
+    + b"%X\r\n" % len(WATCH_2) + WATCH_2 + b"\r\n"
+    b"0\r\n"
+    b"Grpc-Trailer-Content-Type: application/grpc\r\n"
+    b"\r\n"
+)
+
+CHUNKED_PLAIN = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n"
+    b"1;ext=1\r\nd\r\n"  # a chunk extension
+    b"0\r\n\r\n"
+)
+
+ERROR_BODY = (b'{"error":"etcdserver: requested lease not found","code":5,'
+              b'"message":"etcdserver: requested lease not found"}')
+ERROR_404 = (
+    b"HTTP/1.1 404 Not Found\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(ERROR_BODY) + ERROR_BODY
+)
+
+EMPTY_204 = b"HTTP/1.1 204 No Content\r\nDate: x\r\n\r\n"
+ZERO_LENGTH = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+CLOSE = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}"
+HTTP10 = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+HTTP10_KEEPALIVE = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n{}"
+LOWERCASE_HEADERS = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nCONNECTION: Keep-Alive\r\n\r\nabc"
+
+RESPONSE_TABLE = [
+    pytest.param([CONTENT_LENGTH], [("head", 200), ("body", RANGE_BODY), ("complete", True)],
+                 id="content-length"),
+    pytest.param([CHUNKED_TRAILER],
+                 [("head", 200), ("body", WATCH_1 + WATCH_2), ("complete", True)],
+                 id="chunked-with-trailer"),
+    pytest.param([CHUNKED_PLAIN], [("head", 200), ("body", b"abcd"), ("complete", True)],
+                 id="chunked-extension"),
+    pytest.param([ERROR_404], [("head", 404), ("body", ERROR_BODY),
+                               ("complete", True)], id="error-404"),
+    pytest.param([EMPTY_204], [("head", 204), ("complete", True)], id="204-no-body"),
+    pytest.param([ZERO_LENGTH], [("head", 200), ("complete", True)], id="zero-length"),
+    pytest.param([CONTENT_LENGTH + CHUNKED_TRAILER + ERROR_404],
+                 [("head", 200), ("body", RANGE_BODY), ("complete", True),
+                  ("head", 200), ("body", WATCH_1 + WATCH_2), ("complete", True),
+                  ("head", 404), ("body", ERROR_BODY),
+                  ("complete", True)], id="keep-alive-three-in-a-row"),
+    pytest.param([ZERO_LENGTH + EMPTY_204 + CLOSE],
+                 [("head", 200), ("complete", True), ("head", 204), ("complete", True),
+                  ("head", 503), ("body", b"{}"), ("complete", False)],
+                 id="keep-alive-then-close"),
+    pytest.param([CLOSE], [("head", 503), ("body", b"{}"), ("complete", False)],
+                 id="connection-close"),
+    pytest.param([HTTP10], [("head", 200), ("body", b"{}"), ("complete", False)],
+                 id="http-1.0"),
+    pytest.param([HTTP10_KEEPALIVE], [("head", 200), ("body", b"{}"), ("complete", True)],
+                 id="http-1.0-keep-alive"),
+    pytest.param([LOWERCASE_HEADERS], [("head", 200), ("body", b"abc"), ("complete", True)],
+                 id="header-case"),
+    # A response whose body has not fully arrived yet: no completion.
+    pytest.param([CONTENT_LENGTH[:-5]], [("head", 200), ("body", RANGE_BODY[:-5])],
+                 id="partial-body"),
+    pytest.param([CHUNKED_TRAILER[:-2]], [("head", 200), ("body", WATCH_1 + WATCH_2)],
+                 id="partial-trailer"),
+    pytest.param([CONTENT_LENGTH.split(b"\r\n\r\n")[0]], [], id="partial-head"),
+]
+
+
+@pytest.mark.parametrize(("pieces", "expected"), RESPONSE_TABLE)
+def test_response_table(pieces, expected):
+    assert parse(pieces) == expected
+
+
+@pytest.mark.parametrize(("pieces", "expected"), RESPONSE_TABLE)
+def test_response_one_byte_at_a_time(pieces, expected):
+    data = b"".join(pieces)
+    assert parse([data[i:i + 1] for i in range(len(data))]) == expected
+
+
+@pytest.mark.parametrize(("pieces", "expected"), RESPONSE_TABLE)
+def test_response_split_everywhere(pieces, expected):
+    data = b"".join(pieces)
+    for i in range(len(data) + 1):
+        assert parse([data[:i], data[i:]]) == expected, i
+
+
+@SETTINGS
+@given(st.data())
+def test_response_arbitrary_pieces(data):
+    stream = CONTENT_LENGTH + CHUNKED_TRAILER + EMPTY_204 + ERROR_404 + CLOSE
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=30)))
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    assert parse(pieces) == [
+        ("head", 200), ("body", RANGE_BODY), ("complete", True),
+        ("head", 200), ("body", WATCH_1 + WATCH_2), ("complete", True),
+        ("head", 204), ("complete", True),
+        ("head", 404), ("body", ERROR_BODY), ("complete", True),
+        ("head", 503), ("body", b"{}"), ("complete", False),
+    ]
+
+
+def test_status_and_keep_alive_attributes():
+    out: list = []
+    parse([ZERO_LENGTH], out)
+    assert out[0].status == 200
+    assert out[0].keep_alive is True
+    out.clear()
+    parse([ERROR_404 + CLOSE], out)
+    assert out[0].status == 503
+    assert out[0].keep_alive is False
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 OK\r\n\r\n",  # no status code
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/9.9 200 OK\r\n\r\n",
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",  # a TLS handshake on a plain port
+        b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # bad chunk size
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXX",  # no CRLF after data
+        b"HTTP/1.1 200 OK\r\nBad Header Name: x\r\n\r\n",
+        CLOSE + ZERO_LENGTH,  # bytes after Connection: close
+        ZERO_LENGTH + b"junk that is not a response\r\n\r\n",
+    ],
+)
+def test_response_garbage(data):
+    with pytest.raises(ProtocolError):
+        parse([data])
+    # Fed one byte at a time, the error still surfaces as ProtocolError.
+    with pytest.raises(ProtocolError):
+        parse([data[i:i + 1] for i in range(len(data))])
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a 101 response makes feed() raise httptools' "
+                   "HttpParserUpgrade, not ProtocolError")
+def test_response_upgrade_is_protocol_error():
+    with pytest.raises(ProtocolError):
+        parse([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"])
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: an interim 1xx response (100 Continue) is "
+                   "reported as a whole response (on_head(100), on_complete) instead of being "
+                   "skipped before the final response (RFC 9110 15.2)")
+def test_interim_100_continue_is_not_a_response():
+    events = parse([b"HTTP/1.1 100 Continue\r\n\r\n" + ZERO_LENGTH])
+    assert events == [("head", 200), ("complete", True)]
+
+
+def test_callback_errors_propagate_with_their_cause():
+    def boom(body):
+        raise KeyError("from the callback")
+
+    parser = ResponseParser(lambda s: None, boom, lambda: None)
+    with pytest.raises(Exception) as info:
+        parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+    # Whatever the wrapper, the callback's own exception must be reachable.
+    seen = []
+    exc: BaseException | None = info.value
+    while exc is not None and len(seen) < 10:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    assert any(isinstance(e, KeyError) for e in seen)
+
+
+# ============================================================================================
+# stream.LineSplitter
+# ============================================================================================
+
+json_line = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8)),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    max_leaves=6,
+).map(lambda obj: json.dumps({"result": obj}, ensure_ascii=False).encode())
+lines_strategy = st.lists(st.one_of(json_line, st.just(b"")), max_size=12)
+
+
+def cut(data: bytes, cuts: list[int]) -> list[bytes]:
+    cuts = sorted(set(cuts))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+
+
+@SETTINGS
+@given(lines_strategy, st.booleans(), st.data())
+def test_line_splitter_property(lines, trailing_newline, data):
+    joined = b"\n".join(lines) + (b"\n" if trailing_newline else b"")
+    cuts = data.draw(st.lists(st.integers(0, len(joined)), max_size=20))
+    splitter = LineSplitter()
+    got: list[bytes] = []
+    fed = 0
+    for piece in cut(joined, cuts):
+        out = splitter.feed(piece)
+        assert isinstance(out, list)
+        got.extend(out)
+        fed += len(piece)
+        # The pending tail: what follows the last newline fed so far.
+        so_far = joined[:fed]
+        assert splitter.buffered == len(so_far) - (so_far.rfind(b"\n") + 1)
+        assert all(line for line in got)
+    complete = lines if trailing_newline else lines[:-1]
+    assert got == [line for line in complete if line != b""]
+    expected_tail = b"" if trailing_newline or not lines else lines[-1]
+    assert splitter.buffered == len(expected_tail)
+    # The tail is completed by a later newline.
+    if expected_tail:
+        assert splitter.feed(b"\n") == [expected_tail]
+        assert splitter.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("pieces", "expected", "buffered"),
+    [
+        ([], [], 0),
+        ([b""], [], 0),
+        ([b"\n"], [], 0),
+        ([b"\n\n\n"], [], 0),
+        ([b"{}"], [], 2),
+        ([b"{}\n"], [b"{}"], 0),
+        ([b"{", b"}", b"\n"], [b"{}"], 0),
+        ([b"{}\n{"], [b"{}"], 1),
+        ([b"{}\n{", b"", b"}\n"], [b"{}", b"{}"], 0),
+        ([b"a\n\nb\n"], [b"a", b"b"], 0),
+        ([b"a\r\n"], [b"a\r"], 0),  # a CR stays: JSON parsers accept it as whitespace
+        ([b"a\nb", b"c\nd"], [b"a", b"bc"], 1),
+        ([b"  \n\t\n", b"x\n"], [b"x"], 0),  # whitespace-only lines are blank
+    ],
+)
+def test_line_splitter_table(pieces, expected, buffered):
+    splitter = LineSplitter()
+    got = []
+    for piece in pieces:
+        got.extend(splitter.feed(piece))
+    assert got == expected
+    assert splitter.buffered == buffered
+
+
+def test_line_splitter_big_line():
+    big = b'{"result":{"events":[{"kv":{"key":"' + b"A" * (1 << 20) + b'"}}]}}'
+    data = b'{"result":{"created":true}}\n' + big + b"\n" + b'{"x":1}\n'
+    splitter = LineSplitter()
+    got = []
+    step = 64 * 1024
+    for i in range(0, len(data), step):
+        piece = data[i:i + step]
+        got.extend(splitter.feed(piece))
+        if not got or got[-1] != b'{"x":1}':
+            assert splitter.buffered < len(big) + 1
+    assert got == [b'{"result":{"created":true}}', big, b'{"x":1}']
+    assert len(got[1]) > 1 << 20
+    assert splitter.buffered == 0
+
+
+# ============================================================================================
+# txn: comparisons, operations, Transaction
+# ============================================================================================
+
+
+class FakeLease:
+    def __init__(self, lease_id):
+        self.lease_id = lease_id
+
+
+@pytest.mark.parametrize(
+    ("comp", "expected"),
+    [
+        (CompCreated(b"k", "==", 0),
+         {"key": b"k", "result": "EQUAL", "target": "CREATE", "create_revision": 0}),
+        (CompModified("k", "!=", 7),
+         {"key": b"k", "result": "NOT_EQUAL", "target": "MOD", "mod_revision": 7}),
+        (CompVersion(b"k", ">", 2),
+         {"key": b"k", "result": "GREATER", "target": "VERSION", "version": 2}),
+        (CompLease(b"k", "<", 7587862072907265348),
+         {"key": b"k", "result": "LESS", "target": "LEASE", "lease": 7587862072907265348}),
+        (CompValue(b"k", "==", b"v"),
+         {"key": b"k", "result": "EQUAL", "target": "VALUE", "value": b"v"}),
+        (CompValue("k", "!=", "é"),
+         {"key": b"k", "result": "NOT_EQUAL", "target": "VALUE", "value": b"\xc3\xa9"}),
+        (CompValue(b"k", "==", b""),
+         {"key": b"k", "result": "EQUAL", "target": "VALUE", "value": b""}),
+        # A KeySet comparison carries its range end.
+        (CompVersion(KeySet(b"a", b"c"), ">", 0),
+         {"key": b"a", "range_end": b"c", "result": "GREATER", "target": "VERSION", "version": 0}),
+        (CompModified(KeySet(b"a\xff", prefix=True), "<", 10),
+         {"key": b"a\xff", "range_end": b"b", "result": "LESS", "target": "MOD",
+          "mod_revision": 10}),
+        (CompCreated(KeySet(b"", prefix=True), "==", 0),
+         {"key": b"\0", "range_end": b"\0", "result": "EQUAL", "target": "CREATE",
+          "create_revision": 0}),
+        (CompValue(KeySet(b"x", b"\0"), "==", b"v"),
+         {"key": b"x", "range_end": b"\0", "result": "EQUAL", "target": "VALUE", "value": b"v"}),
+    ],
+)
+def test_comparison_json(comp, expected):
+    assert comp._json() == expected
+
+
+def test_comparison_json_wire_bytes():
+    comp = CompValue(KeySet(b"a\xff", prefix=True), "==", b"\x00")
+    body = json.loads(codec.encode(comp._json()))
+    assert body == {"key": "Yf8=", "range_end": "Yg==", "result": "EQUAL", "target": "VALUE",
+                    "value": "AA=="}
+
+
+@pytest.mark.parametrize("op", ["=", "<>", ">=", "<=", "eq", "EQUAL", "", " ==", None, 1, ["=="]])
+@pytest.mark.parametrize("cls", [CompCreated, CompModified, CompVersion, CompLease])
+def test_comparison_bad_operator_int(cls, op):
+    with pytest.raises(errors.InvalidArgument):
+        cls(b"k", op, 1)
+
+
+@pytest.mark.parametrize("op", ["=", ">=", "<=", "!", None, ("==",)])
+def test_comparison_bad_operator_value(op):
+    with pytest.raises(errors.InvalidArgument):
+        CompValue(b"k", op, b"v")
+
+
+@pytest.mark.parametrize("cls", [CompCreated, CompModified, CompVersion, CompLease])
+def test_comparison_bad_values(cls):
+    with pytest.raises(TypeError):
+        cls(b"k", "==", "1")
+    with pytest.raises(TypeError):
+        cls(b"k", "==", 1.0)
+    with pytest.raises(TypeError):
+        cls(b"k", "==", True)
+    with pytest.raises(TypeError):
+        cls(b"k", "==", None)
+    with pytest.raises(errors.InvalidArgument):
+        cls(b"k", "==", -1)
+    with pytest.raises(TypeError):
+        cls(5, "==", 1)
+    with pytest.raises(errors.InvalidArgument):
+        cls(b"", "==", 1)
+
+
+def test_comp_value_bad_value():
+    with pytest.raises(TypeError, match="value"):
+        CompValue(b"k", "==", 5)
+
+
+@pytest.mark.parametrize(
+    ("op", "expected"),
+    [
+        (OpGet(b"k"), {"request_range": {"key": b"k"}}),
+        (OpGet(KeySet(b"a", prefix=True)), {"request_range": {"key": b"a", "range_end": b"b"}}),
+        (OpGet(KeySet(b"a", b"c"), limit=10, sort_order="descend", sort_target="mod",
+               revision=5, keys_only=True, count_only=True, serializable=True),
+         {"request_range": {"key": b"a", "range_end": b"c", "limit": 10,
+                            "sort_order": "DESCEND", "sort_target": "MOD", "revision": 5,
+                            "keys_only": True, "count_only": True, "serializable": True}}),
+        (OpGet(b"k", limit=0, revision=0, sort_order="none", sort_target="key"),
+         {"request_range": {"key": b"k"}}),
+        (OpGet(b"k", min_mod_revision=1, max_mod_revision=2, min_create_revision=3,
+               max_create_revision=4),
+         {"request_range": {"key": b"k", "min_mod_revision": 1, "max_mod_revision": 2,
+                            "min_create_revision": 3, "max_create_revision": 4}}),
+        (OpSet(b"k", b"v"), {"request_put": {"key": b"k", "value": b"v"}}),
+        (OpSet("k"), {"request_put": {"key": b"k"}}),
+        (OpSet(b"k", b"v", lease=7, return_previous=True),
+         {"request_put": {"key": b"k", "value": b"v", "lease": 7, "prev_kv": True}}),
+        (OpSet(b"k", lease=FakeLease(7587862072907265348)),
+         {"request_put": {"key": b"k", "lease": 7587862072907265348}}),
+        (OpSet(b"k", lease=Lease(None, 99)), {"request_put": {"key": b"k", "lease": 99}}),
+        (OpSet(b"k", ignore_value=True, lease=5),
+         {"request_put": {"key": b"k", "lease": 5, "ignore_value": True}}),
+        (OpSet(b"k", b"v", ignore_lease=True),
+         {"request_put": {"key": b"k", "value": b"v", "ignore_lease": True}}),
+        (OpDel(b"k"), {"request_delete_range": {"key": b"k"}}),
+        (OpDel(KeySet(b"", prefix=True), return_previous=True),
+         {"request_delete_range": {"key": b"\0", "range_end": b"\0", "prev_kv": True}}),
+    ],
+)
+def test_operation_json(op, expected):
+    assert op._json() == expected
+
+
+def test_opset_ignore_value_with_value():
+    with pytest.raises(errors.InvalidArgument):
+        OpSet(b"k", b"v", ignore_value=True)
+    with pytest.raises(errors.InvalidArgument):
+        OpSet(b"k", "v", ignore_value=True)
+    with pytest.raises(errors.InvalidArgument):
+        OpSet(b"k", ignore_lease=True, lease=3)
+    with pytest.raises(errors.InvalidArgument):
+        OpSet(b"k", ignore_lease=True, lease=FakeLease(3))
+    # No value / no lease is fine.
+    assert OpSet(b"k", b"", ignore_value=True).ignore_value is True
+    assert OpSet(b"k", ignore_lease=True, lease=None).ignore_lease is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc"),
+    [
+        ({"key": b""}, errors.InvalidArgument),
+        ({"key": 1}, TypeError),
+        ({"key": b"k", "value": 1}, TypeError),
+        ({"key": b"k", "lease": "7"}, TypeError),
+        ({"key": b"k", "lease": True}, TypeError),
+        ({"key": b"k", "lease": -1}, errors.InvalidArgument),
+        ({"key": b"k", "lease": FakeLease("7")}, TypeError),
+        ({"key": b"k", "lease": FakeLease(-2)}, errors.InvalidArgument),
+    ],
+)
+def test_opset_bad(kwargs, exc):
+    with pytest.raises(exc):
+        OpSet(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc"),
+    [
+        ({"limit": -1}, errors.InvalidArgument),
+        ({"limit": 1.5}, TypeError),
+        ({"revision": -1}, errors.InvalidArgument),
+        ({"revision": "5"}, TypeError),
+        ({"sort_order": "up"}, errors.InvalidArgument),
+        ({"sort_target": "size"}, errors.InvalidArgument),
+        ({"min_mod_revision": True}, TypeError),
+        ({"bogus": 1}, TypeError),
+    ],
+)
+def test_opget_bad(kwargs, exc):
+    with pytest.raises(exc):
+        OpGet(b"k", **kwargs)
+
+
+def test_transaction_json():
+    inner = Transaction([CompVersion(b"x", "==", 0)], [OpSet(b"x", b"1")])
+    txn = Transaction(
+        compare=[CompCreated(b"k", "==", 0), CompValue(KeySet(b"p", prefix=True), "!=", b"z")],
+        success=[OpSet(b"k", b"v"), OpGet(b"k"), inner],
+        failure=[OpDel(b"k", return_previous=True)],
+    )
+    assert txn._json() == {"request_txn": {
+        "compare": [
+            {"key": b"k", "result": "EQUAL", "target": "CREATE", "create_revision": 0},
+            {"key": b"p", "range_end": b"q", "result": "NOT_EQUAL", "target": "VALUE",
+             "value": b"z"},
+        ],
+        "success": [
+            {"request_put": {"key": b"k", "value": b"v"}},
+            {"request_range": {"key": b"k"}},
+            {"request_txn": {
+                "compare": [{"key": b"x", "result": "EQUAL", "target": "VERSION",
+                             "version": 0}],
+                "success": [{"request_put": {"key": b"x", "value": b"1"}}],
+            }},
+        ],
+        "failure": [{"request_delete_range": {"key": b"k", "prev_kv": True}}],
+    }}
+    assert Transaction()._json() == {"request_txn": {}}
+    # Any iterable of items, kept as tuples.
+    t = Transaction(iter([CompCreated(b"k", "==", 0)]), (OpGet(b"k") for _ in range(2)))
+    assert t.compare == (CompCreated(b"k", "==", 0),)
+    assert len(t.success) == 2
+
+
+def comps(n):
+    return [CompVersion(b"k%d" % i, "==", 0) for i in range(n)]
+
+
+def ops(n):
+    return [OpGet(b"k%d" % i) for i in range(n)]
+
+
+@pytest.mark.parametrize("where", ["compare", "success", "failure"])
+def test_transaction_128_is_fine(where):
+    items = comps(128) if where == "compare" else ops(128)
+    txn = Transaction(**{where: items})
+    assert len(getattr(txn, where)) == 128
+    # The limit is per list, not in total.
+    Transaction(comps(128), ops(128), ops(128))
+
+
+@pytest.mark.parametrize("where", ["compare", "success", "failure"])
+@pytest.mark.parametrize("n", [129, 200])
+def test_transaction_too_many(where, n):
+    items = comps(n) if where == "compare" else ops(n)
+    with pytest.raises(errors.TooManyOperations) as info:
+        Transaction(**{where: items})
+    assert isinstance(info.value, errors.InvalidArgument)
+    assert where in str(info.value)
+
+
+def test_nested_transaction_too_many():
+    with pytest.raises(errors.TooManyOperations):
+        Transaction(success=[Transaction(failure=ops(129))])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"compare": [OpGet(b"k")]}, "compare"),
+        ({"compare": [b"k"]}, "compare"),
+        ({"compare": [Transaction()]}, "compare"),
+        ({"success": [CompVersion(b"k", "==", 0)]}, "success"),
+        ({"success": [{"request_put": {"key": b"k"}}]}, "success"),
+        ({"success": [None]}, "success"),
+        ({"failure": ["k"]}, "failure"),
+        ({"failure": [OpGet(b"k"), 5]}, "failure"),
+    ],
+)
+def test_transaction_wrong_item_types(kwargs, name):
+    with pytest.raises(TypeError, match=name):
+        Transaction(**kwargs)
+
+
+def test_transaction_not_iterable():
+    with pytest.raises(TypeError):
+        Transaction(compare=CompVersion(b"k", "==", 0))
+    with pytest.raises(TypeError):
+        Transaction(success=OpGet(b"k"))
+
+
+def test_frozen_operations():
+    op = OpSet(b"k", b"v")
+    with pytest.raises(AttributeError):
+        op.value = b"w"  # type: ignore[misc]
+    assert OpSet(b"k", "v") == OpSet("k", b"v")
+    assert CompValue("k", "==", "v") == CompValue(KeySet(b"k"), "==", b"v")
