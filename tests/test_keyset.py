@@ -71,10 +71,18 @@ def test_prefix_table(prefix, key, range_end):
     ("prefix", "inside", "outside"),
     [
         (b"", [b"\0", b"a", b"\xff", b"\xff\xff\xff"], [b""]),
-        (b"\xff", [b"\xff", b"\xff\x00", b"\xff\xff", b"\xff\xff\xff\xff"], [b"\xfe", b"\xfe\xff", b"a"]),
-        (b"\xff\xff", [b"\xff\xff", b"\xff\xff\x00", b"\xff\xff\xff"], [b"\xff", b"\xff\xfe\xff", b"\xfe"]),
-        (b"a\xff", [b"a\xff", b"a\xff\x00", b"a\xff\xff\xff"], [b"a", b"a\xfe", b"b", b"b\x00", b"a\xfe\xff"]),
-        (b"abc", [b"abc", b"abc\x00", b"abcd", b"abc\xff\xff"], [b"ab", b"abd", b"abb\xff", b"abd\x00", b"b"]),
+        (b"\xff",
+         [b"\xff", b"\xff\x00", b"\xff\xff", b"\xff\xff\xff\xff"],
+         [b"\xfe", b"\xfe\xff", b"a"]),
+        (b"\xff\xff",
+         [b"\xff\xff", b"\xff\xff\x00", b"\xff\xff\xff"],
+         [b"\xff", b"\xff\xfe\xff", b"\xfe"]),
+        (b"a\xff",
+         [b"a\xff", b"a\xff\x00", b"a\xff\xff\xff"],
+         [b"a", b"a\xfe", b"b", b"b\x00", b"a\xfe\xff"]),
+        (b"abc",
+         [b"abc", b"abc\x00", b"abcd", b"abc\xff\xff"],
+         [b"ab", b"abd", b"abb\xff", b"abd\x00", b"b"]),
     ],
 )
 def test_prefix_membership_table(prefix, inside, outside):

@@ -221,6 +221,8 @@ RANGE_REAL = (
          b'"count":"5"}',
          Range([KeyValue(b"a"), KeyValue(b"b")], 5, True, Header(0, 0, 7, 0))),
         (b'{"kvs":[],"count":"0"}', Range([], 0, False, Header())),
+        # Absent count is 0 even when kvs are present (the zero value, not len(kvs)).
+        (b'{"kvs":[{"key":"YQ=="}]}', Range([KeyValue(b"a")], 0, False, Header())),
         (b"{}", Range()),
     ],
 )
@@ -749,7 +751,7 @@ def test_response_split_everywhere(pieces, expected):
 def test_response_arbitrary_pieces(data):
     stream = CONTENT_LENGTH + CHUNKED_TRAILER + EMPTY_204 + ERROR_404 + CLOSE
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=30)))
-    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     assert parse(pieces) == [
         ("head", 200), ("body", RANGE_BODY), ("complete", True),
         ("head", 200), ("body", WATCH_1 + WATCH_2), ("complete", True),
@@ -843,7 +845,7 @@ lines_strategy = st.lists(st.one_of(json_line, st.just(b"")), max_size=12)
 
 def cut(data: bytes, cuts: list[int]) -> list[bytes]:
     cuts = sorted(set(cuts))
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
 @SETTINGS
