@@ -245,8 +245,13 @@ def from_gateway(body: Any, http_status: int | None = None) -> EtcdError:
         http_status: the HTTP status line's code, used in the message when the body is not
             an etcd error body.
     """
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        # A stream that fails before its first message: {"error": {"grpc_code": ..., ...}}.
+        body = body["error"]
     if isinstance(body, dict):
         message = body.get("message") or body.get("error") or ""
+        if not isinstance(message, str):
+            message = repr(message)
         # Unary errors carry "code"; errors inside a stream carry "grpc_code".
         code = body.get("code", body.get("grpc_code", UNKNOWN))
         if not isinstance(code, int):

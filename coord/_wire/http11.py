@@ -66,6 +66,9 @@ class ResponseParser:
     def feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            # etcd never switches protocols; coord never asks it to.
+            raise ProtocolError(f"unexpected protocol upgrade: {e}") from e
         except httptools.HttpParserError as e:
             raise ProtocolError(str(e)) from e
 
@@ -73,11 +76,15 @@ class ResponseParser:
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
+        if 100 <= self.status < 200:
+            return  # an interim answer (RFC 9110 15.2): the real one follows
         self._on_head(self.status)
 
     def on_body(self, body: bytes) -> None:
         self._on_body(body)
 
     def on_message_complete(self) -> None:
+        if 100 <= self.status < 200:
+            return
         self.keep_alive = self._parser.should_keep_alive()
         self._on_complete()
