@@ -504,15 +504,11 @@ STREAM_ERROR_BODY = {"error": {"grpc_code": 16, "http_code": 401,
                                "http_status": "Unauthorized"}}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: from_gateway raises TypeError (unhashable dict) "
-                   "on a body whose 'error' is an object, e.g. a failed stream's body")
 def test_from_gateway_wrapped_stream_error_returns_an_error():
     exc = errors.from_gateway(STREAM_ERROR_BODY, 401)
     assert isinstance(exc, errors.EtcdError)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: from_gateway does not unwrap {'error': {...}} "
-                   "stream error bodies (raises TypeError instead)")
 def test_from_gateway_wrapped_stream_error_is_mapped():
     exc = errors.from_gateway(STREAM_ERROR_BODY, 401)
     assert isinstance(exc, errors.Unauthenticated)
@@ -799,16 +795,11 @@ def test_response_garbage(data):
         parse([data[i:i + 1] for i in range(len(data))])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a 101 response makes feed() raise httptools' "
-                   "HttpParserUpgrade, not ProtocolError")
 def test_response_upgrade_is_protocol_error():
     with pytest.raises(ProtocolError):
         parse([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an interim 1xx response (100 Continue) is "
-                   "reported as a whole response (on_head(100), on_complete) instead of being "
-                   "skipped before the final response (RFC 9110 15.2)")
 def test_interim_100_continue_is_not_a_response():
     events = parse([b"HTTP/1.1 100 Continue\r\n\r\n" + ZERO_LENGTH])
     assert events == [("head", 200), ("complete", True)]
