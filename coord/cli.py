@@ -67,8 +67,10 @@ def run_server(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if server is not None:
+            was_running = server.running
             server.stop()
-            print("etcd stopped", flush=True)
+            if was_running:
+                print("etcd stopped", flush=True)
 
 
 def run_demo(args: argparse.Namespace) -> int:

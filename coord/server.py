@@ -222,7 +222,8 @@ def _free_ports(count: int, host: str = LOOPBACK) -> list[int]:
                 probes.append(probe)
                 probe.bind((host, 0))
                 port = probe.getsockname()[1]
-                if port not in _ports_handed_out:
+                # (The bound keeps a very long-lived process from looping forever.)
+                if port not in _ports_handed_out or len(probes) > 64:
                     _ports_handed_out.add(port)
                     ports.append(port)
     finally:

@@ -381,6 +381,31 @@ def test_etcd_cluster_fixture_second_is_healthy(etcd_cluster: EtcdCluster) -> No
     assert all(_get(m, b"left-behind") is None for m in etcd_cluster.members)
 
 
+def test_session_fails_if_an_etcd_is_left_running(tmp_path: Path) -> None:
+    (tmp_path / "test_leak.py").write_text(
+        textwrap.dedent(
+            """
+            from coord.server import EtcdServer
+
+            def test_forgets_to_stop():
+                print("PID", EtcdServer().start().pid)
+            """
+        )
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout + run.stderr
+    assert "1 passed" in run.stdout
+    pid = int(run.stdout.split("PID ")[1].split()[0])
+    assert f"etcd processes still running at the end of the session: pids [{pid}]" in run.stdout
+    assert _gone(pid)
+
+
 # --------------------------------------------------------------------------- coord server
 
 
