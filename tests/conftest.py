@@ -30,3 +30,18 @@ def client(etcd, transport):
     c = make_client(etcd.url, transport)
     yield c
     pytest_twisted.blockon(c.close())
+
+
+@pytest.fixture
+def new_client(transport):
+    """``new_client(url_or_urls, **kwargs)``: a Client through the test's transport, closed after."""
+    made = []
+
+    def new(url, **kwargs):
+        c = make_client(url, transport, **kwargs)
+        made.append(c)
+        return c
+
+    yield new
+    for c in made:
+        pytest_twisted.blockon(c.close())

@@ -22,6 +22,7 @@ This is the only module (with :mod:`coord._twisted.treq`) that touches sockets.
 from __future__ import annotations
 
 import collections
+import socket
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,6 +37,8 @@ from coord._wire.http11 import ProtocolError, ResponseParser, build_request, req
 from coord._wire.stream import LineSplitter
 
 __all__ = ["Endpoint", "HttpTransport", "Plan", "parse_endpoint"]
+
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 
 @attrs.frozen
@@ -208,6 +211,24 @@ class _Connection(protocol.Protocol):
             data = data[sent:]
         t.write(data)
 
+    def stale(self) -> bool:
+        """Whether the server has closed this idle connection (we just did not hear yet).
+
+        When etcd restarts, or a proxy drops idle connections, the FIN may still sit
+        unread when the next request picks the connection: a write sent there would
+        fail after it was sent, with an unknown outcome.  One non-blocking peek tells.
+        """
+        sock = self._socket
+        if sock is None:
+            return False
+        try:
+            sock.recv(1, _PEEK)
+        except BlockingIOError:
+            return False  # nothing to read: alive
+        except OSError:
+            return True
+        return True  # EOF (b"") or bytes nobody asked for: either way, unusable
+
     def abort(self) -> None:
         if not self.closed:
             self.closed = True
@@ -303,8 +324,11 @@ class _EndpointPool:
 
     def submit(self, call: _Call) -> None:
         call.endpoint = self
-        if self.idle:
+        while self.idle:
             conn = self.idle.pop()
+            if conn.stale():
+                conn.abort()
+                continue
             conn.send(call, build_request(self.head(call.path), call.body))
             return
         self.waiting.append(call)

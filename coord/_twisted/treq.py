@@ -5,6 +5,11 @@ Agent can be wrapped with.  Slower than :class:`~coord._twisted.pool.HttpTranspo
 (Agent costs about 1 ms of CPU per request), with the same retry rules (see
 :mod:`coord._twisted.pool`): a request that never reached an endpoint moves on to the
 next; a read whose connection broke is re-sent; a write that was sent is never re-sent.
+
+One difference: coord's pool checks that a kept-alive connection is still open before it
+writes on it, so a server restart between two writes costs nothing.  An Agent's pool
+cannot be asked, so through this transport the first write after the server closed its
+idle connections can fail with :class:`~coord.errors.OutcomeUnknown`.
 """
 
 from __future__ import annotations
@@ -84,9 +89,11 @@ class TreqTransport:
                 response = await self._http.post(endpoint.url + path, data=body,
                                                  headers=self._headers())
                 content = await response.content()
-            except defer.CancelledError:
-                raise
             except Exception as e:
+                if _cancelled(e):
+                    # Agent reports a cancelled request as ResponseNeverReceived: stop here,
+                    # never try another endpoint on behalf of a cancelled (or timed-out) call.
+                    raise defer.CancelledError() from e
                 sent = not isinstance(e, _NOT_SENT)
                 state["sent"] = sent
                 last = errors.Unavailable(f"{endpoint.url}{path}: {e!r}")
@@ -149,6 +156,12 @@ class TreqTransport:
         if pool is not None:
             return pool.closeCachedConnections()  # type: ignore[no-any-return]
         return defer.succeed(None)
+
+
+def _cancelled(e: BaseException) -> bool:
+    if isinstance(e, defer.CancelledError):
+        return True
+    return any(r.check(defer.CancelledError) for r in getattr(e, "reasons", ()) or ())
 
 
 class _TreqStream:
