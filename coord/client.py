@@ -14,14 +14,14 @@ outcome is unknown.  Cancelling a call's Deferred abandons it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
 
 from coord import errors
-from coord._twisted.pool import HttpTransport, parse_endpoint
 from coord._sentinel import DEFAULT
+from coord._twisted.pool import HttpTransport, parse_endpoint
 from coord._wire import codec
 from coord.keyset import KeyLike, KeySet
 from coord.lease import Lease
@@ -36,12 +36,21 @@ from coord.txn import (
 from coord.types import (
     Alarm,
     Deleted,
+    Event,
     Header,
     Member,
     Range,
     Revision,
     Status,
     TransactionResult,
+)
+from coord.watch import (
+    EventStream,
+    WatchDeferred,
+    Watcher,
+    callback_dispatch,
+    filters_of,
+    keysets_of,
 )
 
 __all__ = ["Client"]
@@ -234,6 +243,55 @@ class Client:
         d = self._request("/v3/kv/compaction", body, True, timeout)
         return d.addCallback(lambda obj: codec.header(obj.get("header")))
 
+    # watches ----------------------------------------------------------------------------------
+
+    def watch(self, keys: Any, on_change: Callable[[Event], Any],
+              start_revision: int | None = None, return_previous: bool = False,
+              filters: Sequence[str] | None = None,
+              idle_timeout: float | None = 60.0) -> WatchDeferred:
+        """Call ``on_change(event)`` for every change to ``keys``, until cancelled.
+
+        Every event is delivered exactly once, in revision order per key set, across
+        broken streams, etcd restarts and endpoint failover (see :mod:`coord.watch`).
+        The events of one revision are delivered together, in one reactor turn.
+
+        Args:
+            keys: a key, a :class:`KeySet`, or a list of them (one stream serves all;
+                order is per key set, and overlapping key sets see an event twice).
+            on_change: called with each :class:`~coord.types.Event`.  If it raises, the
+                exception is logged with the event and the watch goes on.
+            start_revision: deliver changes from this revision on (default: from now).
+            return_previous: events carry ``prev_kv``, the key-value before the change.
+            filters: ``["noput"]`` and/or ``["nodelete"]`` to leave such events out.
+            idle_timeout: seconds without a message after which the stream is assumed
+                hung and created again (``None``: never).
+
+        Returns:
+            A Deferred (with ``.watcher``, a :class:`~coord.watch.Watcher`): it fires with
+            None when cancelled -- ``d.cancel()`` stops delivery at once and closes the
+            stream -- and fails with :class:`~coord.errors.Compacted` when the revision
+            to deliver from has been compacted, or another error resuming cannot cure.
+            ``d.watcher.ready`` fires once etcd has created the watch.
+        """
+        keysets = keysets_of(keys)
+        _check_revision(start_revision)
+        watcher = Watcher(self, keysets, callback_dispatch(on_change), start_revision or None,
+                          bool(return_previous), filters_of(filters), idle_timeout)
+        return watcher.deferred
+
+    def events(self, keys: Any, start_revision: int | None = None,
+               return_previous: bool = False, filters: Sequence[str] | None = None,
+               idle_timeout: float | None = 60.0) -> EventStream:
+        """The changes to ``keys`` as an async iterator (``async for event in ...``).
+
+        Same arguments and guarantees as :meth:`watch`; call ``close()`` (or use
+        ``async with``) to stop.  A Compacted start revision is raised from the loop.
+        """
+        keysets = keysets_of(keys)
+        _check_revision(start_revision)
+        return EventStream(self, keysets, start_revision or None, bool(return_previous),
+                           filters_of(filters), idle_timeout)
+
     # leases -----------------------------------------------------------------------------------
 
     def lease(self, time_to_live: int, lease_id: int | None = None,
@@ -315,6 +373,15 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _check_revision(revision: Any) -> None:
+    if revision is None:
+        return
+    if isinstance(revision, bool) or not isinstance(revision, int):
+        raise TypeError(f"start_revision must be an int, not {type(revision).__name__}")
+    if revision < 0:
+        raise errors.InvalidArgument(f"start_revision must be >= 0, not {revision}")
 
 
 def _txn_writes(txn: Transaction) -> bool:

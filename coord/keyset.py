@@ -22,7 +22,7 @@ from coord.errors import InvalidArgument
 
 __all__ = ["KeySet", "as_bytes", "prefix_range_end"]
 
-# What a key argument may be: bytes, or str (encoded as UTF-8), or a KeySet where ranges are allowed.
+# A key argument: bytes, str (encoded as UTF-8), or a KeySet where ranges are allowed.
 KeyLike = Union[bytes, str, "KeySet"]
 
 

@@ -144,7 +144,7 @@ class CompLease(_Compare):
     __init__, _json = _revision_compare("LEASE", "lease", "lease")
 
 
-Comparison = Union[CompValue, CompVersion, CompCreated, CompModified, CompLease]
+Comparison = CompValue | CompVersion | CompCreated | CompModified | CompLease
 
 
 @attrs.frozen(init=False)

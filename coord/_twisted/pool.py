@@ -402,7 +402,7 @@ class HttpTransport:
         self._credentials = credentials
         self._token: str | None = None
         self._authenticating: defer.Deferred[None] | None = None
-        self._auth_waiters: list[_Call] = []
+        self._auth_waiters: list[tuple[Callable[[], None], Callable[[BaseException], None]]] = []
         self._streams: set[_Stream] = set()
         self._closed = False
 
@@ -467,6 +467,12 @@ class HttpTransport:
         else:
             call.fail(errors.Timeout(what))
 
+    def demote(self, endpoint: Endpoint) -> None:
+        """Prefer the next endpoint if ``endpoint`` is the preferred one (it seems hung)."""
+        for pool in self._pools:
+            if pool.endpoint == endpoint:
+                self.endpoint_down(pool)
+
     def endpoint_down(self, pool: _EndpointPool) -> None:
         if self._preferred == pool.index:
             self._preferred = (pool.index + 1) % len(self._pools)
@@ -516,7 +522,7 @@ class HttpTransport:
             # The token expired (or the server restarted): get a new one, send once more.
             call.auth_retried = True
             call.sent = False
-            self._token = None
+            self._set_token(None)
             self._wait_for_token(call)
         else:
             call.fail(exc)
@@ -524,9 +530,26 @@ class HttpTransport:
     # authentication -------------------------------------------------------------------------
 
     def _wait_for_token(self, call: _Call) -> None:
-        self._auth_waiters.append(call)
+        def go() -> None:
+            if not call.done:
+                call.plan = Plan(self._preferred, len(self._pools), call.write)
+                self._dispatch(call)
+
+        self.after_token(go, call.fail)
+
+    def after_token(self, go: Callable[[], None],
+                    fail: Callable[[BaseException], None]) -> None:
+        """Run ``go`` once a token is at hand (authenticating first), or ``fail``."""
+        if self._credentials is None or self._token is not None:
+            go()
+            return
+        self._auth_waiters.append((go, fail))
         if self._authenticating is None:
             self._authenticating = self._authenticate()
+
+    def forget_token(self) -> None:
+        """The server refused our token: the next request authenticates again."""
+        self._set_token(None)
 
     def _authenticate(self) -> defer.Deferred[None]:
         user, password = self._credentials  # type: ignore[misc]
@@ -534,23 +557,19 @@ class HttpTransport:
                          False, self.connect_timeout * 2)
 
         def got(obj: dict) -> None:
+            self._authenticating = None
             self._set_token(obj.get("token"))
             waiters, self._auth_waiters = self._auth_waiters, []
-            for call in waiters:
-                if not call.done:
-                    call.plan = Plan(self._preferred, len(self._pools), call.write)
-                    self._dispatch(call)
+            for go, _ in waiters:
+                go()
 
         def failed(f: Failure) -> None:
-            waiters, self._auth_waiters = self._auth_waiters, []
-            for call in waiters:
-                call.fail(f.value)
-
-        def done(_: Any) -> None:
             self._authenticating = None
+            waiters, self._auth_waiters = self._auth_waiters, []
+            for _, fail in waiters:
+                fail(f.value)
 
         d.addCallbacks(got, failed)
-        d.addBoth(done)
         return d
 
     def _set_token(self, token: str | None) -> None:
@@ -565,7 +584,16 @@ class HttpTransport:
                endpoint: int | None = None) -> _Stream:
         """Open a streaming POST on a connection of its own (see :class:`_Stream`)."""
         stream = _Stream(self, path, body, on_message, on_end)
-        stream.open(self._preferred if endpoint is None else endpoint)
+
+        def go() -> None:
+            if not stream.finished:
+                stream.open(self._preferred if endpoint is None else endpoint)
+
+        def fail(exc: BaseException) -> None:
+            stream.ended(exc if isinstance(exc, errors.CoordError)
+                         else errors.Unavailable(str(exc)))
+
+        self.after_token(go, fail)
         return stream
 
     def close(self) -> defer.Deferred[None]:

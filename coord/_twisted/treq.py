@@ -123,6 +123,11 @@ class TreqTransport:
                 continue
             raise exc
 
+    def demote(self, endpoint: Endpoint) -> None:
+        """Prefer the next endpoint if ``endpoint`` is the preferred one (it seems hung)."""
+        if endpoint in self.endpoints:
+            self._endpoint_down(self.endpoints.index(endpoint))
+
     def _endpoint_down(self, index: int) -> None:
         if self._preferred == index:
             self._preferred = (index + 1) % len(self.endpoints)
@@ -143,8 +148,23 @@ class TreqTransport:
                endpoint: int | None = None) -> _TreqStream:
         stream = _TreqStream(self, on_message, on_end)
         index = self._preferred if endpoint is None else endpoint
-        stream.open(self.endpoints[index].url + path, body, index)
+
+        def go(_: Any = None) -> None:
+            if not stream.finished:
+                stream.open(self.endpoints[index].url + path, body, index)
+
+        if self._credentials is not None and self._token is None:
+            d = defer.Deferred.fromCoroutine(self._authenticate())
+            d.addCallbacks(go, lambda f: stream._end(
+                f.value if isinstance(f.value, errors.CoordError)
+                else errors.Unavailable(str(f.value))))
+        else:
+            go()
         return stream
+
+    def forget_token(self) -> None:
+        """The server refused our token: the next request authenticates again."""
+        self._token = None
 
     def close(self) -> defer.Deferred[None]:
         self._closed = True
@@ -172,9 +192,11 @@ class _TreqStream:
         self.on_end = on_end
         self.splitter = LineSplitter()
         self.finished = False
+        self.endpoint: Endpoint | None = None
         self._d: defer.Deferred[Any] | None = None
 
     def open(self, url: str, body: bytes, index: int) -> None:
+        self.endpoint = self.transport.endpoints[index]
         self.transport._streams.add(self)
         d = self.transport._http.post(url, data=body, headers=self.transport._headers(),
                                       unbuffered=True)

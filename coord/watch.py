@@ -1,0 +1,344 @@
+"""Watches that never lose or duplicate an event.
+
+A :class:`Watcher` holds one streaming ``POST /v3/watch`` on a connection of its own,
+with one etcd watcher per key set (several create requests in one body).  When the
+stream breaks -- etcd restarts, the endpoint dies, the stream goes quiet for longer than
+``idle_timeout`` -- it is created again, on the next endpoint if need be, from the
+revision after the last one fully delivered:
+
+* after a response with events, ``last event's mod_revision + 1``.  (Not the response
+  header's revision: etcd stamps a catch-up batch with the *current* store revision even
+  when more batches are still to come -- ``watchable_store.go`` syncWatchers -- so
+  resuming from it could skip events.)  etcd never splits one revision's events across
+  responses (coord does not ask for fragments), so a response ends on a whole revision;
+* after a progress notification (sent only to watchers that are caught up), its
+  header's revision + 1;
+* after the creation of a watch that asked for no start revision, the creation
+  header's revision + 1 -- so a resumed watch never skips what happened while the
+  stream was down.
+
+If the revision to resume from has been compacted, the watch ends with
+:class:`~coord.errors.Compacted` (carrying ``compact_revision``); it never skips silently.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import txaio
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from coord import errors
+from coord._wire import codec
+from coord.keyset import KeyLike, KeySet
+from coord.types import Event
+
+__all__ = ["EventStream", "Watcher"]
+
+log = txaio.make_logger()
+
+_FILTERS = {"noput": "NOPUT", "nodelete": "NODELETE"}
+
+
+def _create_request(keys: KeySet, start: int | None, prev_kv: bool, filters: list[str]) -> dict:
+    req: dict[str, Any] = {"key": keys.key, "progress_notify": True}
+    if keys.range_end is not None:
+        req["range_end"] = keys.range_end
+    if start:
+        req["start_revision"] = start
+    if prev_kv:
+        req["prev_kv"] = True
+    if filters:
+        req["filters"] = filters
+    return {"create_request": req}
+
+
+class WatchDeferred(defer.Deferred):  # type: ignore[type-arg]
+    """What :meth:`Client.watch` returns: a Deferred with its :class:`Watcher` attached.
+
+    ``cancel()`` stops the watch and fires this Deferred with None (not CancelledError:
+    the original guide cancels without waiting, and that must not log an error).
+    """
+
+    watcher: Watcher
+
+
+class Watcher:
+    """One resumable watch over one or more key sets.  Made by :meth:`Client.watch`.
+
+    Attributes:
+        deferred: fires with None once the watch is cancelled (:meth:`cancel` or
+            ``deferred.cancel()``), or fails with :class:`~coord.errors.Compacted` or
+            another error that resuming cannot cure.
+        revisions: per key set, the revision the watch resumes from if its stream breaks.
+        reconnects: how many times the stream was created again.
+    """
+
+    def __init__(self, client: Any, keysets: Sequence[KeySet],
+                 on_events: Callable[[list[Event]], None], start_revision: int | None,
+                 prev_kv: bool, filters: list[str], idle_timeout: float | None) -> None:
+        self._client = client
+        self._reactor = client._reactor
+        self._keysets = list(keysets)
+        self._on_events = on_events
+        self._prev_kv = prev_kv
+        self._filters = filters
+        self.idle_timeout = idle_timeout
+        self.revisions: list[int | None] = [start_revision] * len(self._keysets)
+        self.reconnects = 0
+        self._created = 0
+        self._stream: Any = None
+        self._retry: Any = None
+        self._idle: Any = None
+        self._backoff = 0.0
+        self._done = False
+        self.deferred = WatchDeferred(lambda d: self._finish(None))
+        self.deferred.watcher = self
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self._connect()
+
+    def __repr__(self) -> str:
+        state = "DONE" if self._done else ("WATCHING" if self._stream else "RECONNECTING")
+        keys = ", ".join(repr(k.key) for k in self._keysets)
+        return f"<Watcher [{keys}] {state} revisions={self.revisions}>"
+
+    def cancel(self) -> None:
+        """Stop now: no callback after this returns, and the stream's connection is closed."""
+        self._finish(None)
+
+    # stream lifecycle -----------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        self._retry = None
+        if self._done:
+            return
+        self._created = 0
+        body = b"".join(
+            codec.encode(_create_request(keys, rev, self._prev_kv, self._filters))
+            for keys, rev in zip(self._keysets, self.revisions, strict=True)
+        )
+        self._stream = self._client._transport.stream("/v3/watch", body, self._message,
+                                                      self._ended)
+        self._touch()
+
+    def _touch(self) -> None:
+        if self.idle_timeout is None or self._done:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.idle_timeout)
+        else:
+            self._idle = self._reactor.callLater(self.idle_timeout, self._went_quiet)
+
+    def _went_quiet(self) -> None:
+        self._idle = None
+        log.info("watch stream quiet for {t} s: creating it again", t=self.idle_timeout)
+        endpoint = getattr(self._stream, "endpoint", None)
+        if endpoint is not None:
+            # A hung member still accepts connections: prefer another one next time.
+            self._client._transport.demote(endpoint)
+        self._restart(errors.Unavailable(f"watch stream quiet for {self.idle_timeout} s"))
+
+    def _restart(self, reason: errors.CoordError) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.cancel()
+        self._ended(reason, force=True)
+
+    def _ended(self, reason: errors.CoordError | None, force: bool = False) -> None:
+        if self._done:
+            return
+        self._stream = None
+        if isinstance(reason, errors.Unauthenticated):
+            self._client._transport.forget_token()
+        elif reason is not None and not isinstance(reason, errors.Unavailable) and not force:
+            self._finish(reason)
+            return
+        # Broken, ended or quiet: create it again after a short, growing, jittered pause.
+        self.reconnects += 1
+        self._backoff = min(max(self._backoff * 2, 0.05), 2.0)
+        delay = self._backoff * (0.5 + random.random() / 2)
+        log.debug("watch stream ended ({reason}); again in {delay:.2f} s", reason=reason,
+                  delay=delay)
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        self._retry = self._reactor.callLater(delay, self._connect)
+
+    def _message(self, msg: dict) -> None:
+        if self._done:
+            return
+        self._touch()
+        index = int(msg.get("watch_id", 0))
+        if msg.get("created"):
+            # Creation answers come in the order of the create requests.
+            index = self._created
+            self._created += 1
+            if self.revisions[index] is None:
+                self.revisions[index] = int(msg["header"]["revision"]) + 1
+            if self._created == len(self._keysets) and not self.ready.called:
+                self.ready.callback(None)
+            self._backoff = 0.0
+            return
+        if msg.get("canceled"):
+            compact = int(msg.get("compact_revision", 0))
+            reason = msg.get("cancel_reason") or ""
+            if compact:
+                self._finish(errors.Compacted(
+                    f"watch from revision {self.revisions[index]} failed: history before "
+                    f"revision {compact} is compacted", errors.OUT_OF_RANGE, compact))
+            else:
+                self._finish(errors.EtcdError(f"etcd cancelled the watch: {reason}"))
+            return
+        raw = msg.get("events")
+        if not raw:
+            # A progress notification: every event up to its revision has been delivered.
+            rev = int(msg.get("header", {}).get("revision", 0))
+            current = self.revisions[index]
+            if rev and (current is None or rev + 1 > current):
+                self.revisions[index] = rev + 1
+            return
+        events = [codec.event(e) for e in raw]
+        try:
+            self._on_events(events)
+        finally:
+            self.revisions[index] = events[-1].kv.mod_revision + 1
+
+    def _finish(self, reason: errors.CoordError | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        for timer in (self._retry, self._idle):
+            if timer is not None and timer.active():
+                timer.cancel()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.cancel()
+        if not self.ready.called:
+            if reason is None:
+                self.ready.callback(None)
+            else:
+                self.ready.errback(reason)
+                self.ready.addErrback(lambda _: None)  # reported on `deferred`
+        if not self.deferred.called:
+            if reason is None:
+                self.deferred.callback(None)
+            else:
+                self.deferred.errback(reason)
+
+
+def callback_dispatch(on_change: Callable[[Event], Any]) -> Callable[[list[Event]], None]:
+    """Call ``on_change`` for each event; log (with the event) and survive its exceptions."""
+
+    def dispatch(events: list[Event]) -> None:
+        for event in events:
+            try:
+                on_change(event)
+            except Exception:
+                log.failure("watch callback {cb!r} raised on {event!r}; the watch goes on",
+                            cb=on_change, event=event)
+
+    return dispatch
+
+
+class EventStream:
+    """``async for event in client.events(...)``: a watch as an async iterator.
+
+    Same guarantees as :meth:`Client.watch`.  Events wait in a queue until iterated; when
+    more than ``high_water`` are waiting, reading from etcd pauses (TCP pushes back to
+    etcd, which holds the events for a slow watcher) until the queue drains.  Iteration
+    ends after :meth:`close`; a failure of the watch (e.g. Compacted) is raised from it.
+    """
+
+    def __init__(self, client: Any, keysets: Sequence[KeySet], start_revision: int | None,
+                 prev_kv: bool, filters: list[str], idle_timeout: float | None,
+                 high_water: int = 10_000) -> None:
+        self._queue: collections.deque[Event] = collections.deque()
+        self._waiter: defer.Deferred[None] | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._high_water = high_water
+        self._paused = False
+        self.watcher = Watcher(client, keysets, self._push, start_revision, prev_kv, filters,
+                               idle_timeout)
+        self.watcher.deferred.addBoth(self._watch_done)
+
+    def _push(self, events: list[Event]) -> None:
+        self._queue.extend(events)
+        if len(self._queue) > self._high_water and not self._paused:
+            self._set_paused(True)
+        self._wake()
+
+    def _set_paused(self, paused: bool) -> None:
+        stream = self.watcher._stream
+        conn = getattr(stream, "conn", None)
+        transport = getattr(conn, "transport", None)
+        if transport is not None:
+            (transport.pauseProducing if paused else transport.resumeProducing)()
+            self._paused = paused
+
+    def _watch_done(self, result: Any) -> None:
+        if isinstance(result, Failure):
+            self._error = result.value
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.callback(None)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._queue:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = defer.Deferred()
+            await self._waiter
+        event = self._queue.popleft()
+        if self._paused and len(self._queue) < self._high_water // 10:
+            self._set_paused(False)
+        return event
+
+    @property
+    def ready(self) -> defer.Deferred[None]:
+        """Fires once etcd has created every watcher of this stream."""
+        return self.watcher.ready
+
+    def close(self) -> None:
+        """Stop watching; iteration ends once the events already queued are consumed."""
+        self.watcher.cancel()
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+def keysets_of(keys: KeyLike | Sequence[KeyLike]) -> list[KeySet]:
+    """A watch's key argument as a list of KeySets (a single key or KeySet is allowed)."""
+    if isinstance(keys, (bytes, str, KeySet)):
+        return [KeySet.of(keys)]
+    result = [KeySet.of(k) for k in keys]
+    if not result:
+        raise errors.InvalidArgument("watch needs at least one key or KeySet")
+    return result
+
+
+def filters_of(filters: Sequence[str] | None) -> list[str]:
+    result = []
+    for f in filters or ():
+        try:
+            result.append(_FILTERS[f.lower()])
+        except (KeyError, AttributeError):
+            raise errors.InvalidArgument(f"watch filters are 'noput' and 'nodelete', not {f!r}")
+    return result
