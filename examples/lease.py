@@ -30,7 +30,7 @@ def main(reactor):
     ttl = yield lease.refresh()                       # one keep-alive
     print(f'refreshed: ttl {ttl} s')
     print(f'remaining: {(yield lease.remaining())} s')
-    print(f'keys: {(yield lease.keys())}')
+    print(f'keys: {sorted((yield lease.keys()))}')     # etcd lists them in no order
 
     yield lease.revoke()                              # deletes the keys too
     result = yield etcd.get(KeySet(b'session/', prefix=True))

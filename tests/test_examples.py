@@ -1,0 +1,184 @@
+"""The scripts in examples/ and `coord demo`, run as users run them: as subprocesses.
+
+Each runs against a real etcd with a timeout, must exit 0, and must print the lines
+that show it did what it says (not merely that it ran).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+TIMEOUT = 60
+
+
+def run(*argv: str) -> str:
+    """Run ``python *argv`` from the repository root; return its stdout (exit 0 or fail)."""
+    proc = subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{argv} exited {proc.returncode}:\n{output}"
+    assert "Traceback" not in output, output
+    return proc.stdout
+
+
+def example(name: str, url: str) -> str:
+    return run(str(EXAMPLES / name), url)
+
+
+def lines_after(output: str, marker: str) -> list[str]:
+    """The lines after the first one containing ``marker``."""
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if marker in line:
+            return lines[i + 1:]
+    raise AssertionError(f"{marker!r} not in output:\n{output}")
+
+
+def test_every_example_is_tested():
+    tested = {"status.py", "set_get.py", "delete.py", "transaction.py", "lease.py",
+              "failover.py"}
+    assert {p.name for p in EXAMPLES.glob("*.py")} == tested
+
+
+def test_status(etcd):
+    out = example("status.py", etcd.url)
+    assert "Status(header=Header(" in out
+    version = re.search(r"etcd version: (\S+)", out)
+    assert version and version.group(1) == etcd.version
+    leader = re.search(r"leader: ([0-9a-f]+) \(answered by ([0-9a-f]+)\)", out)
+    assert leader and leader.group(1) == leader.group(2)  # a single member leads itself
+    assert re.search(r"member [0-9a-f]+ 'coord': " + re.escape(etcd.url), out)
+
+
+def test_set_get(etcd):
+    out = example("set_get.py", etcd.url)
+    assert "Status(header=Header(" in out
+    after = "\n".join(lines_after(out, "key not found"))
+    keys = re.findall(r"KeyValue\(key=b'(mykey\d)', value=b'foobar'", after)
+    range_keys = ["mykey1", "mykey2", "mykey3", "mykey4"]  # [mykey1, mykey5)
+    prefix_keys = [f"mykey{i}" for i in range(10)]
+    assert keys == range_keys + prefix_keys
+
+
+def test_delete(etcd):
+    out = example("delete.py", etcd.url)
+    assert "deleted key-value pairs: []" in out  # mykey3 was deleted by the first snippet
+    assert "deleted 6 keys: mykey0, mykey1, mykey2, mykey7, mykey8, mykey9" in out
+    assert "keys left under mykey: 0" in out
+    everything = etcd.post("/v3/kv/range", {"key": "AA==", "range_end": "AA==",
+                                            "count_only": True})
+    assert int(everything.get("count", 0)) == 0
+
+
+def test_transaction(etcd):
+    out = example("transaction.py", etcd.url)
+    success = lines_after(out, "transaction SUCCESS:")
+    assert "transaction FAILED:" in "\n".join(success)  # first SUCCESS, then FAILED
+    assert sum("Revision(revision=" in line for line in success[:2]) == 2  # two OpSets
+    failed = lines_after(out, "transaction FAILED:")
+    assert "Revision(revision=" in failed[0]  # OpSet(b'mykey2', b'failure')
+    assert "Range(kvs=[KeyValue(key=b'mykey1', value=b'val2'" in failed[1]  # OpGet(b'mykey1')
+    assert "mykey1 = val2" in out
+    assert "mykey2 = failure" in out
+
+
+def test_lease(etcd):
+    out = example("lease.py", etcd.url)
+    granted = re.search(r"lease granted: <Lease 0x[0-9a-f]+ ttl=10> \(ttl 10 s\)", out)
+    assert granted, out
+    assert "refreshed: ttl 10 s" in out
+    remaining = re.search(r"remaining: (\d+) s", out)
+    assert remaining and 0 < int(remaining.group(1)) <= 10
+    assert "keys: [b'session/alice', b'session/bob']" in out
+    assert "revoked; keys left under session/: 0" in out
+    assert re.search(r"LeaseExpired: lease 0x[0-9a-f]+ has expired or was revoked", out)
+    assert etcd.post("/v3/lease/leases", {}).get("leases", []) == []
+
+
+def test_failover(etcd):
+    out = example("failover.py", etcd.url)
+    client = re.search(r"client: <coord.Client (\S+), (\S+)>", out)
+    assert client and client.group(2) == etcd.url
+    assert re.search(r"set at revision \d+, read back b'written'", out)
+    assert re.search(r"answered by member [0-9a-f]+", out)
+    assert "all endpoints down: Unavailable: cannot connect to " + client.group(1) in out
+
+
+DEMO_STEPS = [
+    "status",
+    "write config keys, read them back by prefix",
+    "compare-and-swap transactions",
+    "lease",
+    "history and compaction",
+    "clean up",
+]
+
+
+def check_demo(out: str, url: str) -> None:
+    lines = out.splitlines()
+    assert f"coord demo against {url}" in lines
+    assert [line for line in lines if line in DEMO_STEPS] == DEMO_STEPS
+    passed = [line for line in lines if line.startswith("    ok  ")]
+    summary = re.search(r"^demo ok: (\d+) checks passed", out, re.MULTILINE)
+    assert summary, out
+    assert int(summary.group(1)) == len(passed) >= 15
+    for shown in ("mod_revision == ", "again: Failed; the failure branch read",
+                  "reading a compacted revision raises Compacted",
+                  "revoking the lease deleted the key"):
+        assert shown in out
+
+
+def test_demo_against_url(etcd_factory):
+    # A private server: the demo compacts history, which the shared one should keep.
+    server = etcd_factory()
+    out = run("-m", "coord.cli", "demo", "--url", server.url)
+    check_demo(out, server.url)
+    # The demo leaves no keys (and no leases) behind.
+    keys = server.post("/v3/kv/range", {"key": "AA==", "range_end": "AA==", "count_only": True})
+    assert int(keys.get("count", 0)) == 0
+    assert server.post("/v3/lease/leases", {}).get("leases", []) == []
+
+
+def test_demo_twice_against_the_same_server(etcd_factory):
+    server = etcd_factory()
+    for _ in range(2):  # a second compaction, at a later revision, must work too
+        check_demo(run("-m", "coord.cli", "demo", "--url", server.url), server.url)
+
+
+def test_demo_embedded():
+    out = run("-m", "coord.cli", "demo")
+    started = re.search(r"^started embedded etcd 3\.\S+ at (http://127\.0\.0\.1:\d+)$", out,
+                        re.MULTILINE)
+    assert started, out
+    check_demo(out, started.group(1))
+    assert out.splitlines()[-1] == "embedded etcd stopped"
+
+
+def test_demo_fails_on_an_unreachable_server():
+    proc = subprocess.run(
+        [sys.executable, "-m", "coord.cli", "demo", "--url", "http://127.0.0.1:1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1
+    assert "demo FAILED: Unavailable: cannot connect to http://127.0.0.1:1" in proc.stderr
+    assert "demo ok" not in proc.stdout
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_example_boilerplate(script):
+    """Each example follows the guide's boilerplate and takes the URL from argv[1]."""
+    text = (EXAMPLES / script).read_text()
+    assert "txaio.start_logging(level='info')" in text
+    assert "react(main)" in text
+    assert "sys.argv[1] if len(sys.argv) > 1 else 'http://localhost:2379'" in text
+    assert 20 <= len(text.splitlines()) <= 70
