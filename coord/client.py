@@ -97,7 +97,7 @@ class Client:
         endpoints = [parse_endpoint(u) for u in urls]
         if (user is None) != (password is None):
             raise errors.InvalidArgument("user and password go together")
-        credentials = (user, password) if user is not None else None
+        credentials = (user, password) if user is not None and password is not None else None
         self._reactor = reactor
         self.timeout = timeout
         self.max_request_bytes = max_request_bytes

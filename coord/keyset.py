@@ -29,7 +29,7 @@ KeyLike = Union[bytes, str, "KeySet"]
 def as_bytes(value: object, name: str) -> bytes:
     """Return ``value`` as bytes: bytes as is, str UTF-8 encoded, else ``TypeError`` naming it."""
     if type(value) is bytes:
-        return value  # type: ignore[return-value]
+        return value
     if isinstance(value, str):
         return value.encode("utf-8")
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -91,7 +91,7 @@ class KeySet:
                 raise InvalidArgument("key must not be empty")
             end = None
             kind = "single"
-        self.__attrs_init__(key, end, kind)  # type: ignore[attr-defined]
+        self.__attrs_init__(key, end, kind)
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` (bytes) belongs to this set."""

@@ -13,6 +13,13 @@ without a reactor::
         server.kill()                 # SIGKILL, data dir kept ...
         server.restart()              # ... so a restart finds the data again
 
+    # https (and, with client_cert_auth, mutual TLS) on the client port:
+    tls = ServerTLS("server.pem", "server-key.pem", ca_file="ca.pem", client_cert_auth=True,
+                    client_cert_file="client.pem", client_key_file="client-key.pem")
+    with EtcdServer(tls=tls) as server:
+        print(server.url)             # https://127.0.0.1:40123
+        server.post("/v3/kv/range", {"key": "YQ=="})   # trusts ca.pem, shows client.pem
+
     with EtcdCluster(size=3) as cluster:
         leader = cluster.wait_for_leader()
         leader.kill()
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import enum
 import json
 import os
@@ -40,6 +48,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -57,6 +66,7 @@ __all__ = [
     "EtcdRequestError",
     "EtcdServer",
     "EtcdStartError",
+    "ServerTLS",
     "State",
     "binary_version",
     "find_etcd",
@@ -257,8 +267,16 @@ def _port_is_free(port: int, host: str = LOOPBACK) -> bool:
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _request(url: str, body: Any = None, timeout: float = 5.0) -> Any:
+def _request(
+    url: str,
+    body: Any = None,
+    timeout: float = 5.0,
+    opener: urllib.request.OpenerDirector | None = None,
+) -> Any:
     """POST `body` as JSON (or GET when `body` is None) and return the decoded JSON reply.
+
+    `opener` defaults to one without proxies and with the default TLS settings;
+    `ServerTLS.opener()` gives one for a server with its own CA (and client cert).
 
     Raises:
         EtcdRequestError: an HTTP error status; the gateway's error body is decoded.
@@ -269,7 +287,7 @@ def _request(url: str, body: Any = None, timeout: float = 5.0) -> Any:
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
-        with _opener.open(request, timeout=timeout) as response:
+        with (opener or _opener).open(request, timeout=timeout) as response:
             return json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as error:
         # Read and close the error response here: an HTTPError left to the garbage
@@ -282,6 +300,83 @@ def _request(url: str, body: Any = None, timeout: float = 5.0) -> Any:
             detail = {"message": raw.decode(errors="replace")}
         message = detail.get("message") or detail.get("error") or error.reason
         raise EtcdRequestError(error.code, int(detail.get("code", 0)), str(message))
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerTLS:
+    """TLS settings for an `EtcdServer`'s client port (the peer port stays plain http).
+
+    Args:
+        cert_file, key_file: the server's certificate and key (PEM files), passed as
+            ``--cert-file``/``--key-file``. The certificate must be valid for 127.0.0.1
+            (an IP subjectAltName), the address the server's URL names.
+        ca_file: the CA that signed `cert_file` (``--trusted-ca-file``, which also
+            verifies client certificates). Without one, `cert_file` is trusted
+            directly (a self-signed certificate).
+        client_cert_auth: require a client certificate signed by `ca_file`
+            (``--client-cert-auth``; mutual TLS). Needs `ca_file`.
+        client_cert_file, client_key_file: the client certificate that `post()`, the
+            readiness poll and `version` present when `client_cert_auth` is on. Default:
+            `cert_file`/`key_file` -- etcd's own gateway presents that certificate to the
+            gRPC server as well, so with client_cert_auth the server certificate must be
+            allowed for client authentication (extendedKeyUsage clientAuth, or none).
+
+    A plain 4-tuple ``(cert_file, key_file, ca_file, client_cert_auth)`` is accepted
+    wherever a ServerTLS is (see `ServerTLS.of`).
+    """
+
+    cert_file: str
+    key_file: str
+    ca_file: str | None = None
+    client_cert_auth: bool = False
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, field.name, os.fspath(value))
+        if self.client_cert_auth and self.ca_file is None:
+            raise ValueError("client_cert_auth needs ca_file (etcd's --trusted-ca-file)")
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("client_cert_file and client_key_file go together")
+
+    @classmethod
+    def of(cls, value: ServerTLS | Sequence[Any]) -> ServerTLS:
+        """`value` itself, or a ServerTLS made from a tuple of its fields in order."""
+        if isinstance(value, ServerTLS):
+            return value
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise TypeError(f"tls must be a ServerTLS or a tuple, not {type(value).__name__}")
+        return cls(*value)
+
+    def args(self) -> list[str]:
+        """etcd's command-line flags for these settings."""
+        args = [f"--cert-file={self.cert_file}", f"--key-file={self.key_file}"]
+        if self.ca_file is not None:
+            args.append(f"--trusted-ca-file={self.ca_file}")
+        if self.client_cert_auth:
+            args.append("--client-cert-auth")
+        return args
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that trusts the server (and shows a client cert under mTLS)."""
+        context = ssl.create_default_context(cafile=self.ca_file or self.cert_file)
+        if self.client_cert_auth:
+            context.load_cert_chain(
+                self.client_cert_file or self.cert_file, self.client_key_file or self.key_file
+            )
+        return context
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """A urllib opener (no proxies) that uses `ssl_context()` for https."""
+        return urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=self.ssl_context())
+        )
 
 
 # --------------------------------------------------------------------------- process registry
@@ -396,6 +491,11 @@ class EtcdServer:
         extra_args: more etcd command-line flags; they come last, so they override
             ours (e.g. ``--election-timeout``; a lone member uses
             `SINGLE_NODE_TIMING` unless told otherwise).
+        tls: serve clients over https: a `ServerTLS`, or the tuple
+            ``(cert_file, key_file, ca_file or None, client_cert_auth)``. `url` is
+            then ``https://127.0.0.1:PORT``, and `post()`, `version` and the
+            readiness poll trust the server's CA (and present a client certificate
+            when ``client_cert_auth``).
 
     Ports are chosen once, at construction, so `url` is known before `start()` and
     stays the same across `restart()`.
@@ -416,11 +516,14 @@ class EtcdServer:
         cluster_token: str | None = None,
         start_timeout: float = 30.0,
         extra_args: Sequence[str] = (),
+        tls: ServerTLS | Sequence[Any] | None = None,
     ) -> None:
         self.binary = binary or find_etcd()
         self.name = name
         self.start_timeout = start_timeout
         self.extra_args = list(extra_args)
+        self.tls: ServerTLS | None = None if tls is None else ServerTLS.of(tls)
+        self._opener = self.tls.opener() if self.tls is not None else _opener
         self._user_data_dir = os.fspath(data_dir) if data_dir is not None else None
         self._auto_ports = client_port is None and peer_port is None and initial_cluster is None
         ports = iter(_free_ports((client_port is None) + (peer_port is None)))
@@ -438,8 +541,9 @@ class EtcdServer:
 
     @property
     def url(self) -> str:
-        """Client URL, e.g. ``http://127.0.0.1:40123``."""
-        return f"http://{LOOPBACK}:{self.client_port}"
+        """Client URL, e.g. ``http://127.0.0.1:40123`` (``https://`` with `tls`)."""
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{LOOPBACK}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -483,7 +587,8 @@ class EtcdServer:
     def version(self) -> str:
         """Server version from ``GET /version`` (``"etcdserver"``), e.g. ``'3.5.1'``."""
         if self._version is None:
-            self._version = str(_request(self.url + "/version")["etcdserver"])
+            reply = _request(self.url + "/version", opener=self._opener)
+            self._version = str(reply["etcdserver"])
         return self._version
 
     @property
@@ -507,7 +612,7 @@ class EtcdServer:
             EtcdRequestError: the gateway answered with an error.
             OSError: no answer within `timeout` or connection refused.
         """
-        return _request(self.url + path, {} if body is None else body, timeout)
+        return _request(self.url + path, {} if body is None else body, timeout, self._opener)
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """This member's ``/v3/maintenance/status`` reply (int64 fields are strings)."""
@@ -653,6 +758,7 @@ class EtcdServer:
             "--logger=zap",
             "--log-level=error",
             *timing,
+            *(self.tls.args() if self.tls is not None else ()),
             *self.extra_args,
         ]
 
@@ -694,10 +800,19 @@ class EtcdServer:
                 raise EtcdStartError(self._failure(f"etcd exited with status {code}"))
             try:
                 self.status(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
-            except (OSError, EtcdRequestError):
+            except (OSError, EtcdRequestError) as error:
+                reason = getattr(error, "reason", error)  # urllib wraps it in a URLError
+                if isinstance(reason, ssl.SSLCertVerificationError):
+                    # It answers, with a certificate we cannot trust: waiting will not help.
+                    raise EtcdStartError(
+                        self._failure(f"cannot verify etcd's TLS certificate: {reason}")
+                    )
                 if time.monotonic() >= deadline:
                     raise EtcdStartError(
-                        self._failure(f"etcd did not answer within {self.start_timeout:g}s")
+                        self._failure(
+                            f"etcd did not answer within {self.start_timeout:g}s "
+                            f"(last error: {error})"
+                        )
                     )
                 time.sleep(poll_interval)
             else:
@@ -761,6 +876,8 @@ class EtcdCluster:
         name: prefix of member names (``coord0``, ``coord1``, ...).
         start_timeout: seconds `start()` waits for every member and a leader.
         extra_args: more etcd flags for every member.
+        tls: serve clients over https on every member (see `EtcdServer`); the
+            certificate must be valid for 127.0.0.1. Peers talk plain http.
 
     Raises:
         EtcdNotFound: `binary` not given and none found.
@@ -774,6 +891,7 @@ class EtcdCluster:
         name: str = "coord",
         start_timeout: float = 30.0,
         extra_args: Sequence[str] = (),
+        tls: ServerTLS | Sequence[Any] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
@@ -782,6 +900,7 @@ class EtcdCluster:
         self.name = name
         self.start_timeout = start_timeout
         self.extra_args = list(extra_args)
+        self.tls: ServerTLS | None = None if tls is None else ServerTLS.of(tls)
         self.members: list[EtcdServer] = []
         self._workdir: str | None = None
 
@@ -842,6 +961,7 @@ class EtcdCluster:
                 cluster_token=token,
                 start_timeout=self.start_timeout,
                 extra_args=self.extra_args,
+                tls=self.tls,
             )
             for i, name in enumerate(names)
         ]

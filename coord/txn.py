@@ -84,7 +84,7 @@ class CompValue(_Compare):
 
     def __init__(self, key: KeyLike, compare: str, value: bytes | str) -> None:
         _operator(compare)
-        self.__attrs_init__(KeySet.of(key), compare, as_bytes(value, "value"))  # type: ignore[attr-defined]
+        self.__attrs_init__(KeySet.of(key), compare, as_bytes(value, "value"))
 
     def _json(self) -> dict:
         return _compare_json(self.key, _OPERATORS[self.compare], "VALUE", "value", self.value)
@@ -155,7 +155,7 @@ class OpGet:
     options: dict
 
     def __init__(self, key: KeyLike, **options: Any) -> None:
-        self.__attrs_init__(KeySet.of(key), range_options(**options))  # type: ignore[attr-defined]
+        self.__attrs_init__(KeySet.of(key), range_options(**options))
 
     def _json(self) -> dict:
         return {"request_range": range_json(self.key, self.options)}
@@ -184,7 +184,7 @@ class OpSet:
             raise InvalidArgument("ignore_value=True keeps the current value: pass no value")
         if ignore_lease and lease_id:
             raise InvalidArgument("ignore_lease=True keeps the current lease: pass no lease")
-        self.__attrs_init__(key, value, lease_id, bool(return_previous),  # type: ignore[attr-defined]
+        self.__attrs_init__(key, value, lease_id, bool(return_previous),
                             bool(ignore_value), bool(ignore_lease))
 
     def _json(self) -> dict:
@@ -199,7 +199,7 @@ class OpDel:
     return_previous: bool
 
     def __init__(self, key: KeyLike, return_previous: bool = False) -> None:
-        self.__attrs_init__(KeySet.of(key), bool(return_previous))  # type: ignore[attr-defined]
+        self.__attrs_init__(KeySet.of(key), bool(return_previous))
 
     def _json(self) -> dict:
         return {"request_delete_range": delete_json(self.key, self.return_previous)}
@@ -243,7 +243,7 @@ class Transaction:
                 raise TooManyOperations(
                     f"Transaction {name} has {len(items)} entries; etcd allows {MAX_TXN_OPS}")
             lists.append(items)
-        self.__attrs_init__(*lists)  # type: ignore[attr-defined]
+        self.__attrs_init__(*lists)
 
     def _json(self) -> dict:
         return {"request_txn": self._body()}

@@ -39,7 +39,7 @@ from coord.types import Event
 
 __all__ = ["EventStream", "Watcher"]
 
-log = txaio.make_logger()
+log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
 
 _FILTERS = {"noput": "NOPUT", "nodelete": "NODELETE"}
 
@@ -57,7 +57,7 @@ def _create_request(keys: KeySet, start: int | None, prev_kv: bool, filters: lis
     return {"create_request": req}
 
 
-class WatchDeferred(defer.Deferred):  # type: ignore[type-arg]
+class WatchDeferred(defer.Deferred):
     """What :meth:`Client.watch` returns: a Deferred with its :class:`Watcher` attached.
 
     ``cancel()`` stops the watch and fires this Deferred with None (not CancelledError:

@@ -34,7 +34,7 @@ def client(etcd, transport):
 
 @pytest.fixture
 def new_client(transport):
-    """``new_client(url_or_urls, **kwargs)``: a Client through the test's transport, closed after."""
+    """``new_client(url, **kwargs)``: a Client through the test's transport, closed after."""
     made = []
 
     def new(url, **kwargs):

@@ -7,12 +7,12 @@ import pytest_twisted
 from twisted.internet import reactor, task
 
 from coord import (
+    Compacted,
     CompCreated,
     CompLease,
     CompModified,
     CompValue,
     CompVersion,
-    Compacted,
     Failed,
     FutureRevision,
     InvalidArgument,
@@ -168,8 +168,10 @@ async def test_txn_every_comparison_target(client):
         (CompValue(b"t", ">", b"a"), True), (CompValue(b"t", "<", b"a"), False),
         (CompVersion(b"t", "==", 2), True), (CompVersion(b"t", ">", 2), False),
         (CompVersion(b"t", "<", 3), True), (CompVersion(b"t", "!=", 2), False),
-        (CompCreated(b"t", "==", put.revision), True), (CompCreated(b"t", ">", put.revision), False),
-        (CompModified(b"t", ">", put.revision), True), (CompModified(b"t", "<", put.revision), False),
+        (CompCreated(b"t", "==", put.revision), True),
+        (CompCreated(b"t", ">", put.revision), False),
+        (CompModified(b"t", ">", put.revision), True),
+        (CompModified(b"t", "<", put.revision), False),
         (CompLease(b"t", "==", lease.lease_id), True), (CompLease(b"t", "==", 0), False),
         (CompCreated(b"absent", "==", 0), True), (CompVersion(b"absent", ">", 0), False),
     ]

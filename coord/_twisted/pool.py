@@ -108,12 +108,28 @@ class Plan:
         """Whether a call that failed in transport may go to another endpoint."""
         return not (write and sent)
 
+    # Pauses before re-sending a request that etcd refused as unavailable (an election
+    # is under way); about 3 s in all, within which a cluster elects a new leader.
+    UNAVAILABLE_PAUSES = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0)
+
+    @staticmethod
+    def may_retry_answer(write: bool, exc: errors.EtcdError) -> bool:
+        """Whether an error answer may be retried (after a pause, on the next endpoint).
+
+        "no leader" is refused before anything is proposed: safe for any request.  Other
+        unavailability ("leader changed", "request timed out") may come after a write was
+        proposed, so only reads retry them.
+        """
+        if exc.message == "etcdserver: no leader":
+            return True
+        return not write and isinstance(exc, errors.EtcdUnavailable)
+
 
 class _Call:
     """One request in flight: its bytes, its Deferred, its deadline and its retry plan."""
 
     __slots__ = ("auth_retried", "body", "conn", "deferred", "done", "endpoint", "path",
-                 "plan", "sent", "timer", "write")
+                 "plan", "sent", "timer", "unavailable_retries", "write")
 
     def __init__(self, path: str, body: bytes, write: bool) -> None:
         self.path = path
@@ -127,6 +143,7 @@ class _Call:
         self.sent = False
         self.done = False
         self.auth_retried = False
+        self.unavailable_retries = 0
 
     def _cancel(self, d: defer.Deferred[Any]) -> None:
         # Deferred.cancel() errbacks with CancelledError after this returns.
@@ -179,7 +196,7 @@ class _Connection(protocol.Protocol):
         if set_nodelay is not None:
             set_nodelay(True)
         # A plain TCP transport: write straight to the socket (see write()).
-        self._socket = self.transport.socket if type(self.transport) is tcp.Client else None  # type: ignore[attr-defined]
+        self._socket = self.transport.socket if type(self.transport) is tcp.Client else None
         if self.stream is not None:
             self.stream.connected(self)
         else:
@@ -234,7 +251,7 @@ class _Connection(protocol.Protocol):
             self.closed = True
             self.pool.connection_gone(self)
             if self.transport is not None:
-                self.transport.abortConnection()  # type: ignore[attr-defined]
+                self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -459,6 +476,10 @@ class HttpTransport:
             return
         self._pools[index].submit(call)
 
+    def _resend(self, call: _Call) -> None:
+        if not call.done:
+            self._dispatch(call)
+
     def _timed_out(self, call: _Call, timeout: float) -> None:
         call.timer = None
         what = f"{call.path} did not complete within {timeout} s"
@@ -512,11 +533,15 @@ class HttpTransport:
         except errors.CoordError:
             obj = body
         exc = errors.from_gateway(obj, status)
-        if exc.message == "etcdserver: no leader":
-            # Refused before anything was proposed: another member may have a leader.
+        if Plan.may_retry_answer(call.write, exc) and \
+                call.unavailable_retries < len(Plan.UNAVAILABLE_PAUSES):
+            # Another member may have a leader, or this one soon will: try again shortly.
             self.endpoint_down(call.endpoint)  # type: ignore[arg-type]
             call.sent = False
-            self._retry(call, exc)
+            pause = Plan.UNAVAILABLE_PAUSES[call.unavailable_retries]
+            call.unavailable_retries += 1
+            call.plan = Plan(self._preferred, len(self._pools), call.write)
+            self.reactor.callLater(pause, self._resend, call)
         elif isinstance(exc, errors.Unauthenticated) and self._credentials is not None \
                 and not call.auth_retried and call.path != AUTH_PATH:
             # The token expired (or the server restarted): get a new one, send once more.
@@ -567,7 +592,7 @@ class HttpTransport:
             self._authenticating = None
             waiters, self._auth_waiters = self._auth_waiters, []
             for _, fail in waiters:
-                fail(f.value)
+                fail(f.value or errors.Unauthenticated("authentication failed"))
 
         d.addCallbacks(got, failed)
         return d

@@ -19,8 +19,10 @@ from typing import Any
 
 import treq
 from twisted.internet import defer, error
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
+from twisted.web.http_headers import Headers
 
 from coord import errors
 from coord._twisted.pool import AUTH_PATH, Endpoint, Plan
@@ -46,10 +48,10 @@ class TreqTransport:
         self._streams: set[_TreqStream] = set()
         self._closed = False
 
-    def _headers(self) -> dict[bytes, list[bytes]]:
-        headers = {b"Content-Type": [b"application/json"]}
+    def _headers(self) -> Headers:
+        headers = Headers({b"Content-Type": [b"application/json"]})
         if self._token:
-            headers[b"Authorization"] = [self._token.encode("latin-1")]
+            headers.setRawHeaders(b"Authorization", [self._token.encode("latin-1")])
         return headers
 
     def request(self, path: str, body: bytes, write: bool,
@@ -77,6 +79,7 @@ class TreqTransport:
         if self._credentials is not None and self._token is None and path != AUTH_PATH:
             await self._authenticate()
         auth_retried = False
+        unavailable_retries = 0
         plan = Plan(self._preferred, len(self.endpoints), write)
         last: errors.CoordError = errors.Unavailable("no endpoint")
         while True:
@@ -110,9 +113,14 @@ class TreqTransport:
             except errors.CoordError:
                 obj = content
             exc = errors.from_gateway(obj, response.code)
-            if exc.message == "etcdserver: no leader":
+            if Plan.may_retry_answer(write, exc) and \
+                    unavailable_retries < len(Plan.UNAVAILABLE_PAUSES):
                 last = exc
                 self._endpoint_down(index)
+                await deferLater(self.reactor, Plan.UNAVAILABLE_PAUSES[unavailable_retries],
+                                 lambda: None)
+                unavailable_retries += 1
+                plan = Plan(self._preferred, len(self.endpoints), write)
                 continue
             if (isinstance(exc, errors.Unauthenticated) and self._credentials is not None
                     and not auth_retried and path != AUTH_PATH):
@@ -174,7 +182,7 @@ class TreqTransport:
             d.cancel()
         pool = getattr(self._http._agent, "_pool", None)
         if pool is not None:
-            return pool.closeCachedConnections()  # type: ignore[no-any-return]
+            return pool.closeCachedConnections()
         return defer.succeed(None)
 
 
