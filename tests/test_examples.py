@@ -46,7 +46,7 @@ def lines_after(output: str, marker: str) -> list[str]:
 
 def test_every_example_is_tested():
     tested = {"status.py", "set_get.py", "delete.py", "transaction.py", "lease.py",
-              "failover.py"}
+              "failover.py", "watch.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -112,6 +112,17 @@ def test_failover(etcd):
     assert re.search(r"set at revision \d+, read back b'written'", out)
     assert re.search(r"answered by member [0-9a-f]+", out)
     assert "all endpoints down: Unavailable: cannot connect to " + client.group(1) in out
+
+
+def test_watch(etcd):
+    out = run(str(EXAMPLES / "watch.py"), etcd.url, "1")  # watch for 1 s, not 60
+    events = re.findall(r"on_change: Event\(type=<EventType\.(\w+): '\w+'>, "
+                        r"kv=KeyValue\(key=b'(\w+)', value=b'(\w*)'", out)
+    # The writes to mykey1, in order; the write to otherkey is outside the prefix.
+    assert events == [("PUT", "mykey1", "one"), ("PUT", "mykey1", "uno"),
+                      ("DELETE", "mykey1", "")]
+    assert lines_after(out, "watching ..")
+    assert re.search(r"watch cancelled: <Watcher \[b'mykey'\] DONE", out)
 
 
 DEMO_STEPS = [
