@@ -313,11 +313,13 @@ class ServerTLS:
         cert_file, key_file: the server's certificate and key (PEM files), passed as
             ``--cert-file``/``--key-file``. The certificate must be valid for 127.0.0.1
             (an IP subjectAltName), the address the server's URL names.
-        ca_file: the CA that signed `cert_file` (``--trusted-ca-file``, which also
-            verifies client certificates). Without one, `cert_file` is trusted
-            directly (a self-signed certificate).
+        ca_file: the CA that signed `cert_file`, which `post()` trusts. Without one,
+            `cert_file` itself is trusted (a self-signed certificate). etcd gets it as
+            ``--trusted-ca-file`` only with `client_cert_auth`: etcd 3.4 and 3.5
+            require client certificates whenever a trusted CA file is set.
         client_cert_auth: require a client certificate signed by `ca_file`
-            (``--client-cert-auth``; mutual TLS). Needs `ca_file`.
+            (``--trusted-ca-file`` and ``--client-cert-auth``; mutual TLS). Needs
+            `ca_file`.
         client_cert_file, client_key_file: the client certificate that `post()`, the
             readiness poll and `version` present when `client_cert_auth` is on. Default:
             `cert_file`/`key_file` -- etcd's own gateway presents that certificate to the
@@ -357,10 +359,8 @@ class ServerTLS:
     def args(self) -> list[str]:
         """etcd's command-line flags for these settings."""
         args = [f"--cert-file={self.cert_file}", f"--key-file={self.key_file}"]
-        if self.ca_file is not None:
-            args.append(f"--trusted-ca-file={self.ca_file}")
         if self.client_cert_auth:
-            args.append("--client-cert-auth")
+            args += [f"--trusted-ca-file={self.ca_file}", "--client-cert-auth"]
         return args
 
     def ssl_context(self) -> ssl.SSLContext:
