@@ -13,6 +13,7 @@ revision 0, value ``b""``, lease 0 -- so ``CompCreated(key, "==", 0)`` means "ab
 
 from __future__ import annotations
 
+from binascii import b2a_base64
 from typing import Any, Union
 
 import attrs
@@ -319,19 +320,24 @@ def range_options(limit: int | None = None, sort_order: str | None = None,
     return opts
 
 
+def _b64(value: bytes) -> str:
+    # Encoded here rather than by the JSON encoder's fallback: this is the hot path.
+    return b2a_base64(value, newline=False).decode("ascii")
+
+
 def range_json(keys: KeySet, options: dict) -> dict:
-    body = {"key": keys.key}
+    body = {"key": _b64(keys.key)}
     if keys.range_end is not None:
-        body["range_end"] = keys.range_end
+        body["range_end"] = _b64(keys.range_end)
     if options:
         body.update(options)
     return body
 
 
 def put_json(op: OpSet) -> dict:
-    body: dict[str, Any] = {"key": op.key}
+    body: dict[str, Any] = {"key": _b64(op.key)}
     if op.value:
-        body["value"] = op.value
+        body["value"] = _b64(op.value)
     if op.lease:
         body["lease"] = op.lease
     if op.return_previous:
@@ -344,9 +350,9 @@ def put_json(op: OpSet) -> dict:
 
 
 def delete_json(keys: KeySet, return_previous: bool) -> dict:
-    body: dict[str, Any] = {"key": keys.key}
+    body: dict[str, Any] = {"key": _b64(keys.key)}
     if keys.range_end is not None:
-        body["range_end"] = keys.range_end
+        body["range_end"] = _b64(keys.range_end)
     if return_previous:
         body["prev_kv"] = True
     return body
