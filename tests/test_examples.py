@@ -193,3 +193,45 @@ def test_example_boilerplate(script):
     assert "react(main)" in text
     assert "sys.argv[1] if len(sys.argv) > 1 else 'http://localhost:2379'" in text
     assert 20 <= len(text.splitlines()) <= 70
+
+
+# -- the docs: every example is named there, every Python snippet there is valid Python ------
+
+DOCS = ROOT / "docs"
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), re.DOTALL | re.MULTILINE)
+
+
+def test_docs_name_every_example():
+    client_guide = (DOCS / "client.md").read_text()
+    for script in EXAMPLES.glob("*.py"):
+        assert f"examples/{script.name}" in client_guide
+
+
+@pytest.mark.parametrize("page", ["index.md", "client.md", "testing.md"])
+def test_docs_snippets_compile(page):
+    blocks = python_blocks(DOCS / page)
+    assert blocks
+    for block in blocks:
+        # Snippets are module code, or the body of a generator (`yield`, the guide's
+        # inlineCallbacks style) or of a coroutine (`await`, `async with`).
+        body = "\n".join("    " + line for line in block.replace("...", "pass").splitlines())
+        for source in (block, f"def snippet():\n{body}\n", f"async def snippet():\n{body}\n"):
+            try:
+                compile(source, page, "exec")
+                break
+            except SyntaxError:
+                continue
+        else:
+            compile(block, page, "exec")  # raise the module-level SyntaxError
+
+
+def test_docs_transaction_snippet_is_the_example():
+    """The guide's transaction snippet is the same text in the docs and in the example."""
+    (snippet,) = [b for b in python_blocks(DOCS / "client.md") if "transaction FAILED" in b]
+    example_text = (EXAMPLES / "transaction.py").read_text()
+    indented = "".join("    " + line if line.strip() else line
+                       for line in snippet.splitlines(keepends=True))
+    assert indented in example_text
