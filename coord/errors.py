@@ -27,6 +27,11 @@ __all__ = [
     "Compacted",
     "CoordError",
     "EtcdError",
+    "EtcdInvalidArgument",
+    "EtcdOutcomeUnknown",
+    "EtcdRequestTooLarge",
+    "EtcdTooManyOperations",
+    "EtcdUnavailable",
     "Failed",
     "FutureRevision",
     "InvalidArgument",
@@ -42,6 +47,7 @@ __all__ = [
     "TooManyOperations",
     "Unauthenticated",
     "Unavailable",
+    "WriteTimeout",
     "from_gateway",
 ]
 
@@ -192,6 +198,12 @@ class EtcdUnavailable(EtcdError, Unavailable):
     """etcd answered but cannot serve now (no leader, stopping, timeout inside etcd)."""
 
 
+class EtcdOutcomeUnknown(EtcdUnavailable, OutcomeUnknown):
+    """etcd answered a *write* with an unavailability that can come after the write was
+    proposed ("request timed out", "leader changed", "server stopped"): it may still be
+    applied.  coord does not re-send it."""
+
+
 class EtcdRequestTooLarge(EtcdError, RequestTooLarge):
     """etcd refused the request as too large."""
 
@@ -234,6 +246,13 @@ _BY_CODE: dict[int, type[EtcdError]] = {
 
 # Errors etcd raises before it applies anything: a request that got one may be re-sent.
 RETRYABLE_BEFORE_APPLY = (EtcdUnavailable,)
+
+
+def for_write(exc: EtcdError, write: bool) -> EtcdError:
+    """``exc`` as a write's final error: an unavailability becomes EtcdOutcomeUnknown."""
+    if write and isinstance(exc, EtcdUnavailable) and not isinstance(exc, OutcomeUnknown):
+        return EtcdOutcomeUnknown(exc.message, exc.code)
+    return exc
 
 
 def from_gateway(body: Any, http_status: int | None = None) -> EtcdError:

@@ -95,13 +95,13 @@ class Lease:
         return self._time_to_live(False, timeout).addCallback(lambda obj: int(obj.get("TTL", 0)))
 
     def keys(self, timeout: Any = DEFAULT) -> defer.Deferred[list[bytes]]:
-        """The keys attached to the lease.
+        """The keys attached to the lease, sorted.
 
         Raises:
             LeaseExpired: the lease is gone.
         """
         d = self._time_to_live(True, timeout)
-        return d.addCallback(lambda obj: [codec.b64(k) for k in obj.get("keys") or ()])
+        return d.addCallback(lambda obj: sorted(codec.b64(k) for k in obj.get("keys") or ()))
 
     def revoke(self, timeout: Any = DEFAULT) -> defer.Deferred[Header]:
         """Revoke the lease now, deleting its keys.

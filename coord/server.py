@@ -56,7 +56,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -272,6 +272,7 @@ def _request(
     body: Any = None,
     timeout: float = 5.0,
     opener: urllib.request.OpenerDirector | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> Any:
     """POST `body` as JSON (or GET when `body` is None) and return the decoded JSON reply.
 
@@ -286,6 +287,8 @@ def _request(
     request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
     if data is not None:
         request.add_header("Content-Type", "application/json")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
     try:
         with (opener or _opener).open(request, timeout=timeout) as response:
             return json.loads(response.read() or b"{}")
@@ -602,17 +605,25 @@ class EtcdServer:
 
     # ---- requests
 
-    def post(self, path: str, body: Any = None, timeout: float = 5.0) -> Any:
+    def post(
+        self,
+        path: str,
+        body: Any = None,
+        timeout: float = 5.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
         """POST `body` (default ``{}``) as JSON to the gateway at `path`; return the JSON reply.
 
         Example: ``server.post('/v3/kv/put', {'key': 'YQ==', 'value': 'Yg=='})``
-        (bytes fields are base64, as the gateway wants them).
+        (bytes fields are base64, as the gateway wants them). With auth enabled, pass
+        the token from ``/v3/auth/authenticate`` as ``headers={'Authorization': token}``.
 
         Raises:
             EtcdRequestError: the gateway answered with an error.
             OSError: no answer within `timeout` or connection refused.
         """
-        return _request(self.url + path, {} if body is None else body, timeout, self._opener)
+        body = {} if body is None else body
+        return _request(self.url + path, body, timeout, self._opener, headers)
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """This member's ``/v3/maintenance/status`` reply (int64 fields are strings)."""

@@ -7,8 +7,9 @@ comparison holds, the ``success`` operations run, else the ``failure`` operation
 
 Comparisons take a key or a :class:`~coord.keyset.KeySet` (a range comparison holds when
 it holds for every key in the range) and an operator among ``==``, ``!=``, ``>``, ``<``.
-A comparison on a key that does not exist sees the zero value: version, create and mod
-revision 0, value ``b""``, lease 0 -- so ``CompCreated(key, "==", 0)`` means "absent".
+A comparison on a key that does not exist sees version, create and mod revision 0 and
+lease 0 -- so ``CompCreated(key, "==", 0)`` means "absent" -- but a *value* comparison
+on a missing key never holds, whatever the operator (etcd's ``applyCompare``).
 """
 
 from __future__ import annotations

@@ -122,6 +122,8 @@ class TransactionResult:
         succeeded: whether every comparison held (the ``success`` branch ran).
         responses: one response per operation of the branch that ran: :class:`Range`,
             :class:`Revision`, :class:`Deleted` or (nested) :class:`TransactionResult`.
+            etcd gives these inner responses only a revision in their header (cluster
+            and member ID, raft term are 0); a nested transaction's header is all 0.
         header: the response header.
     """
 

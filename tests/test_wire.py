@@ -1188,3 +1188,21 @@ def test_frozen_operations():
         op.value = b"w"  # type: ignore[misc]
     assert OpSet(b"k", "v") == OpSet("k", b"v")
     assert CompValue("k", "==", "v") == CompValue(KeySet(b"k"), "==", b"v")
+
+
+@pytest.mark.parametrize(
+    ("message", "write", "unknown"),
+    [
+        ("etcdserver: request timed out", True, True),
+        ("etcdserver: leader changed", True, True),
+        ("etcdserver: server stopped", True, True),
+        ("etcdserver: request timed out", False, False),
+        ("etcdserver: mvcc: required revision has been compacted", True, False),
+    ],
+)
+def test_for_write_marks_unavailable_writes_as_outcome_unknown(message, write, unknown):
+    exc = errors.for_write(errors.from_gateway({"message": message, "code": 14}), write)
+    assert isinstance(exc, errors.OutcomeUnknown) is unknown
+    assert exc.message == message
+    if unknown:
+        assert isinstance(exc, errors.Unavailable)

@@ -309,6 +309,7 @@ class _Connection(protocol.Protocol):
 
 
 class _Factory(protocol.ClientFactory):
+    noisy = False  # no "Starting factory" line per connection in the log
     def __init__(self, pool: _EndpointPool) -> None:
         self.pool = pool
 
@@ -550,7 +551,7 @@ class HttpTransport:
             self._set_token(None)
             self._wait_for_token(call)
         else:
-            call.fail(exc)
+            call.fail(errors.for_write(exc, call.write))
 
     # authentication -------------------------------------------------------------------------
 
@@ -733,6 +734,7 @@ class _Stream:
 
 
 class _StreamFactory(protocol.ClientFactory):
+    noisy = False
     def __init__(self, pool: _EndpointPool, stream: _Stream) -> None:
         self.pool = pool
         self.stream = stream

@@ -129,7 +129,7 @@ class TreqTransport:
                 await self._authenticate()
                 plan = Plan(self._preferred, len(self.endpoints), write)
                 continue
-            raise exc
+            raise errors.for_write(exc, write)
 
     def demote(self, endpoint: Endpoint) -> None:
         """Prefer the next endpoint if ``endpoint`` is the preferred one (it seems hung)."""
