@@ -29,7 +29,9 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer, protocol, tcp
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from coord import errors
 from coord._wire import codec
@@ -175,11 +177,15 @@ class _Call:
             self.deferred.errback(Failure(exc))
 
 
+@implementer(IHandshakeListener)
 class _Connection(protocol.Protocol):
     """One HTTP/1.1 connection: carries one call at a time, or one stream for good."""
 
     def __init__(self, pool: _EndpointPool) -> None:
         self.pool = pool
+        # Over TLS, bytes written before the handshake completes wait in the TLS layer:
+        # if the handshake fails, nothing reached etcd, whatever was "written".
+        self.handshaking = pool.endpoint.tls
         self.call: _Call | None = None
         self.stream: _Stream | None = None
         self.parser = ResponseParser(self._on_head, self._on_body, self._on_complete)
@@ -268,10 +274,15 @@ class _Connection(protocol.Protocol):
         self._broken(errors.Unavailable(
             f"connection to {self.pool.endpoint.url} lost: {reason.getErrorMessage()}"))
 
+    def handshakeCompleted(self) -> None:
+        self.handshaking = False
+
     def _broken(self, exc: errors.CoordError) -> None:
         call, self.call = self.call, None
         if call is not None:
             call.conn = None
+            if self.handshaking:
+                call.sent = False  # the TLS handshake failed: the request never left
             self.pool.transport.call_broken(call, exc)
         stream, self.stream = self.stream, None
         if stream is not None:

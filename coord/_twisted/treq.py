@@ -97,7 +97,7 @@ class TreqTransport:
                     # Agent reports a cancelled request as ResponseNeverReceived: stop here,
                     # never try another endpoint on behalf of a cancelled (or timed-out) call.
                     raise defer.CancelledError() from e
-                sent = not isinstance(e, _NOT_SENT)
+                sent = not _never_sent(e)
                 state["sent"] = sent
                 last = errors.Unavailable(f"{endpoint.url}{path}: {e!r}")
                 self._endpoint_down(index)
@@ -184,6 +184,18 @@ class TreqTransport:
         if pool is not None:
             return pool.closeCachedConnections()
         return defer.succeed(None)
+
+
+def _never_sent(e: BaseException) -> bool:
+    """Whether the request surely never reached etcd: no connection, or no TLS session
+    (bytes written before a failed handshake never left the TLS layer)."""
+    if isinstance(e, _NOT_SENT):
+        return True
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover - no TLS support installed
+        return False
+    return any(r.check(SSL.Error) for r in getattr(e, "reasons", ()) or ())
 
 
 def _cancelled(e: BaseException) -> bool:
