@@ -14,6 +14,7 @@ outcome is unknown.  Cancelling a call's Deferred abandons it.
 
 from __future__ import annotations
 
+from binascii import b2a_base64
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -122,11 +123,11 @@ class Client:
 
     # plumbing -------------------------------------------------------------------------------
 
-    def _request(self, path: str, body: dict, write: bool,
-                 timeout: Any = DEFAULT) -> defer.Deferred[Any]:
+    def _request(self, path: str, body: dict, write: bool, timeout: Any = DEFAULT,
+                 decode: Callable[[Any], Any] | None = None) -> defer.Deferred[Any]:
         if timeout is DEFAULT:
             timeout = self.timeout
-        return self._transport.request(path, codec.encode(body), write, timeout)
+        return self._transport.request(path, codec.encode(body), write, timeout, decode)
 
     def _check_size(self, size: int) -> None:
         if size > self.max_request_bytes:
@@ -156,10 +157,23 @@ class Client:
             RequestTooLarge: key and value bigger than the server accepts.
             LeaseNotFound: the lease does not exist.
         """
+        if type(key) is bytes and key and type(value) is bytes and lease is None \
+                and not (return_previous or ignore_value or ignore_lease):
+            # The common case, without the general path's objects (measured: a third of
+            # the client's CPU per put went to building the body).
+            self._check_size(len(key) + len(value))
+            if value:
+                body = b'{"key":"%s","value":"%s"}' % (
+                    b2a_base64(key, newline=False), b2a_base64(value, newline=False))
+            else:
+                body = b'{"key":"%s"}' % b2a_base64(key, newline=False)
+            return self._transport.request(
+                "/v3/kv/put", body, True, self.timeout if timeout is DEFAULT else timeout,
+                codec.put_response)
         op = OpSet(key, value, lease, return_previous, ignore_value, ignore_lease)
         self._check_size(len(op.key) + len(op.value))
-        d = self._request("/v3/kv/put", put_json(op), True, timeout)
-        return d.addCallback(codec.put_response)
+        return self._request("/v3/kv/put", put_json(op), True, timeout,
+                             decode=codec.put_response)
 
     def get(self, key: KeyLike, limit: int | None = None, sort_order: str | None = None,
             sort_target: str | None = None, revision: int | None = None,
@@ -185,12 +199,21 @@ class Client:
         Raises:
             Compacted: ``revision`` was compacted.  FutureRevision: it is in the future.
         """
+        if type(key) is bytes and key and limit is None and sort_order is None \
+                and sort_target is None and revision is None and not keys_only \
+                and not count_only and not serializable and min_mod_revision is None \
+                and max_mod_revision is None and min_create_revision is None \
+                and max_create_revision is None:
+            # The common case: one key, no options (see set()).
+            return self._transport.request(
+                "/v3/kv/range", b'{"key":"%s"}' % b2a_base64(key, newline=False), False,
+                self.timeout if timeout is DEFAULT else timeout, codec.range_response)
         keys = KeySet.of(key)
         body = range_json(keys, range_options(
             limit, sort_order, sort_target, revision, keys_only, count_only, serializable,
             min_mod_revision, max_mod_revision, min_create_revision, max_create_revision))
-        d = self._request("/v3/kv/range", body, False, timeout)
-        return d.addCallback(codec.range_response)
+        return self._request("/v3/kv/range", body, False, timeout,
+                             decode=codec.range_response)
 
     def delete(self, key: KeyLike, return_previous: bool = False,
                timeout: Any = DEFAULT) -> defer.Deferred[Deleted]:
@@ -201,8 +224,8 @@ class Client:
             when ``return_previous``).
         """
         body = delete_json(KeySet.of(key), bool(return_previous))
-        d = self._request("/v3/kv/deleterange", body, True, timeout)
-        return d.addCallback(codec.delete_response)
+        return self._request("/v3/kv/deleterange", body, True, timeout,
+                             decode=codec.delete_response)
 
     def submit(self, txn: Transaction, timeout: Any = DEFAULT) -> defer.Deferred[TransactionResult]:
         """Apply a :class:`Transaction` atomically.
@@ -219,8 +242,8 @@ class Client:
             raise TypeError(f"submit() takes a Transaction, not {type(txn).__name__}")
         self._check_size(txn._payload_bytes())
         write = _txn_writes(txn)
-        d = self._request("/v3/kv/txn", txn._body(), write, timeout)
-        return d.addCallback(_txn_outcome)
+        return self._request("/v3/kv/txn", txn._body(), write, timeout,
+                             decode=_txn_outcome)
 
     def compact(self, revision: int, physical: bool = False,
                 timeout: Any = DEFAULT) -> defer.Deferred[Header]:
@@ -337,30 +360,30 @@ class Client:
 
     def status(self, timeout: Any = DEFAULT) -> defer.Deferred[Status]:
         """The status of the member that answers (version, leader, db size, ...)."""
-        d = self._request("/v3/maintenance/status", {}, False, timeout)
-        return d.addCallback(codec.status_response)
+        return self._request("/v3/maintenance/status", {}, False, timeout,
+                             decode=codec.status_response)
 
     def alarms(self, timeout: Any = DEFAULT) -> defer.Deferred[list[Alarm]]:
         """The alarms raised in the cluster (NOSPACE, CORRUPT)."""
-        d = self._request("/v3/maintenance/alarm", {"action": "GET"}, False,
-                          timeout)
-        return d.addCallback(codec.alarms)
+        return self._request("/v3/maintenance/alarm", {"action": "GET"}, False,
+                          timeout,
+            decode=codec.alarms)
 
     def disarm(self, alarm: Alarm, timeout: Any = DEFAULT) -> defer.Deferred[list[Alarm]]:
         """Deactivate ``alarm`` (after the cause was fixed, e.g. space freed)."""
         body = {"action": "DEACTIVATE", "memberID": alarm.member_id, "alarm": alarm.alarm.value}
-        d = self._request("/v3/maintenance/alarm", body, True, timeout)
-        return d.addCallback(codec.alarms)
+        return self._request("/v3/maintenance/alarm", body, True, timeout,
+                             decode=codec.alarms)
 
     def defragment(self, timeout: Any = DEFAULT) -> defer.Deferred[None]:
         """Defragment the answering member's backend database (blocks it meanwhile)."""
-        d = self._request("/v3/maintenance/defragment", {}, False, timeout)
-        return d.addCallback(lambda _: None)
+        return self._request("/v3/maintenance/defragment", {}, False, timeout,
+                             decode=lambda _: None)
 
     def members(self, timeout: Any = DEFAULT) -> defer.Deferred[list[Member]]:
         """The cluster's members (``MemberList``)."""
-        d = self._request("/v3/cluster/member/list", {}, False, timeout)
-        return d.addCallback(lambda obj: [codec.member(m) for m in obj.get("members") or ()])
+        return self._request("/v3/cluster/member/list", {}, False, timeout,
+                             decode=lambda obj: [codec.member(m) for m in obj.get("members") or ()])
 
     # lifetime ---------------------------------------------------------------------------------
 

@@ -58,8 +58,8 @@ class Lease:
             LeaseExpired: the lease is gone (expired or revoked); etcd answers a
                 keep-alive for such a lease with TTL 0.
         """
-        d = self._client._request("/v3/lease/keepalive", {"ID": self.lease_id}, False, timeout)
-        return d.addCallback(self._refreshed)
+        return self._client._request("/v3/lease/keepalive", {"ID": self.lease_id}, False, timeout,
+                                     decode=self._refreshed)
 
     def _refreshed(self, obj: Any) -> int:
         if "error" in obj:
@@ -75,8 +75,8 @@ class Lease:
         body: dict[str, Any] = {"ID": self.lease_id}
         if keys:
             body["keys"] = True
-        d = self._client._request("/v3/lease/timetolive", body, False, timeout)
-        return d.addCallback(self._check_alive)
+        return self._client._request("/v3/lease/timetolive", body, False, timeout,
+                                     decode=self._check_alive)
 
     def _check_alive(self, obj: dict) -> dict:
         # The gateway answers an unknown or expired lease with HTTP 200 and TTL -1: that is

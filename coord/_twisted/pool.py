@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import socket
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -41,6 +42,11 @@ from coord._wire.stream import LineSplitter
 __all__ = ["Endpoint", "HttpTransport", "Plan", "parse_endpoint"]
 
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+# A connection idle for less than this is used without checking that the server kept it
+# open (a peek costs a system call per request).  A server that closed it sooner than
+# that, unseen, makes a write on it fail with OutcomeUnknown.
+STALE_CHECK_AFTER = 0.1
 
 
 @attrs.frozen
@@ -130,15 +136,16 @@ class Plan:
 class _Call:
     """One request in flight: its bytes, its Deferred, its deadline and its retry plan."""
 
-    __slots__ = ("auth_retried", "body", "conn", "deferred", "done", "endpoint", "path",
-                 "plan", "sent", "timer", "unavailable_retries", "write")
+    __slots__ = ("auth_retried", "body", "conn", "decode", "deferred", "done", "endpoint",
+                 "path", "plan", "sent", "unavailable_retries", "write")
 
-    def __init__(self, path: str, body: bytes, write: bool) -> None:
+    def __init__(self, path: str, body: bytes, write: bool,
+                 decode: Callable[[Any], Any] | None = None) -> None:
         self.path = path
         self.body = body
         self.write = write
+        self.decode = decode
         self.deferred: defer.Deferred[Any] = defer.Deferred(self._cancel)
-        self.timer: Any = None
         self.plan: Plan | None = None
         self.endpoint: _EndpointPool | None = None
         self.conn: _Connection | None = None
@@ -153,9 +160,6 @@ class _Call:
         self._cleanup()
 
     def _cleanup(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
         conn, self.conn = self.conn, None
         if conn is not None and conn.call is self:
             # The answer is still owed on this connection: it cannot carry another request.
@@ -186,6 +190,7 @@ class _Connection(protocol.Protocol):
         # Over TLS, bytes written before the handshake completes wait in the TLS layer:
         # if the handshake fails, nothing reached etcd, whatever was "written".
         self.handshaking = pool.endpoint.tls
+        self.idle_since = 0.0
         self.call: _Call | None = None
         self.stream: _Stream | None = None
         self.parser = ResponseParser(self._on_head, self._on_body, self._on_complete)
@@ -355,7 +360,7 @@ class _EndpointPool:
         call.endpoint = self
         while self.idle:
             conn = self.idle.pop()
-            if conn.stale():
+            if monotonic() - conn.idle_since > STALE_CHECK_AFTER and conn.stale():
                 conn.abort()
                 continue
             conn.send(call, build_request(self.head(call.path), call.body))
@@ -383,6 +388,7 @@ class _EndpointPool:
             if not call.done:
                 conn.send(call, build_request(self.head(call.path), call.body))
                 return
+        conn.idle_since = monotonic()
         self.idle.append(conn)
 
     def connection_gone(self, conn: _Connection) -> None:
@@ -405,6 +411,57 @@ class _EndpointPool:
         for conn in list(self.all):
             conn.abort()
         self.idle.clear()
+
+
+class Deadlines:
+    """Call timeouts with one reactor timer, instead of a DelayedCall per call.
+
+    Calls are filed in a FIFO per timeout value, so each FIFO is in deadline order (a
+    client mostly uses one timeout); finished calls are dropped when they reach a FIFO's
+    head.  The timer is set for the earliest head.
+    """
+
+    def __init__(self, reactor: Any, expire: Callable[[_Call, float], None]) -> None:
+        self._reactor = reactor
+        self._expire = expire
+        self._fifos: dict[float, collections.deque[tuple[float, _Call]]] = {}
+        self._timer: Any = None
+
+    def add(self, call: _Call, timeout: float) -> None:
+        deadline = self._reactor.seconds() + timeout
+        fifo = self._fifos.get(timeout)
+        if fifo is None:
+            fifo = self._fifos[timeout] = collections.deque()
+        while fifo and fifo[0][1].done:
+            fifo.popleft()
+        fifo.append((deadline, call))
+        timer = self._timer
+        if timer is None:
+            self._timer = self._reactor.callLater(timeout, self._fire)
+        elif deadline < timer.getTime():
+            timer.reset(timeout)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self._reactor.seconds()
+        earliest = None
+        for timeout, fifo in list(self._fifos.items()):
+            while fifo and (fifo[0][1].done or fifo[0][0] <= now):
+                _, call = fifo.popleft()
+                if not call.done:
+                    self._expire(call, timeout)
+            if fifo:
+                earliest = fifo[0][0] if earliest is None else min(earliest, fifo[0][0])
+            else:
+                del self._fifos[timeout]
+        if earliest is not None:
+            self._timer = self._reactor.callLater(max(0.0, earliest - now), self._fire)
+
+    def clear(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._fifos.clear()
 
 
 class HttpTransport:
@@ -434,6 +491,7 @@ class HttpTransport:
         self._auth_waiters: list[tuple[Callable[[], None], Callable[[BaseException], None]]] = []
         self._streams: set[_Stream] = set()
         self._closed = False
+        self._deadlines = Deadlines(reactor, self._timed_out)
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -458,23 +516,25 @@ class HttpTransport:
 
     # unary calls ------------------------------------------------------------------------------
 
-    def request(self, path: str, body: bytes, write: bool,
-                timeout: float | None) -> defer.Deferred[Any]:
+    def request(self, path: str, body: bytes, write: bool, timeout: float | None,
+                decode: Callable[[Any], Any] | None = None) -> defer.Deferred[Any]:
         """POST ``body`` to ``path``; the Deferred fires with the decoded JSON answer.
 
         Args:
             write: whether the request may change state (decides what is safe to re-send).
             timeout: seconds for the whole call, retries included; None for no limit.
+            decode: applied to the JSON answer before the Deferred fires (saves a
+                callback per request); what it raises fails the call.
 
         Cancelling the Deferred drops the call (and the connection, if the request was
         already written).
         """
-        call = _Call(path, body, write)
+        call = _Call(path, body, write, decode)
         if self._closed:
             call.fail(errors.Unavailable("the client is closed"))
             return call.deferred
         if timeout is not None:
-            call.timer = self.reactor.callLater(timeout, self._timed_out, call, timeout)
+            self._deadlines.add(call, timeout)
         call.plan = Plan(self._preferred, len(self._pools), write)
         if self._credentials is not None and self._token is None and path != AUTH_PATH:
             self._wait_for_token(call)
@@ -493,7 +553,6 @@ class HttpTransport:
             self._dispatch(call)
 
     def _timed_out(self, call: _Call, timeout: float) -> None:
-        call.timer = None
         what = f"{call.path} did not complete within {timeout} s"
         if call.write and call.sent:
             call.fail(errors.WriteTimeout(what + "; the write may or may not have been applied"))
@@ -536,9 +595,13 @@ class HttpTransport:
             return
         if status == 200:
             try:
-                call.succeed(codec.decode(body))
-            except errors.CoordError as e:
+                result = codec.decode(body)
+                if call.decode is not None:
+                    result = call.decode(result)
+            except Exception as e:
                 call.fail(e)
+            else:
+                call.succeed(result)
             return
         try:
             obj = codec.decode(body)
@@ -636,6 +699,7 @@ class HttpTransport:
     def close(self) -> defer.Deferred[None]:
         """Drop every connection and fail pending calls with Unavailable."""
         self._closed = True
+        self._deadlines.clear()
         for stream in list(self._streams):
             stream.cancel()
         for pool in self._pools:

@@ -54,8 +54,8 @@ class TreqTransport:
             headers.setRawHeaders(b"Authorization", [self._token.encode("latin-1")])
         return headers
 
-    def request(self, path: str, body: bytes, write: bool,
-                timeout: float | None) -> defer.Deferred[Any]:
+    def request(self, path: str, body: bytes, write: bool, timeout: float | None,
+                decode: Callable[[Any], Any] | None = None) -> defer.Deferred[Any]:
         if self._closed:
             return defer.fail(errors.Unavailable("the client is closed"))
         state = {"sent": False}
@@ -69,6 +69,8 @@ class TreqTransport:
                     raise errors.WriteTimeout(what + "; the write may or may not have been applied")
                 raise errors.Timeout(what)
             d.addTimeout(timeout, self.reactor, onTimeoutCancel=timed_out)
+        if decode is not None:
+            d.addCallback(decode)
         return d
 
     def _forget(self, result: Any, d: defer.Deferred[Any]) -> Any:
