@@ -434,6 +434,10 @@ class Deadlines:
             fifo = self._fifos[timeout] = collections.deque()
         while fifo and fifo[0][1].done:
             fifo.popleft()
+        if fifo:
+            # Later than this FIFO's head, for which the timer is set already (or earlier).
+            fifo.append((deadline, call))
+            return
         fifo.append((deadline, call))
         timer = self._timer
         if timer is None:

@@ -47,13 +47,25 @@ def encode(body: dict) -> bytes:
     return _encoder.encode(body).encode("ascii")
 
 
-_decode = json.JSONDecoder().decode
+_raw_decode = json.JSONDecoder().raw_decode
 
 
 def decode(data: bytes) -> Any:
-    """Parse a JSON body; a body that is not JSON becomes an :class:`errors.EtcdError`."""
+    """Parse a JSON body; a body that is not JSON becomes an :class:`errors.EtcdError`.
+
+    etcd's bodies start with their JSON value and may end with a newline (streams):
+    ``raw_decode`` skips json.loads' two whitespace scans, and what follows the value
+    must be whitespace only.
+    """
     try:
-        return _decode(data.decode("utf-8"))
+        text = data.decode("utf-8")
+        try:
+            value, end = _raw_decode(text)
+        except ValueError:
+            return json.loads(text)  # leading whitespace, or not JSON at all
+        if end != len(text) and not text[end:].isspace():
+            raise ValueError("extra data after the JSON value")
+        return value
     except ValueError:
         raise errors.EtcdError(f"etcd gateway sent a body that is not JSON: {data[:200]!r}")
 
