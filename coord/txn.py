@@ -326,10 +326,16 @@ def _b64(value: bytes) -> str:
     return b2a_base64(value, newline=False).decode("ascii")
 
 
-def range_json(keys: KeySet, options: dict) -> dict:
+def keys_json(keys: KeySet) -> dict[str, Any]:
+    """The ``key`` / ``range_end`` fields every request on a key set starts with."""
     body = {"key": _b64(keys.key)}
     if keys.range_end is not None:
         body["range_end"] = _b64(keys.range_end)
+    return body
+
+
+def range_json(keys: KeySet, options: dict) -> dict:
+    body = keys_json(keys)
     if options:
         body.update(options)
     return body
@@ -351,9 +357,7 @@ def put_json(op: OpSet) -> dict:
 
 
 def delete_json(keys: KeySet, return_previous: bool) -> dict:
-    body: dict[str, Any] = {"key": _b64(keys.key)}
-    if keys.range_end is not None:
-        body["range_end"] = _b64(keys.range_end)
+    body = keys_json(keys)
     if return_previous:
         body["prev_kv"] = True
     return body

@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from coord import errors
 from coord._wire import codec
 from coord.keyset import KeyLike, KeySet
+from coord.txn import keys_json
 from coord.types import Event
 
 __all__ = ["EventStream", "Watcher"]
@@ -45,9 +46,8 @@ _FILTERS = {"noput": "NOPUT", "nodelete": "NODELETE"}
 
 
 def _create_request(keys: KeySet, start: int | None, prev_kv: bool, filters: list[str]) -> dict:
-    req: dict[str, Any] = {"key": keys.key, "progress_notify": True}
-    if keys.range_end is not None:
-        req["range_end"] = keys.range_end
+    req = keys_json(keys)
+    req["progress_notify"] = True
     if start:
         req["start_revision"] = start
     if prev_kv:
