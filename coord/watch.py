@@ -91,6 +91,7 @@ class Watcher:
         self.revisions: list[int | None] = [start_revision] * len(self._keysets)
         self.reconnects = 0
         self._created = 0
+        self._ids: dict[int, int] = {}
         self._stream: Any = None
         self._retry: Any = None
         self._idle: Any = None
@@ -117,6 +118,7 @@ class Watcher:
         if self._done:
             return
         self._created = 0
+        self._ids = {}
         body = b"".join(
             codec.encode(_create_request(keys, rev, self._prev_kv, self._filters))
             for keys, rev in zip(self._keysets, self.revisions, strict=True)
@@ -172,10 +174,12 @@ class Watcher:
         if self._done:
             return
         self._touch()
-        index = int(msg.get("watch_id", 0))
+        watch_id = int(msg.get("watch_id", 0))
         if msg.get("created"):
-            # Creation answers come in the order of the create requests.
+            # Creation answers come in the order of the create requests; later messages
+            # name their watcher by the ID the creation answer gave it.
             index = self._created
+            self._ids[watch_id] = index
             self._created += 1
             if self.revisions[index] is None:
                 self.revisions[index] = int(msg["header"]["revision"]) + 1
@@ -183,6 +187,10 @@ class Watcher:
                 self.ready.callback(None)
             self._backoff = 0.0
             return
+        known = self._ids.get(watch_id)
+        if known is None:
+            return  # not one of ours (cannot happen on a stream of our own)
+        index = known
         if msg.get("canceled"):
             compact = int(msg.get("compact_revision", 0))
             reason = msg.get("cancel_reason") or ""
