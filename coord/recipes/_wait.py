@@ -1,0 +1,150 @@
+"""The one wait primitive the recipes share: wait until the keys before ours are gone.
+
+This is etcd's ``concurrency/key.go`` (``waitDeletes``), with two changes:
+
+* every read is a transaction guarded by the caller's comparisons (e.g. "our key still
+  exists with our create revision"), so the read that finds no key left before ours
+  also proves, at that same revision, that we still hold our place.  A recipe never
+  reports success it has not proved inside a transaction.
+* the watch on the predecessor is created at the store's current revision, not at the
+  read's revision + 1.  etcd serves a watch that starts behind the current revision from
+  its "unsynced" group, which catches up on a ~100 ms loop (``watchable_store.go``
+  syncWatchersLoop; DESIGN.md "Performance notes"): under contention every waiter's read
+  is soon behind.  A watch created at the current revision is synced at once.  To miss
+  nothing in between, when the watch was created after the read's revision the
+  predecessor is read again: if it is still there (same create revision) no deletion
+  happened up to that read, and the watch covers everything after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from coord import errors
+from coord.keyset import KeySet
+from coord.txn import OpGet, Transaction
+from coord.types import EventType, Header, KeyValue
+
+__all__ = ["detached", "wait_delete", "wait_deletes"]
+
+
+async def wait_deletes(client: Any, prefix: bytes, max_create_revision: int,
+                       guard: Sequence[Any] = ()) -> Header:
+    """Wait until no key under ``prefix`` has a create revision <= ``max_create_revision``.
+
+    Each round reads the last key created at or before ``max_create_revision`` (sorted by
+    create revision, descending, limit 1) and waits for the deletion of that key only --
+    the waiter's immediate predecessor -- so each release wakes exactly one waiter.
+
+    Args:
+        client: a :class:`coord.Client`.
+        prefix: the recipe's key prefix (e.g. ``b"jobs/db/"``).
+        max_create_revision: keys created after this revision are not waited for
+            (ours and those behind us).
+        guard: comparisons checked atomically with every read (e.g. our key still
+            exists with our create revision).
+
+    Returns:
+        The header of the read that found no key left: at its revision the guard held
+        and nothing before ours remained.
+
+    Raises:
+        Failed: the guard did not hold (our key is gone).
+        Unavailable, Timeout, ...: a read or the watch failed for good.
+
+    Cancelling the returned coroutine's Deferred stops the wait and closes its watch.
+    """
+    keys = KeySet(prefix, prefix=True)
+    last = OpGet(keys, sort_order="descend", sort_target="create", limit=1,
+                 max_create_revision=max_create_revision)
+    read = Transaction(compare=list(guard), success=[last])
+    while True:
+        result = await client.submit(read)
+        (found,) = result.responses
+        if not found.kvs:
+            return result.header
+        try:
+            await wait_delete(client, found.kvs[0], result.header.revision)
+        except errors.Compacted:
+            continue  # the watch fell behind a compaction: read again (DESIGN.md rules)
+
+
+async def wait_delete(client: Any, kv: KeyValue, read_revision: int) -> None:
+    """Wait until ``kv.key`` (as read at ``read_revision``) is deleted.
+
+    Raises:
+        EtcdError, Compacted: the watch ended with an error (a watch that ends is never
+            taken for a deletion).
+    """
+    done: defer.Deferred[None] = defer.Deferred()
+
+    def deleted(_: Any = None) -> None:
+        if not done.called:
+            done.callback(None)
+
+    def on_change(event: Any) -> None:
+        # A PUT (filtered out anyway) could only follow a delete: the key was re-created.
+        if event.type is EventType.DELETE:
+            deleted()
+
+    def ended(result: Any) -> None:
+        if done.called:
+            return
+        if isinstance(result, Failure):
+            done.errback(result)
+        else:
+            done.errback(errors.EtcdError(f"the watch on {kv.key!r} ended before its deletion"))
+
+    watch = client.watch(KeySet(kv.key), on_change, filters=["noput"])
+    watcher = watch.watcher
+    watch.addBoth(ended)
+    check: defer.Deferred[Any] | None = None
+
+    def created(_: Any) -> None:
+        nonlocal check
+        if done.called:
+            return
+        # The watch delivers every event after revisions[0] - 1 (its creation revision).
+        if watcher.revisions[0] - 1 > read_revision:
+            check = client.get(kv.key)
+            check.addCallback(verify)
+            check.addErrback(failed)
+
+    def verify(result: Any) -> None:
+        if not result.kvs or result.kvs[0].create_revision != kv.create_revision:
+            deleted()
+
+    def failed(failure: Failure) -> None:
+        if not done.called and not failure.check(defer.CancelledError):
+            done.errback(failure)
+
+    watcher.ready.addCallbacks(created, lambda _: None)  # a failure is reported by `ended`
+    try:
+        await done
+    finally:
+        watcher.cancel()
+        if check is not None and not check.called:
+            check.cancel()
+
+
+def detached(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+    """A Deferred that fires with ``d``'s result; cancelling it leaves ``d`` running.
+
+    For clean-up work that must finish even if its caller stops waiting: ``d`` should
+    handle (log) its own failures, since once the caller has cancelled nobody sees them.
+    """
+    out: defer.Deferred[Any] = defer.Deferred()
+
+    def fire(result: Any) -> None:
+        if not out.called:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+
+    d.addBoth(fire)
+    return out

@@ -1,0 +1,294 @@
+"""Session: one lease kept alive for the recipes that share it, and a say on when it is gone.
+
+A recipe's keys (a lock's waiter key, an election candidate) are attached to the session's
+lease, so they vanish when the process dies or stops refreshing.  The session refreshes
+the lease every TTL/3 and keeps a *local deadline*: the send time of the last answered
+keep-alive plus the TTL that keep-alive returned.  The send time, not the reply's arrival:
+etcd restarts the lease's clock when it receives the request, which is after we sent it,
+so a deadline counted from the send time never outlives the lease on the server.
+
+States (:class:`SessionState`):
+
+* CONNECTED -- the last keep-alive was answered;
+* SUSPENDED -- keep-alives are failing (server unreachable, timeouts), the deadline has
+  not passed: the lease may still be alive, keep-alives go on;
+* EXPIRED -- the lease is gone: etcd answered a keep-alive with TTL <= 0 (it expired or
+  was revoked), or no keep-alive was answered before the deadline;
+* CLOSED -- :meth:`Session.close` was called.
+
+EXPIRED and CLOSED are final.  On entering either, every Deferred obtained from
+:attr:`Session.lost` fires with the reason (an exception instance, passed as the result,
+never as a failure).  A session that gives up at its deadline also revokes the lease in
+the background, so that keys the server may still hold do not outlive our say-so.
+
+Based on etcd's ``client/v3/concurrency/session.go`` (one lease per session, ``Done()``,
+``Orphan()``, ``Close()`` revoking it).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+import txaio
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from coord import errors
+
+if TYPE_CHECKING:
+    from coord.client import Client
+    from coord.lease import Lease
+
+__all__ = ["Session", "SessionLost", "SessionState"]
+
+log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
+
+DEFAULT_TTL = 10
+
+# Pause between keep-alives while they fail (capped by TTL/3).
+RETRY_PAUSE = 0.5
+
+
+class SessionState(enum.Enum):
+    CONNECTED = "CONNECTED"
+    SUSPENDED = "SUSPENDED"
+    EXPIRED = "EXPIRED"
+    CLOSED = "CLOSED"
+
+
+class SessionLost(errors.LeaseExpired):
+    """The session's lease is gone, or the session can no longer vouch for it.
+
+    Raised by recipes asked to act on such a session, and passed to :attr:`Session.lost`
+    observers.  (A :class:`~coord.errors.LeaseExpired`, so ``except LeaseExpired`` sees it.)
+    """
+
+
+class Session:
+    """One lease, kept alive; made by :meth:`Session.create`.
+
+    Attributes:
+        client: the :class:`coord.Client` the session (and its recipes) use.
+        lease: the session's :class:`coord.Lease`.
+        lease_id: the lease's ID (recipes write ``"%x" % lease_id`` into their keys).
+        ttl: the TTL etcd granted, in seconds.
+        deadline: ``reactor.seconds()`` time until which the lease is known to live.
+        reason: why the session ended (a :class:`SessionLost`), or None while it lives.
+    """
+
+    def __init__(self, client: Client, lease: Lease, sent_at: float) -> None:
+        self.client = client
+        self.lease = lease
+        self.lease_id = lease.lease_id
+        self.ttl = int(lease.ttl or DEFAULT_TTL)
+        self._reactor = client._reactor
+        self._state = SessionState.CONNECTED
+        self.deadline = sent_at + self.ttl
+        self.reason: SessionLost | None = None
+        self._observers: list[defer.Deferred[Any]] = []
+        self._inflight: defer.Deferred[int] | None = None
+        self._orphaned = False
+        self._revoked = False
+        self._revoking: defer.Deferred[Any] | None = None
+        self._close_waiters: list[defer.Deferred[None]] = []
+        self._in_use: set[bytes] = set()
+        self._next = self._reactor.callLater(
+            max(0.0, sent_at + self.interval - self._reactor.seconds()), self._keepalive)
+        self._expiry = self._reactor.callLater(
+            max(0.0, self.deadline - self._reactor.seconds()), self._deadline_passed)
+
+    @classmethod
+    def create(cls, client: Client, ttl: int = DEFAULT_TTL) -> defer.Deferred[Session]:
+        """Grant a lease of ``ttl`` seconds and keep it alive.
+
+        Returns:
+            Deferred firing with the :class:`Session` (etcd may grant a longer TTL than
+            asked for: it has a minimum).
+
+        Raises:
+            TypeError, InvalidArgument: ``ttl`` is not a positive int.
+        """
+        sent_at = client._reactor.seconds()
+        d = client.lease(ttl)
+        return d.addCallback(lambda lease: cls(client, lease, sent_at))
+
+    def __repr__(self) -> str:
+        return f"<Session {self.lease_id:#x} ttl={self.ttl} {self._state.name}>"
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def interval(self) -> float:
+        """Seconds between keep-alives: a third of the TTL, as etcd's own clients do."""
+        return self.ttl / 3.0
+
+    @property
+    def alive(self) -> bool:
+        """Whether the lease is still ours as far as we can tell (CONNECTED or SUSPENDED)."""
+        return self.reason is None
+
+    @property
+    def lost(self) -> defer.Deferred[SessionLost]:
+        """A new Deferred that fires with the reason (a :class:`SessionLost`) when the
+        session ends: lease expired or revoked, deadline passed, or closed.
+
+        Each access gives a Deferred of its own (so one observer's callbacks do not change
+        what another sees); once the session has ended it has already fired.
+        Cancelling it just stops observing.
+        """
+        if self.reason is not None:
+            return defer.succeed(self.reason)
+        d: defer.Deferred[SessionLost] = defer.Deferred(self._observers.remove)
+        self._observers.append(d)
+        return d
+
+    def check(self) -> None:
+        """Raise the reason the session ended, if it has.
+
+        Raises:
+            SessionLost: the session is EXPIRED or CLOSED.
+        """
+        if self.reason is not None:
+            raise self.reason
+
+    # keep-alive ---------------------------------------------------------------------------
+
+    def _keepalive(self) -> None:
+        self._next = None
+        sent_at = self._reactor.seconds()
+        # Bounded by the keep-alive interval: a hung request must not stop the next one.
+        d = self.lease.refresh(timeout=max(self.interval, 0.1))
+        self._inflight = d
+        d.addCallbacks(self._refreshed, self._refresh_failed, callbackArgs=(sent_at,))
+
+    def _refreshed(self, ttl: int, sent_at: float) -> None:
+        self._inflight = None
+        if self.reason is not None:
+            return
+        self.deadline = max(self.deadline, sent_at + ttl)
+        if self._state is SessionState.SUSPENDED:
+            log.info("{session}: keep-alive answered again", session=self)
+        self._state = SessionState.CONNECTED
+        now = self._reactor.seconds()
+        self._expiry.reset(max(0.0, self.deadline - now))
+        self._next = self._reactor.callLater(max(0.0, sent_at + self.interval - now),
+                                             self._keepalive)
+
+    def _refresh_failed(self, failure: Failure) -> None:
+        self._inflight = None
+        if self.reason is not None or failure.check(defer.CancelledError):
+            return
+        if failure.check(errors.LeaseNotFound):
+            # etcd answered: the lease is gone (TTL <= 0, or not found).  Lost, at once.
+            self._end(SessionState.EXPIRED,
+                      SessionLost(f"lease {self.lease_id:#x} has expired or was revoked "
+                                  f"(etcd: {failure.value})"))
+            return
+        if self._state is SessionState.CONNECTED:
+            log.warn("{session}: keep-alive failed ({error}); retrying until the lease's "
+                     "deadline", session=self, error=failure.value)
+        self._state = SessionState.SUSPENDED
+        self._next = self._reactor.callLater(min(RETRY_PAUSE, self.interval), self._keepalive)
+
+    def _deadline_passed(self) -> None:
+        self._expiry = None
+        if self.reason is not None:
+            return
+        self._end(SessionState.EXPIRED,
+                  SessionLost(f"lease {self.lease_id:#x}: no keep-alive answered within its "
+                              f"{self.ttl} s TTL; presumed expired"))
+        # The server may still hold the lease (our keep-alives may have reached it even if
+        # the answers did not reach us): revoke it so its keys do not outlive our word.
+        d = self.lease.revoke(timeout=max(float(self.ttl), 1.0))
+        d.addErrback(lambda f: log.debug("{session}: revoke after expiry: {error}",
+                                         session=self, error=f.value))
+
+    # ending -------------------------------------------------------------------------------
+
+    def _end(self, state: SessionState, reason: SessionLost) -> None:
+        self._state = state
+        self.reason = reason
+        for timer in (self._next, self._expiry):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._next = self._expiry = None
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            inflight.cancel()
+        if state is SessionState.EXPIRED:
+            log.warn("{session}: lost: {reason}", session=self, reason=reason)
+        observers, self._observers = self._observers, []
+        for d in observers:
+            d.callback(reason)
+
+    def close(self, orphan: bool = False) -> defer.Deferred[None]:
+        """End the session: stop the keep-alives and revoke the lease (deleting its keys).
+
+        Idempotent: a later call fires once the revoke is done (and tries it again if it
+        failed).  Closing an EXPIRED session does nothing more.
+
+        Args:
+            orphan: leave the lease alone; it (and its keys) expire after the TTL, or
+                can be kept alive by someone else who knows :attr:`lease_id`.
+
+        Returns:
+            Deferred firing with None once the lease is revoked (a lease that is already
+            gone is fine).
+
+        Raises:
+            Unavailable, Timeout: the revoke could not be done; the lease then expires
+                after its TTL.
+        """
+        if self.reason is None:
+            what = "orphaned" if orphan else "revoked"
+            self._end(SessionState.CLOSED,
+                      SessionLost(f"session closed; lease {self.lease_id:#x} {what}"))
+            self._orphaned = orphan
+        if self._state is SessionState.EXPIRED or self._orphaned or self._revoked:
+            return defer.succeed(None)
+        if self._revoking is None:
+            self._revoking = self.lease.revoke()
+            self._revoking.addBoth(self._revoke_done)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._close_waiters.append(d)
+        return d
+
+    def _revoke_done(self, outcome: Any) -> None:
+        self._revoking = None
+        waiters, self._close_waiters = self._close_waiters, []
+        if isinstance(outcome, Failure) and not outcome.check(errors.LeaseNotFound):
+            for d in waiters:
+                d.errback(outcome)
+            return
+        self._revoked = True
+        for d in waiters:
+            d.callback(None)
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # for recipes --------------------------------------------------------------------------
+
+    def _claim(self, key: bytes) -> None:
+        """Mark ``key`` (a recipe key of this session's lease) as in use by one recipe object.
+
+        Recipes write ``prefix + "%x" % lease_id``: two recipe objects on one session and
+        one name would share that key and could delete each other's claim.
+
+        Raises:
+            InvalidArgument: another recipe object of this session already uses it.
+        """
+        if key in self._in_use:
+            raise errors.InvalidArgument(
+                f"{key!r} is already in use by another recipe object of {self!r}: use one "
+                "lock (or election...) object per name and session")
+        self._in_use.add(key)
+
+    def _unclaim(self, key: bytes) -> None:
+        self._in_use.discard(key)
