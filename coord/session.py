@@ -127,8 +127,10 @@ class Session:
 
     @property
     def alive(self) -> bool:
-        """Whether the lease is still ours as far as we can tell (CONNECTED or SUSPENDED)."""
-        return self.reason is None
+        """Whether the lease is still ours as far as we can tell: CONNECTED or SUSPENDED,
+        and the deadline not passed (even if the reactor has not yet run its timer, as
+        after a long pause of the process)."""
+        return self.reason is None and self._reactor.seconds() < self.deadline
 
     @property
     def lost(self) -> defer.Deferred[SessionLost]:
@@ -153,6 +155,9 @@ class Session:
         """
         if self.reason is not None:
             raise self.reason
+        if self._reactor.seconds() >= self.deadline:
+            self._deadline_passed()
+            raise self.reason  # type: ignore[misc]  # set by _deadline_passed
 
     # keep-alive ---------------------------------------------------------------------------
 
@@ -183,9 +188,7 @@ class Session:
             return
         if failure.check(errors.LeaseNotFound):
             # etcd answered: the lease is gone (TTL <= 0, or not found).  Lost, at once.
-            self._end(SessionState.EXPIRED,
-                      SessionLost(f"lease {self.lease_id:#x} has expired or was revoked "
-                                  f"(etcd: {failure.value})"))
+            self.lease_gone(failure.value)
             return
         if self._state is SessionState.CONNECTED:
             log.warn("{session}: keep-alive failed ({error}); retrying until the lease's "
@@ -193,8 +196,21 @@ class Session:
         self._state = SessionState.SUSPENDED
         self._next = self._reactor.callLater(min(RETRY_PAUSE, self.interval), self._keepalive)
 
+    def lease_gone(self, error: Exception) -> SessionLost:
+        """Tell the session that etcd refused its lease as not found (for recipes whose
+        write with the lease failed so): it ends at once, as if a keep-alive had said so.
+
+        Returns:
+            The session's reason (the existing one if it had ended already).
+        """
+        if self.reason is None:
+            self._end(SessionState.EXPIRED,
+                      SessionLost(f"lease {self.lease_id:#x} has expired or was revoked "
+                                  f"(etcd: {error})"))
+        assert self.reason is not None
+        return self.reason
+
     def _deadline_passed(self) -> None:
-        self._expiry = None
         if self.reason is not None:
             return
         self._end(SessionState.EXPIRED,

@@ -29,7 +29,7 @@ from coord.keyset import KeySet
 from coord.txn import OpGet, Transaction
 from coord.types import EventType, Header, KeyValue
 
-__all__ = ["detached", "wait_delete", "wait_deletes"]
+__all__ = ["Shared", "check_timeout", "detached", "wait_delete", "wait_deletes", "with_timeout"]
 
 
 async def wait_deletes(client: Any, prefix: bytes, max_create_revision: int,
@@ -148,3 +148,76 @@ def detached(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
 
     d.addBoth(fire)
     return out
+
+
+class Shared:
+    """One Deferred's outcome, for any number of waiters (none consumes it).
+
+    ``wait()`` gives a new Deferred per waiter; cancelling it stops that waiter only.
+    """
+
+    def __init__(self, d: defer.Deferred[Any]) -> None:
+        self.done = False
+        self.result: Any = None
+        self._waiters: list[defer.Deferred[Any]] = []
+        d.addBoth(self._fire)
+
+    def _fire(self, result: Any) -> None:
+        self.done = True
+        self.result = result
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            self._deliver(w)
+
+    def _deliver(self, w: defer.Deferred[Any]) -> None:
+        if isinstance(self.result, Failure):
+            w.errback(self.result)
+        else:
+            w.callback(self.result)
+
+    def wait(self) -> defer.Deferred[Any]:
+        w: defer.Deferred[Any] = defer.Deferred(self._waiters.remove)
+        if self.done:
+            self._deliver(w)
+        else:
+            self._waiters.append(w)
+        return w
+
+
+def with_timeout(d: defer.Deferred[Any], timeout: float | None, reactor: Any,
+                 message: str) -> defer.Deferred[Any]:
+    """Cancel ``d`` after ``timeout`` seconds and fail it with :class:`~coord.errors.Timeout`.
+
+    ``d`` (usually a coroutine's Deferred) gets to clean up on cancellation: the Timeout
+    is raised once ``d`` has finished.  Returns ``d``; cancelling it is a plain cancel.
+    """
+    if timeout is None:
+        return d
+    expired = []
+
+    def expire() -> None:
+        expired.append(True)
+        d.cancel()
+
+    timer = reactor.callLater(timeout, expire)
+
+    def done(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if expired and isinstance(result, Failure) and result.check(defer.CancelledError):
+            raise errors.Timeout(message)
+        return result
+
+    return d.addBoth(done)
+
+
+def check_timeout(timeout: Any) -> float | None:
+    """A timeout argument: None, or a number of seconds >= 0."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not "
+                        f"{type(timeout).__name__}")
+    if timeout < 0:
+        raise errors.InvalidArgument(f"timeout must be >= 0, not {timeout}")
+    return float(timeout)

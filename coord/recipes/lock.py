@@ -1,0 +1,485 @@
+"""Lock: a distributed mutex, etcd's Go ``concurrency.Mutex`` algorithm and key layout.
+
+Each contender writes one key, ``name + "/" + "%x" % lease_id`` (lowercase hex of its
+session's lease), with an empty value and the session's lease.  The owner is the key
+under ``name/`` with the lowest create revision.  A contender that is not the owner waits
+for the deletion of the key created just before its own -- only that one: each release
+wakes one waiter, in the order they came (FIFO) -- and checks again until no key before
+its own remains.  The same layout as ``client/v3/concurrency/mutex.go``, so a coord lock,
+a Go program's Mutex, etcd's lock service and ``etcdctl lock NAME`` exclude each other.
+
+A lease-based lock alone is not mutual exclusion: a holder that pauses (GC, swap,
+SIGSTOP, a long request) past its TTL loses the lock without running any code, and
+then resumes believing it holds it.  Hence:
+
+* ``lock.token`` -- our key's create revision, strictly increasing across successive
+  holders (a fencing token to hand to the protected resource);
+* ``lock.guard()`` -- a comparison (our key still exists with that create revision) to
+  put in your own transactions, so a write to etcd happens only while the lock is held.
+
+See ``docs/locks.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+import weakref
+from typing import Any
+
+import txaio
+from twisted.internet import defer, task
+
+from coord import errors
+from coord.keyset import KeySet, as_bytes
+from coord.recipes._wait import Shared, check_timeout, detached, wait_deletes, with_timeout
+from coord.session import DEFAULT_TTL, Session, SessionLost
+from coord.txn import CompCreated, CompLease, OpDel, OpGet, OpSet, Transaction
+
+__all__ = ["Lock", "LockLost", "LockState", "acquire_lock"]
+
+log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
+
+
+class LockState(enum.Enum):
+    UNLOCKED = "UNLOCKED"
+    WAITING = "WAITING"  # our key is queued behind others (or being written)
+    HELD = "HELD"
+    LOST = "LOST"  # was held; our key was deleted or the session ended
+
+
+class LockLost(errors.CoordError):
+    """The lock is not (or no longer) ours: our key was deleted by someone else."""
+
+
+# One live recipe object per key (prefix + lease hex): two objects on one session and one
+# name would share a key, and one's release would delete the other's hold.
+_owners: weakref.WeakValueDictionary[tuple[int, bytes], Any] = weakref.WeakValueDictionary()
+
+
+def claim(owner: Any, session: Session, key: bytes) -> None:
+    """Let ``owner`` use ``key`` of ``session``, unless another active object does.
+
+    Raises:
+        InvalidArgument: another lock object of the same session and name is in use.
+    """
+    other = _owners.get((id(session), key))
+    if other is not None and other is not owner and other.active:
+        raise errors.InvalidArgument(
+            f"{other!r} of the same session already uses {key!r}: use one lock object per "
+            "name and session (or another session)")
+    _owners[(id(session), key)] = owner
+
+
+class Lock:
+    """A mutex named ``name`` held through ``session``'s lease.
+
+    Args:
+        session: a :class:`coord.session.Session`; its lease keeps our key alive.
+        name: the lock's name (bytes or str); keys live under ``name + b"/"``.
+
+    Attributes:
+        name, prefix, key: the name, ``name/`` and our key ``name/<lease hex>``.
+        token: our key's create revision once acquired (kept after a release or loss,
+            so a stale ``guard()`` keeps failing); None before.
+        revision: the store revision at which ownership was proven.
+    """
+
+    def __init__(self, session: Session, name: bytes | str) -> None:
+        name = as_bytes(name, "name")
+        if not name:
+            raise errors.InvalidArgument("a lock's name must not be empty")
+        self.session = session
+        self.name = name
+        self.prefix = name + b"/"
+        self.key = self.prefix + b"%x" % session.lease_id
+        self.token: int | None = None
+        self.revision: int | None = None
+        self._client = session.client
+        self._reactor = session.client._reactor
+        self._state = LockState.UNLOCKED
+        self._owner = OpGet(KeySet(self.prefix, prefix=True), sort_order="ascend",
+                            sort_target="create", limit=1)
+        self._acquiring: defer.Deferred[Any] | None = None
+        self._busy: Shared | None = None  # a release or clean-up still running
+        self._lost_reason: errors.CoordError | None = None
+        self._observers: list[defer.Deferred[Any]] = []
+        self._session_lost: defer.Deferred[Any] | None = None
+        self._watch: Any = None
+        self._owns_session = False
+
+    def __repr__(self) -> str:
+        token = f" token={self.token}" if self._state in (LockState.HELD, LockState.LOST) else ""
+        return f"<Lock {self.name!r} {self._state.name}{token}>"
+
+    @property
+    def state(self) -> LockState:
+        return self._state
+
+    @property
+    def held(self) -> bool:
+        """Whether we hold the lock as far as we can tell: HELD and the session alive.
+
+        Only ``guard()`` in a transaction *proves* it at the moment of a write.
+        """
+        return self._state is LockState.HELD and self.session.alive
+
+    @property
+    def active(self) -> bool:
+        return (self._state in (LockState.WAITING, LockState.HELD)
+                or (self._busy is not None and not self._busy.done))
+
+    # acquire --------------------------------------------------------------------------------
+
+    def acquire(self, timeout: float | None = None) -> defer.Deferred[Lock]:
+        """Wait until the lock is ours.
+
+        Args:
+            timeout: seconds to wait at most (None: no limit).
+
+        Returns:
+            Deferred firing with this Lock once held: ownership was proven inside a
+            transaction (our key exists with our create revision, and no key before it).
+
+        Raises:
+            Timeout: not acquired in time; our waiter key has been removed.
+            SessionLost: the session ended (before or while waiting).
+            LockLost: our waiter key was deleted by someone else while waiting.
+            InvalidArgument: this lock is already held or being acquired, or another lock
+                object of the same session and name is in use.
+
+        Cancelling the Deferred stops waiting and removes our waiter key (the Deferred
+        fails with CancelledError once it is removed).
+        """
+        timeout = check_timeout(timeout)
+        self._begin()
+        d = defer.Deferred.fromCoroutine(self._acquire())
+        self._acquiring = d
+        return with_timeout(d, timeout, self._reactor,
+                            f"could not acquire lock {self.name!r} within {timeout} s")
+
+    def _begin(self) -> None:
+        if self._state in (LockState.WAITING, LockState.HELD):
+            raise errors.InvalidArgument(f"{self!r} is already {self._state.name.lower()}")
+        claim(self, self.session, self.key)
+        self._state = LockState.WAITING
+        self._lost_reason = None
+
+    async def _acquire(self) -> Lock:
+        client = self._client
+        enqueue = None
+        token = None
+        try:
+            if self._busy is not None:
+                await self._busy.wait()  # a release or clean-up of ours still running
+            self.session.check()
+            # Go's tryAcquire: create our key unless it exists (then reuse it), and read the
+            # owner in the same transaction, so the uncontended path is one round trip.
+            enqueue = Shared(client.submit(Transaction(
+                compare=[CompCreated(self.key, "==", 0)],
+                success=[OpSet(self.key, b"", lease=self.session.lease_id), self._owner],
+                failure=[OpGet(self.key), self._owner])))
+            # Cancelling stops our wait, not the write: its outcome tells what to clean up.
+            try:
+                result = await enqueue.wait()
+                token, owner, header = result.header.revision, result.responses[1].kvs, \
+                    result.header
+            except errors.Failed as failed:
+                # Our key exists already (left over from an attempt whose clean-up could not
+                # finish): reuse it, as Go's Mutex does.
+                token = failed.responses[0].kvs[0].create_revision
+                owner, header = failed.responses[1].kvs, failed.header
+            if owner and owner[0].create_revision != token:
+                header = await self._wait(token)
+            self.session.check()
+        except BaseException as exc:
+            self._state = LockState.UNLOCKED
+            self._acquiring = None
+            if enqueue is not None:
+                self._busy = Shared(defer.Deferred.fromCoroutine(self._clean_up(enqueue, token)))
+                await detached(self._busy.wait())
+            if isinstance(exc, errors.Failed):
+                # The guard failed: our key is gone (deleted, or its lease ended).
+                self.session.check()
+                raise LockLost(f"our waiter key {self.key!r} was deleted while waiting")
+            if isinstance(exc, errors.LeaseNotFound) and not isinstance(exc, SessionLost):
+                # etcd refused our key's lease: the session is over, say so at once.
+                raise self.session.lease_gone(exc)
+            raise
+        self._acquiring = None
+        self._held(token, header.revision)
+        return self
+
+    async def _wait(self, token: int) -> Any:
+        """Wait for the keys before ours to go; stop as soon as the session ends (Go's
+        Mutex would go on waiting with a dead session until its predecessor leaves)."""
+        waiting = defer.Deferred.fromCoroutine(wait_deletes(
+            self._client, self.prefix, token - 1, guard=[CompCreated(self.key, "==", token)]))
+        ended = self.session.lost
+        ended.addCallbacks(lambda _: waiting.cancel(), lambda _: None)
+        try:
+            return await waiting
+        except defer.CancelledError:
+            self.session.check()  # raises SessionLost if that is why the wait stopped
+            raise
+        finally:
+            ended.cancel()
+
+    async def _clean_up(self, attempt: Shared, token: int | None) -> None:
+        """Remove our waiter key after a failed, timed out or cancelled acquire.
+
+        ``attempt`` is the transaction that writes our key (its success branch creates it
+        at the transaction's revision; its failure branch reads it first).
+        """
+        if token is None:
+            try:
+                token = (await attempt.wait()).header.revision
+            except errors.Failed as failed:
+                mine = failed.responses[0].kvs
+                if not mine:
+                    return
+                token = mine[0].create_revision
+            except Exception:
+                token = None  # unknown outcome: delete whatever key our lease has there
+        await self._delete_key(token)
+
+    async def _delete_key(self, token: int | None) -> None:
+        """Delete our key if it is still the one created at ``token`` (a late delete never
+        removes a newer key); with no token, if it carries our lease.  Guarded deletes are
+        idempotent, so they are retried while the session lives (after it, the lease's end
+        deletes the key anyway)."""
+        if token is not None:
+            guard: Any = CompCreated(self.key, "==", token)
+        else:
+            guard = CompLease(self.key, "==", self.session.lease_id)
+        txn = Transaction(compare=[guard], success=[OpDel(self.key)])
+        pause = 0.05
+        while True:
+            try:
+                await self._client.submit(txn)
+                return
+            except errors.Failed:
+                return  # already gone (or not ours)
+            except (errors.Unavailable, errors.Timeout) as exc:
+                if not self.session.alive:
+                    return
+                log.warn("{lock}: deleting {key!r} failed ({error}); retrying", lock=self,
+                         key=self.key, error=exc)
+                await task.deferLater(self._reactor, pause, lambda: None)
+                pause = min(pause * 2, 1.0)
+            except Exception:
+                log.failure("{lock}: deleting {key!r} failed", lock=self, key=self.key)
+                return
+
+    def try_acquire(self) -> defer.Deferred[bool]:
+        """Take the lock if nobody holds or waits for it; never wait.
+
+        Returns:
+            Deferred firing with True (held: ``token`` set) or False (someone holds or
+            waits for it; we leave no key behind -- unlike Go's TryLock, which writes a
+            waiter key and deletes it again, we write our key only if the prefix is empty).
+
+        Raises:
+            SessionLost: the session ended.
+            InvalidArgument: as :meth:`acquire`.
+        """
+        self._begin()
+        d = defer.Deferred.fromCoroutine(self._try())
+        self._acquiring = d
+        return d
+
+    async def _try(self) -> bool:
+        client = self._client
+        attempt = None
+        try:
+            self.session.check()
+            # A comparison on a range holds when it holds for every key in it; on an
+            # empty range it sees create revision 0 (etcd applyCompare): "no key at all".
+            attempt = Shared(client.submit(Transaction(
+                compare=[CompCreated(KeySet(self.prefix, prefix=True), "==", 0)],
+                success=[OpSet(self.key, b"", lease=self.session.lease_id)],
+                failure=[OpGet(self.key), self._owner])))
+            try:
+                result = await attempt.wait()
+                token, header = result.header.revision, result.header
+            except errors.Failed as failed:
+                mine, owner = failed.responses[0].kvs, failed.responses[1].kvs
+                if not mine or owner[0].create_revision != mine[0].create_revision:
+                    if mine:  # a key of ours left over from an earlier attempt: remove it
+                        await self._delete_key(mine[0].create_revision)
+                    self._state = LockState.UNLOCKED
+                    self._acquiring = None
+                    return False
+                token, header = mine[0].create_revision, failed.header  # ours is the owner
+            self.session.check()
+        except BaseException as exc:
+            self._state = LockState.UNLOCKED
+            self._acquiring = None
+            if attempt is not None:
+                self._busy = Shared(defer.Deferred.fromCoroutine(self._clean_up(attempt, None)))
+                await detached(self._busy.wait())
+            if isinstance(exc, errors.LeaseNotFound) and not isinstance(exc, SessionLost):
+                raise self.session.lease_gone(exc)
+            raise
+        self._acquiring = None
+        self._held(token, header.revision)
+        return True
+
+    # holding --------------------------------------------------------------------------------
+
+    def _held(self, token: int, revision: int) -> None:
+        self._state = LockState.HELD
+        self.token = token
+        self.revision = revision
+        self._session_lost = self.session.lost
+        self._session_lost.addCallbacks(self._lose, lambda _: None)
+        if self._observers:
+            self._watch_key()
+
+    def guard(self) -> CompCreated:
+        """A comparison that holds only while our key is the one we acquired.
+
+        Put it in your own transactions -- ``Transaction(compare=[lock.guard()],
+        success=[...])`` -- so the write happens only if the lock is still ours at the
+        revision the transaction is applied (it fails with ``Failed`` otherwise).
+
+        Raises:
+            InvalidArgument: the lock was never acquired.
+        """
+        if self.token is None:
+            raise errors.InvalidArgument(f"{self!r} was never acquired: no guard to give")
+        return CompCreated(self.key, "==", self.token)
+
+    @property
+    def lost(self) -> defer.Deferred[errors.CoordError]:
+        """A new Deferred that fires, with the reason, if the lock is lost while held:
+        the session ends (:class:`SessionLost`) or our key is deleted (:class:`LockLost`).
+
+        It concerns the current hold (or the next one, if read before acquiring); when
+        the hold ends with :meth:`release` it never fires.  Once LOST it has fired already.
+        Reading it while held starts a watch on our key (none runs otherwise).
+        """
+        if self._state is LockState.LOST and self._lost_reason is not None:
+            return defer.succeed(self._lost_reason)
+        d: defer.Deferred[errors.CoordError] = defer.Deferred(self._forget_observer)
+        self._observers.append(d)
+        if self._state is LockState.HELD and self._watch is None:
+            self._watch_key()
+        return d
+
+    def _forget_observer(self, d: defer.Deferred[Any]) -> None:
+        if d in self._observers:
+            self._observers.remove(d)
+
+    def _watch_key(self) -> None:
+        token = self.token
+        assert self.revision is not None
+
+        def on_change(event: Any) -> None:
+            if self.token == token and (event.kv.create_revision != token
+                                        or event.type.name == "DELETE"):
+                self._lose(LockLost(f"{self.key!r} was deleted at revision {event.revision}"))
+
+        def ended(result: Any) -> None:
+            if self._watch is watch and self._state is LockState.HELD and self.token == token:
+                # The watch failed (not cancelled by us): look, and watch again if still ours.
+                self._watch = None
+                self._client.get(self.key).addCallbacks(recheck, lambda f: self._lose(
+                    LockLost(f"cannot watch {self.key!r} any more: {f.value}")))
+
+        def recheck(result: Any) -> None:
+            if self._state is not LockState.HELD or self.token != token:
+                return
+            if not result.kvs or result.kvs[0].create_revision != token:
+                self._lose(LockLost(f"{self.key!r} was deleted"))
+            else:
+                self.revision = result.header.revision
+                self._watch_key()
+
+        watch = self._client.watch(KeySet(self.key), on_change, start_revision=self.revision + 1)
+        self._watch = watch
+        watch.addBoth(ended)
+
+    def _lose(self, reason: Any) -> None:
+        if self._state is not LockState.HELD:
+            return
+        self._stop_holding(LockState.LOST)
+        self._lost_reason = reason
+        log.warn("{lock} lost: {reason}", lock=self, reason=reason)
+        observers, self._observers = self._observers, []
+        for d in observers:
+            d.callback(reason)
+
+    def _stop_holding(self, state: LockState) -> None:
+        self._state = state
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+        session_lost, self._session_lost = self._session_lost, None
+        if session_lost is not None and not session_lost.called:
+            session_lost.cancel()
+
+    # release --------------------------------------------------------------------------------
+
+    def release(self) -> defer.Deferred[None]:
+        """Give the lock up: delete our key, if it is still the one we acquired.
+
+        Idempotent; a release while acquiring cancels the acquire.  Guarded on our create
+        revision, so a late release never deletes a newer holder's key.
+
+        Returns:
+            Deferred firing with None once our key is gone.
+        """
+        if self._state is LockState.WAITING and self._acquiring is not None:
+            # The acquire's Deferred fails with CancelledError once its key is removed.
+            self._acquiring.cancel()
+            return self._busy.wait() if self._busy is not None else defer.succeed(None)
+        if self._state in (LockState.HELD, LockState.LOST):
+            token = self.token
+            self._stop_holding(LockState.UNLOCKED)
+            self._observers = []  # the hold ended as asked: `lost` observers never fire
+            if self._owns_session:
+                # Revoking our lease deletes our key (and only ours) in one round trip.
+                d = self.session.close()
+            else:
+                d = defer.Deferred.fromCoroutine(self._delete_key(token))
+            self._busy = Shared(d)
+        if self._busy is not None:
+            return self._busy.wait()
+        return defer.succeed(None)
+
+    async def __aenter__(self) -> Lock:
+        return await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
+
+def acquire_lock(client: Any, name: bytes | str, timeout: float | None = None,
+                 ttl: int = DEFAULT_TTL) -> defer.Deferred[Lock]:
+    """The original guide's ``etcd.lock(name, timeout=...)``: a lock with a session of its own.
+
+    Creates a :class:`Session` of ``ttl`` seconds and acquires ``Lock(session, name)``.
+    The lock's :meth:`Lock.release` also closes that session (revoking its lease deletes
+    our key).  If acquiring fails (Timeout, cancel), the session is closed too: no key
+    and no lease are left behind.
+
+    Returns:
+        Deferred firing with the held :class:`Lock`.
+
+    Raises:
+        Timeout: not acquired within ``timeout`` seconds.
+    """
+    timeout = check_timeout(timeout)
+
+    async def go() -> Lock:
+        session = await Session.create(client, ttl)
+        lock = Lock(session, name)
+        lock._owns_session = True
+        try:
+            await lock.acquire(timeout)
+        except BaseException:
+            await detached(session.close())
+            raise
+        return lock
+
+    return defer.Deferred.fromCoroutine(go())

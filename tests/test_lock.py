@@ -1,0 +1,565 @@
+"""Lock: Go-compatible mutex against real etcd, across processes where it matters.
+
+Run on both etcd versions:
+``COORD_ETCD=/usr/bin/etcd COORD_ETCDCTL=/usr/bin/etcdctl pytest tests/test_lock.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from coord import (
+    Client,
+    Failed,
+    InvalidArgument,
+    KeySet,
+    OpSet,
+    Timeout,
+    Transaction,
+)
+from coord.recipes.lock import Lock, LockLost, LockState, acquire_lock
+from coord.server import find_etcdctl
+from coord.session import Session, SessionLost
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sleep(seconds):
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def wait_until(predicate, timeout=10.0, interval=0.02):
+    for _ in range(int(timeout / interval)):
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        await sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def client(etcd):
+    """Recipes do not depend on the transport: coord's own pool (one treq test below)."""
+    c = Client(reactor, etcd.url)
+    yield c
+    pytest_twisted.blockon(c.close())
+
+
+@pytest.fixture
+def sessions(client):
+    """``await sessions(n, ttl=5)``: n sessions on the client, closed after the test."""
+    made = []
+
+    async def make(n=1, ttl=5):
+        new = [await Session.create(client, ttl=ttl) for _ in range(n)]
+        made.extend(new)
+        return new
+
+    yield make
+    for s in made:
+        pytest_twisted.blockon(s.close())
+
+
+async def keys_under(client, prefix):
+    return [kv.key for kv in (await client.get(KeySet(prefix, prefix=True))).kvs]
+
+
+async def count_is(client, prefix, n):
+    return len(await keys_under(client, prefix)) == n
+
+
+async def lease_ids(client):
+    return sorted(lease.lease_id for lease in await client.leases())
+
+
+# -- one process ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_uncontended_acquire_and_release(client, sessions):
+    (session,) = await sessions()
+    lock = Lock(session, "jobs/db")
+    assert repr(lock) == "<Lock b'jobs/db' UNLOCKED>"
+    assert lock.key == b"jobs/db/" + (b"%x" % session.lease_id)  # Go's layout
+    assert await lock.acquire() is lock
+    kv = (await client.get(lock.key)).kvs[0]
+    assert lock.token == kv.create_revision and kv.lease == session.lease_id and not kv.value
+    assert lock.held and lock.state is LockState.HELD
+    assert repr(lock) == f"<Lock b'jobs/db' HELD token={lock.token}>"
+    await lock.release()
+    assert await keys_under(client, b"jobs/db/") == []
+    assert lock.state is LockState.UNLOCKED and not lock.held
+    await lock.release()  # idempotent
+    lock.release()  # the guide's fire-and-forget form
+    # again, with a larger token
+    first = lock.token
+    await lock.acquire()
+    assert lock.token > first
+    await lock.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_second_waits_and_gets_a_larger_token(client, sessions):
+    a, b = await sessions(2)
+    la, lb = Lock(a, b"l"), Lock(b, b"l")
+    await la.acquire()
+    pending = lb.acquire()
+    await wait_until(lambda: lb.state is LockState.WAITING)
+    await sleep(0.3)
+    assert not pending.called
+    assert len(await keys_under(client, b"l/")) == 2
+    await la.release()
+    await pending
+    assert lb.held and lb.token > la.token
+    await lb.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_try_acquire_never_waits_and_leaves_no_key(client, sessions):
+    a, b = await sessions(2)
+    la, lb = Lock(a, b"t"), Lock(b, b"t")
+    assert await la.try_acquire() is True
+    assert await lb.try_acquire() is False
+    assert lb.state is LockState.UNLOCKED
+    assert await keys_under(client, b"t/") == [la.key]
+    await la.release()
+    assert await lb.try_acquire() is True
+    await lb.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeout_leaves_no_key_and_no_lease(client, sessions):
+    a, b = await sessions(2)
+    holder = Lock(a, b"to")
+    await holder.acquire()
+    waiter = Lock(b, b"to")
+    started = time.monotonic()
+    with pytest.raises(Timeout):
+        await waiter.acquire(timeout=0.5)
+    assert 0.5 <= time.monotonic() - started < 2.0
+    assert waiter.state is LockState.UNLOCKED
+    assert await keys_under(client, b"to/") == [holder.key]
+    # the guide's helper: its own session goes too
+    before = await lease_ids(client)
+    with pytest.raises(Timeout):
+        await acquire_lock(client, b"to", timeout=0.3)
+    assert await keys_under(client, b"to/") == [holder.key]
+    assert await lease_ids(client) == before
+    await holder.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_leaves_no_key_and_no_lease(client, sessions):
+    a, b = await sessions(2)
+    holder = Lock(a, b"c")
+    await holder.acquire()
+    waiter = Lock(b, b"c")
+    d = waiter.acquire()
+    await wait_until(lambda: count_is(client, b"c/", 2))
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+    assert await keys_under(client, b"c/") == [holder.key]
+    # cancelling right away, with the enqueue transaction in flight
+    d = waiter.acquire()
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+    assert await keys_under(client, b"c/") == [holder.key]
+    # and the guide's helper
+    before = await lease_ids(client)
+    d = acquire_lock(client, b"c")
+    await sleep(0.2)
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+    assert await keys_under(client, b"c/") == [holder.key]
+    assert await lease_ids(client) == before
+    # release() while waiting gives up the wait
+    d = waiter.acquire()
+    await wait_until(lambda: count_is(client, b"c/", 2))
+    await waiter.release()
+    with pytest.raises(defer.CancelledError):
+        await d
+    assert await keys_under(client, b"c/") == [holder.key]
+    await holder.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_fifo_order(client, sessions):
+    all_sessions = await sessions(6)
+    locks = [Lock(s, b"fifo") for s in all_sessions]
+    await locks[0].acquire()
+    order = []
+    pending = []
+    for i, lock in enumerate(locks[1:], 1):
+        d = lock.acquire()
+        d.addCallback(lambda _, i=i: order.append(i))
+        pending.append(d)
+        # queue them in a known order: wait for each key before the next contender
+        await wait_until(lambda i=i: count_is(client, b"fifo/", i + 1))
+    tokens = [locks[0].token]
+    for i in range(1, 6):
+        await locks[i - 1].release()
+        await pending[i - 1]
+        tokens.append(locks[i].token)
+    await locks[5].release()
+    assert order == [1, 2, 3, 4, 5]
+    assert tokens == sorted(tokens) and len(set(tokens)) == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_waiter_leaving_the_middle_of_the_queue(client, sessions):
+    a, b, c = await sessions(3)
+    la, lb, lc = Lock(a, b"q"), Lock(b, b"q"), Lock(c, b"q")
+    await la.acquire()
+    db = lb.acquire(timeout=1.0)
+    await wait_until(lambda: count_is(client, b"q/", 2))
+    dc = lc.acquire()  # waits on b's key
+    await wait_until(lambda: count_is(client, b"q/", 3))
+    with pytest.raises(Timeout):
+        await db
+    await sleep(0.2)
+    assert not dc.called  # b left, but a still holds: c went on to wait for a
+    await la.release()
+    await dc
+    assert lc.held
+    await lc.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_guard_and_lost_when_the_key_is_deleted(client, sessions):
+    (s,) = await sessions()
+    lock = Lock(s, b"g")
+    await lock.acquire()
+    lost = lock.lost  # starts a watch on our key
+    await client.submit(Transaction(compare=[lock.guard()], success=[OpSet(b"res", b"1")]))
+    await client.delete(lock.key)  # an operator removes it (etcdctl del)
+    reason = await lost
+    assert isinstance(reason, LockLost)
+    assert lock.state is LockState.LOST and not lock.held
+    assert repr(lock) == f"<Lock b'g' LOST token={lock.token}>"
+    assert isinstance(await lock.lost, LockLost)  # fired already
+    with pytest.raises(Failed):
+        await client.submit(Transaction(compare=[lock.guard()], success=[OpSet(b"res", b"2")]))
+    assert (await client.get(b"res")).kvs[0].value == b"1"
+    await lock.release()
+    assert lock.state is LockState.UNLOCKED
+
+
+@pytest_twisted.ensureDeferred
+async def test_late_release_never_deletes_a_newer_key(client, sessions):
+    (s,) = await sessions()
+    old = Lock(s, b"late")
+    await old.acquire()
+    lost = old.lost
+    await client.delete(old.key)  # gone behind our back (say, an operator)
+    await lost
+    new = Lock(s, b"late")  # the same session and name: the same key
+    await new.acquire()
+    assert new.key == old.key and new.token > old.token
+    await old.release()  # late: guarded on the old create revision
+    assert (await client.get(new.key)).kvs[0].create_revision == new.token
+    assert new.held
+    await new.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_lock_object_per_session_and_name(client, sessions):
+    (s,) = await sessions()
+    a, b = Lock(s, b"one"), Lock(s, b"one")
+    await a.acquire()
+    with pytest.raises(InvalidArgument):
+        b.acquire()
+    with pytest.raises(InvalidArgument):
+        a.acquire()  # already held
+    await a.release()
+    await b.acquire()
+    await b.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_expiry_while_held_and_while_waiting(client, sessions):
+    a, b = await sessions(2, ttl=5)
+    holder = Lock(a, b"exp")
+    await holder.acquire()
+    lost = holder.lost
+    waiter = Lock(b, b"exp")
+    d = waiter.acquire()
+    await wait_until(lambda: count_is(client, b"exp/", 2))
+    await b.lease.revoke()  # the waiter's lease ends: noticed at its next keep-alive
+    with pytest.raises(SessionLost):
+        await d
+    assert holder.held  # unaffected
+    await a.lease.revoke()
+    reason = await lost
+    assert isinstance(reason, (SessionLost, LockLost))
+    assert not holder.held and holder.state is LockState.LOST
+    with pytest.raises(SessionLost):
+        await holder.acquire()
+
+
+@pytest_twisted.ensureDeferred
+async def test_async_with_never_runs_unlocked(client, sessions):
+    (s,) = await sessions()
+    lock = Lock(s, b"with")
+    async with lock:
+        assert lock.held
+        assert await keys_under(client, b"with/") == [lock.key]
+    assert await keys_under(client, b"with/") == []
+    await s.close()
+    ran = []
+    with pytest.raises(SessionLost):
+        async with lock:
+            ran.append(1)
+    assert ran == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_acquire_lock_release_closes_its_session(client, sessions):
+    before = await lease_ids(client)
+    lock = await acquire_lock(client, b"guide", timeout=5)
+    assert lock.held and len(await lease_ids(client)) == len(before) + 1
+    await lock.release()
+    assert await lease_ids(client) == before
+    assert await keys_under(client, b"guide/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_through_treq(etcd):
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True))
+    client = Client(reactor, etcd.url, agent=agent)
+    try:
+        a, b = Session.create(client, 5), Session.create(client, 5)
+        a, b = await a, await b
+        la, lb = Lock(a, b"tr"), Lock(b, b"tr")
+        await la.acquire()
+        d = lb.acquire(timeout=10)
+        await sleep(0.2)
+        await la.release()
+        await d
+        assert lb.token > la.token
+        await lb.release()
+        await a.close()
+        await b.close()
+    finally:
+        await client.close()
+
+
+# -- separate processes ---------------------------------------------------------------------
+
+WORKER = textwrap.dedent("""
+    import os, sys, time
+    from twisted.internet import defer, task
+    from coord import Client
+    from coord.recipes.lock import Lock
+    from coord.session import Session
+
+    url, path, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    async def main(reactor):
+        client = Client(reactor, url)
+        session = await Session.create(client, ttl=5)
+        lock = Lock(session, b"mutex")
+        print("ready", flush=True)
+        for _ in range(rounds):
+            await lock.acquire(timeout=60)
+            with open(path, "a") as f:
+                f.write(f"start {os.getpid()} {lock.token}\\n")
+            await task.deferLater(reactor, 0.005, lambda: None)
+            with open(path, "a") as f:
+                f.write(f"end {os.getpid()} {lock.token}\\n")
+            await lock.release()
+        await session.close()
+        await client.close()
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+""")
+
+
+def spawn(code, *args, **kwargs):
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
+
+
+def test_mutual_exclusion_8_processes(etcd, tmp_path):
+    path = tmp_path / "log"
+    rounds = 10
+    workers = [spawn(WORKER, etcd.url, path, rounds) for _ in range(8)]
+    try:
+        for w in workers:
+            _, err = w.communicate(timeout=120)
+            assert w.returncode == 0, err
+    finally:
+        for w in workers:
+            finish(w)
+    lines = [line.split() for line in path.read_text().splitlines()]
+    assert len(lines) == 8 * rounds * 2
+    tokens = []
+    for start, end in zip(lines[::2], lines[1::2], strict=True):
+        # each critical section is alone: its start is followed by its own end
+        assert start[0] == "start" and end[0] == "end" and start[1:] == end[1:], (start, end)
+        tokens.append(int(start[2]))
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)  # fencing order
+    assert len({line[1] for line in lines}) == 8
+
+
+STALE = textwrap.dedent("""
+    import sys
+    from twisted.internet import defer, task
+    from coord import Client, Failed, OpSet, Transaction
+    from coord.recipes.lock import Lock
+    from coord.session import Session
+
+    url = sys.argv[1]
+
+    async def main(reactor):
+        client = Client(reactor, url, timeout=5)
+        session = await Session.create(client, ttl=2)
+        lock = Lock(session, b"fenced")
+        await lock.acquire()
+        lost = lock.lost
+        lost.addCallback(lambda reason: print("lost", type(reason).__name__, flush=True))
+        print("token", lock.token, flush=True)
+        # A process that does not look at `lost` before writing: only the guard saves it.
+        for i in range(1000):
+            txn = Transaction(compare=[lock.guard()],
+                              success=[OpSet(b"resource", b"%d" % lock.token)])
+            try:
+                await client.submit(txn)
+                print("write ok", i, flush=True)
+            except Failed:
+                print("write refused", i, "held", lock.held, flush=True)
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        await task.deferLater(reactor, 0.5, lambda: None)
+        await client.close()
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+""")
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigstop_past_the_ttl_then_fenced(etcd, client, sessions):
+    stale = spawn(STALE, etcd.url)
+    try:
+        token = None
+        line = await deferred_readline(stale)
+        assert line.startswith("token "), line + stale.stderr.read()
+        token = int(line.split()[1])
+        line = await deferred_readline(stale)
+        assert line.startswith("write ok")
+        os.kill(stale.pid, signal.SIGSTOP)
+        try:
+            (s,) = await sessions()
+            newer = Lock(s, b"fenced")
+            await newer.acquire(timeout=10)  # once the stale holder's lease expired
+            assert newer.token > token
+            await client.submit(Transaction(compare=[newer.guard()],
+                                            success=[OpSet(b"resource", b"%d" % newer.token)]))
+        finally:
+            os.kill(stale.pid, signal.SIGCONT)
+        out, err = await defer_to_exit(stale)
+        assert "write refused" in out, out + err
+        assert "held False" in out  # and it knows it no longer holds the lock
+        assert "lost SessionLost" in out, out + err
+        value = (await client.get(b"resource")).kvs[0].value
+        assert value == b"%d" % newer.token  # the stale holder never overwrote it
+        await newer.release()
+    finally:
+        finish(stale)
+
+
+def finish(proc):
+    """Kill ``proc`` if it still runs; reap it and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+def deferred_readline(proc):
+    from twisted.internet.threads import deferToThread
+
+    return deferToThread(proc.stdout.readline)
+
+
+def defer_to_exit(proc):
+    from twisted.internet.threads import deferToThread
+
+    return deferToThread(proc.communicate, timeout=30)
+
+
+# -- etcdctl lock interop ---------------------------------------------------------------------
+
+
+def etcdctl_lock(url, name):
+    env = {**os.environ, "ETCDCTL_API": "3"}
+    return subprocess.Popen([find_etcdctl(), "--endpoints", url, "lock", name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest_twisted.ensureDeferred
+async def test_etcdctl_holder_blocks_coord(etcd, client, sessions):
+    ctl = etcdctl_lock(etcd.url, "interop")
+    try:
+        printed = (await deferred_readline(ctl)).strip()  # the key it holds
+        assert printed.startswith("interop/")
+        (s,) = await sessions()
+        lock = Lock(s, "interop")
+        assert await lock.try_acquire() is False
+        d = lock.acquire(timeout=10)
+        await sleep(0.5)
+        assert not d.called
+        ctl.send_signal(signal.SIGINT)  # etcdctl unlocks on SIGINT/SIGTERM
+        await d
+        assert lock.held
+        ctl_kv_gone = await client.get(printed.encode())
+        assert ctl_kv_gone.count == 0
+        await lock.release()
+    finally:
+        finish(ctl)
+
+
+@pytest_twisted.ensureDeferred
+async def test_coord_holder_blocks_etcdctl(etcd, client, sessions):
+    (s,) = await sessions()
+    lock = Lock(s, "interop")
+    await lock.acquire()
+    ctl = etcdctl_lock(etcd.url, "interop")
+    try:
+        await wait_until(lambda: count_is(client, b"interop/", 2))
+        # etcdctl queued its key behind ours, in the same layout
+        keys = await client.get(KeySet(b"interop/", prefix=True), sort_target="create",
+                                sort_order="ascend")
+        ours, theirs = keys.kvs
+        assert ours.key == lock.key and theirs.key == b"interop/%x" % theirs.lease
+        await sleep(0.5)
+        assert ctl.poll() is None
+        line = deferred_readline(ctl)
+        assert not line.called
+        await lock.release()
+        assert (await line).strip() == theirs.key.decode()
+        # and while etcdctl holds it, coord waits
+        assert await lock.try_acquire() is False
+        ctl.send_signal(signal.SIGINT)
+        await lock.acquire(timeout=10)
+        assert lock.token > theirs.create_revision
+        await lock.release()
+    finally:
+        finish(ctl)
