@@ -196,7 +196,7 @@ class Session:
         self._state = SessionState.SUSPENDED
         self._next = self._reactor.callLater(min(RETRY_PAUSE, self.interval), self._keepalive)
 
-    def lease_gone(self, error: Exception) -> SessionLost:
+    def lease_gone(self, error: BaseException | None) -> SessionLost:
         """Tell the session that etcd refused its lease as not found (for recipes whose
         write with the lease failed so): it ends at once, as if a keep-alive had said so.
 
