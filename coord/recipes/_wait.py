@@ -29,6 +29,11 @@ from coord.keyset import KeySet
 from coord.txn import OpGet, Transaction
 from coord.types import EventType, Header, KeyValue
 
+# Create the predecessor's watch at the current revision (and read the key again if the
+# store moved since our read) rather than at the read's revision + 1 as Go does: see the
+# module docstring.  benchmarks/lock.py --go-watch turns it off to compare.
+WATCH_AT_CURRENT_REVISION = True
+
 __all__ = ["Shared", "check_timeout", "detached", "wait_delete", "wait_deletes", "with_timeout"]
 
 
@@ -99,7 +104,11 @@ async def wait_delete(client: Any, kv: KeyValue, read_revision: int) -> None:
         else:
             done.errback(errors.EtcdError(f"the watch on {kv.key!r} ended before its deletion"))
 
-    watch = client.watch(KeySet(kv.key), on_change, filters=["noput"])
+    if WATCH_AT_CURRENT_REVISION:
+        watch = client.watch(KeySet(kv.key), on_change, filters=["noput"])
+    else:
+        watch = client.watch(KeySet(kv.key), on_change, filters=["noput"],
+                             start_revision=read_revision + 1)
     watcher = watch.watcher
     watch.addBoth(ended)
     check: defer.Deferred[Any] | None = None

@@ -1,0 +1,211 @@
+"""Lock throughput and handoff delay.
+
+    python benchmarks/lock.py [--url URL] [--duration S] [--contenders N] [--go-watch]
+
+Without --url an embedded etcd is started (coord.server.EtcdServer; $COORD_ETCD picks
+the binary) and stopped after.  Two measurements, each in fresh processes:
+
+* uncontended: one process, one session, one Lock: ``acquire()`` then ``release()`` in
+  a loop.  Reported: cycles/s and gateway requests per cycle (target: one to acquire,
+  one to release).
+* contended: N processes (8 by default), each with its own client and session, loop
+  ``acquire(); release()`` on the same lock.  Each writes, per hold, its token, the
+  time it learnt it holds the lock and the time it called release (CLOCK_MONOTONIC,
+  shared by the processes).  Sorted by token, the handoff delay is the next holder's
+  acquire time minus the previous holder's release call.  Reported: cycles/s and the
+  handoff delay p50/p99, also counted from the previous release's reply (the delete is
+  applied by then: what remains is the watch event and the new holder's check).
+
+``--go-watch`` makes waiters watch their predecessor from the read's revision + 1 as Go's
+Mutex does (instead of at the current revision; see coord/recipes/_wait.py), to show
+what etcd's slow "unsynced" watch catch-up costs.  ``--etcd-lock-service`` adds the same
+contended loop through etcd's own server-side lock service (``/v3/lock/lock`` on the
+gateway, which runs Go's Mutex inside etcd) for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+
+# -- workers (run in their own processes) ---------------------------------------------------
+
+
+def worker(kind: str, url: str, duration: float, go_watch: bool) -> None:
+    from twisted.internet import defer, task
+
+    from coord import Client
+    from coord.recipes import _wait
+    from coord.recipes.lock import Lock
+    from coord.session import Session
+
+    if go_watch:
+        _wait.WATCH_AT_CURRENT_REVISION = False
+
+    async def main(reactor) -> None:
+        client = Client(reactor, url)
+        requests = [0]
+        transport = client._transport
+        original = transport.request
+
+        def counting(*args, **kwargs):
+            requests[0] += 1
+            return original(*args, **kwargs)
+
+        transport.request = counting
+        session = await Session.create(client, ttl=10)
+        lock = Lock(session, b"bench/lock")
+        await lock.acquire()  # warm up: connections open
+        await lock.release()
+        # start together (the parent gives a start time a little in the future)
+        await task.deferLater(reactor, max(0.0, START - time.monotonic()), lambda: None)
+        holds = []
+        requests[0] = 0
+        end = time.monotonic() + duration
+        while time.monotonic() < end:
+            await lock.acquire()
+            acquired = time.monotonic()
+            released = time.monotonic()
+            await lock.release()
+            holds.append((lock.token, acquired, released, time.monotonic()))
+        print(json.dumps({"holds": holds, "requests": requests[0]}), flush=True)
+        await session.close()
+        await client.close()
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+
+
+def service_worker(url: str, duration: float) -> None:
+    """The same loop through etcd's lock service: POST /v3/lock/lock, /v3/lock/unlock."""
+    from twisted.internet import defer, task
+
+    from coord import Client
+
+    async def main(reactor) -> None:
+        client = Client(reactor, url)
+        lease = await client.lease(10)
+        name = "YmVuY2gvc2VydmljZQ=="  # base64 of bench/service
+
+        def call(path, body):
+            return client._request(path, body, True, None)
+
+        await task.deferLater(reactor, max(0.0, START - time.monotonic()), lambda: None)
+        holds = []
+        end = time.monotonic() + duration
+        while time.monotonic() < end:
+            got = await call("/v3/lock/lock", {"name": name, "lease": lease.lease_id})
+            acquired = time.monotonic()
+            token = int(got["header"]["revision"])
+            released = time.monotonic()
+            await call("/v3/lock/unlock", {"key": got["key"]})
+            holds.append((token, acquired, released, time.monotonic()))
+        print(json.dumps({"holds": holds, "requests": 2 * len(holds)}), flush=True)
+        await lease.revoke()
+        await client.close()
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+
+
+START = 0.0
+
+
+# -- the parent -----------------------------------------------------------------------------
+
+
+def run_workers(kind: str, n: int, url: str, duration: float, go_watch: bool) -> list[dict]:
+    start = time.monotonic() + 2.0
+    procs = [subprocess.Popen(
+        [sys.executable, __file__, "--worker", kind, url, str(duration), str(start),
+         "1" if go_watch else "0"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(n)]
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=duration + 60)
+        if p.returncode != 0:
+            raise SystemExit(f"worker failed ({p.returncode})")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def report(label: str, results: list[dict], duration: float) -> None:
+    holds = sorted(h for r in results for h in r["holds"])
+    cycles = len(holds)
+    requests = sum(r["requests"] for r in results)
+    handoffs = [(b[1] - a[2]) * 1000 for a, b in itertools.pairwise(holds)]
+    after_reply = [max(0.0, b[1] - a[3]) * 1000 for a, b in itertools.pairwise(holds)]
+    tokens = [h[0] for h in holds]
+    assert len(set(tokens)) == len(tokens), "two holds with one token"
+    overlap = sum(1 for a, b in itertools.pairwise(holds) if b[1] < a[2])
+    line = (f"{label:<34} {cycles / duration:8.0f} cycles/s  "
+            f"{requests / max(cycles, 1):5.2f} requests/cycle")
+    if len(results) > 1:
+        line += (f"  handoff p50 {percentile(handoffs, 0.5):6.2f} ms"
+                 f"  p99 {percentile(handoffs, 0.99):6.2f} ms"
+                 f"  (from the release's reply: p50 {percentile(after_reply, 0.5):5.2f}"
+                 f" p99 {percentile(after_reply, 0.99):6.2f})")
+        if overlap:
+            line += f"  OVERLAPS: {overlap}"
+    print(line, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url")
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--contenders", type=int, default=8)
+    parser.add_argument("--go-watch", action="store_true")
+    parser.add_argument("--etcd-lock-service", action="store_true")
+    args = parser.parse_args()
+
+    def measure(url: str) -> None:
+        import urllib.request
+
+        with urllib.request.urlopen(urllib.request.Request(
+                url + "/v3/maintenance/status", b"{}", method="POST"), timeout=5) as r:
+            version = json.load(r)["version"]
+        print(f"etcd {version} at {url}, {args.duration:.0f} s per measurement, "
+              f"{os.cpu_count()} CPUs")
+        report("coord uncontended (1 process)",
+               run_workers("coord", 1, url, args.duration, args.go_watch), args.duration)
+        report(f"coord {args.contenders} contenders (processes)",
+               run_workers("coord", args.contenders, url, args.duration, args.go_watch),
+               args.duration)
+        if args.etcd_lock_service:
+            report(f"etcd lock service, {args.contenders} contenders",
+                   run_workers("service", args.contenders, url, args.duration, False),
+                   args.duration)
+
+    if args.url:
+        measure(args.url)
+    else:
+        from coord.server import EtcdServer
+
+        with EtcdServer() as server:
+            measure(server.url)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        kind, url, duration, start, go_watch = sys.argv[2:7]
+        START = float(start)
+        if kind == "service":
+            service_worker(url, float(duration))
+        else:
+            worker(kind, url, float(duration), go_watch == "1")
+    else:
+        main()
