@@ -28,7 +28,14 @@ from coord import (
     Timeout,
     Transaction,
 )
-from coord.recipes.lock import Lock, LockLost, LockState, acquire_lock
+from coord.recipes.lock import (
+    Lock,
+    LockLost,
+    LockState,
+    RWLock,
+    Semaphore,
+    acquire_lock,
+)
 from coord.server import find_etcdctl
 from coord.session import Session, SessionLost
 
@@ -258,6 +265,22 @@ async def test_guard_and_lost_when_the_key_is_deleted(client, sessions):
     assert (await client.get(b"res")).kvs[0].value == b"1"
     await lock.release()
     assert lock.state is LockState.UNLOCKED
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiter_key_deleted_while_waiting_is_never_reported_held(client, sessions):
+    a, b = await sessions(2)
+    holder, waiter = Lock(a, b"gone"), Lock(b, b"gone")
+    await holder.acquire()
+    d = waiter.acquire()
+    await wait_until(lambda: count_is(client, b"gone/", 2))
+    await client.delete(waiter.key)  # an operator removes the waiter's key
+    await holder.release()
+    with pytest.raises(LockLost):
+        await d  # its confirming read (guarded on its key) failed
+    assert waiter.state is LockState.UNLOCKED and b.alive
+    await waiter.acquire()  # the session is fine: it can queue again
+    await waiter.release()
 
 
 @pytest_twisted.ensureDeferred
@@ -563,3 +586,151 @@ async def test_coord_holder_blocks_etcdctl(etcd, client, sessions):
         await lock.release()
     finally:
         finish(ctl)
+
+
+# -- RWLock ---------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_rwlock_readers_share_writers_exclude_fifo(client, sessions):
+    s1, s2, s3, s4 = await sessions(4)
+    r1, r2 = RWLock(s1, b"rw").read, RWLock(s2, b"rw").read
+    w3, r4 = RWLock(s3, b"rw").write, RWLock(s4, b"rw").read
+    assert r1.key == b"rw/read/%x" % s1.lease_id and w3.key == b"rw/write/%x" % s3.lease_id
+    await r1.acquire()
+    await r2.acquire()  # readers share
+    assert r1.held and r2.held
+    assert await w3.try_acquire() is False
+    dw = w3.acquire()
+    await wait_until(lambda: count_is(client, b"rw/", 3))
+    assert await r4.try_acquire() is False  # a writer waits: later readers queue behind it
+    dr = r4.acquire()
+    await wait_until(lambda: count_is(client, b"rw/", 4))
+    await r1.release()
+    await sleep(0.2)
+    assert not dw.called  # r2 still reads
+    await r2.release()
+    await dw
+    assert w3.held and w3.token > r2.token
+    await sleep(0.2)
+    assert not dr.called  # the writer holds
+    await w3.release()
+    await dr
+    assert r4.held and r4.token > w3.token
+    await r4.release()
+    assert await keys_under(client, b"rw/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_rwlock_timeout_and_cancel_leave_no_key(client, sessions):
+    s1, s2 = await sessions(2)
+    w = RWLock(s1, b"rwt").write
+    await w.acquire()
+    rw = RWLock(s2, b"rwt")
+    with pytest.raises(Timeout):
+        await rw.read.acquire(timeout=0.3)
+    d = rw.write.acquire()
+    await wait_until(lambda: count_is(client, b"rwt/", 2))
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+    assert await keys_under(client, b"rwt/") == [w.key]
+    assert repr(rw) == "<RWLock b'rwt' read=UNLOCKED write=UNLOCKED>"
+    await w.release()
+    async with rw.read as held:
+        assert held is rw.read and held.held
+    assert await keys_under(client, b"rwt/") == []
+
+
+# -- Semaphore -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_semaphore_permits_and_fifo(client, sessions):
+    all_sessions = await sessions(6)
+    sems = [Semaphore(s, b"sem", 3) for s in all_sessions]
+    for sem in sems[:3]:
+        await sem.acquire()
+    assert all(sem.held for sem in sems[:3])
+    assert await sems[3].try_acquire() is False
+    assert await count_is(client, b"sem/", 3)  # try_acquire took its key back
+    order = []
+    pending = []
+    for i in (3, 4, 5):
+        d = sems[i].acquire()
+        d.addCallback(lambda _, i=i: order.append(i))
+        pending.append(d)
+        await wait_until(lambda i=i: count_is(client, b"sem/", i + 1))
+    # the holder released is not the one a waiter would watch under a predecessor scheme
+    await sems[1].release()
+    await pending[0]
+    assert order == [3]
+    await sleep(0.2)
+    assert order == [3]
+    await sems[2].release()
+    await sems[0].release()
+    await pending[1]
+    await pending[2]
+    assert order == [3, 4, 5]
+    tokens = [sem.token for sem in sems]
+    assert tokens == sorted(tokens)
+    with pytest.raises(Timeout):
+        await sems[0].acquire(timeout=0.3)
+    assert await count_is(client, b"sem/", 3)
+    for sem in sems[3:]:
+        await sem.release()
+    assert await keys_under(client, b"sem/") == []
+
+
+def test_semaphore_checks_permits():
+    session = object.__new__(Session)
+    with pytest.raises(TypeError):
+        Semaphore(session, b"s", "3")
+    with pytest.raises(InvalidArgument):
+        Semaphore(session, b"s", 0)
+
+
+SEMAPHORE_WORKER = textwrap.dedent("""
+    import os, sys, time
+    from twisted.internet import defer, task
+    from coord import Client
+    from coord.recipes.lock import Semaphore
+    from coord.session import Session
+
+    url, path, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    async def main(reactor):
+        client = Client(reactor, url)
+        session = await Session.create(client, ttl=5)
+        sem = Semaphore(session, b"pool", 3)
+        for _ in range(rounds):
+            await sem.acquire(timeout=60)
+            with open(path, "a") as f:
+                f.write(f"start {os.getpid()} {sem.token}\\n")
+            await task.deferLater(reactor, 0.01, lambda: None)
+            with open(path, "a") as f:
+                f.write(f"end {os.getpid()} {sem.token}\\n")
+            await sem.release()
+        await session.close()
+        await client.close()
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+""")
+
+
+def test_semaphore_8_processes_3_permits(etcd, tmp_path):
+    path = tmp_path / "log"
+    workers = [spawn(SEMAPHORE_WORKER, etcd.url, path, 8) for _ in range(8)]
+    try:
+        for w in workers:
+            _, err = w.communicate(timeout=120)
+            assert w.returncode == 0, err
+    finally:
+        for w in workers:
+            finish(w)
+    inside = most = 0
+    for line in path.read_text().splitlines():
+        inside += 1 if line.startswith("start") else -1
+        most = max(most, inside)
+    assert inside == 0 and most <= 3
+    assert most == 3  # the permits were used, not just one at a time

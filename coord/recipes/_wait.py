@@ -34,7 +34,15 @@ from coord.types import EventType, Header, KeyValue
 # module docstring.  benchmarks/lock.py --go-watch turns it off to compare.
 WATCH_AT_CURRENT_REVISION = True
 
-__all__ = ["Shared", "check_timeout", "detached", "wait_delete", "wait_deletes", "with_timeout"]
+__all__ = [
+    "Shared",
+    "check_timeout",
+    "detached",
+    "wait_delete",
+    "wait_deletes",
+    "wait_fewer",
+    "with_timeout",
+]
 
 
 async def wait_deletes(client: Any, prefix: bytes, max_create_revision: int,
@@ -138,6 +146,58 @@ async def wait_delete(client: Any, kv: KeyValue, read_revision: int) -> None:
         watcher.cancel()
         if check is not None and not check.called:
             check.cancel()
+
+
+async def wait_fewer(client: Any, prefix: bytes, max_create_revision: int, permits: int,
+                     guard: Sequence[Any] = ()) -> Header:
+    """Wait until fewer than ``permits`` keys under ``prefix`` have a create revision <=
+    ``max_create_revision`` (a semaphore's "a permit is free for us").
+
+    :func:`wait_deletes` is this with ``permits=1``, and waits on one key only.  With more
+    permits any one of the keys before ours may be the one that frees a permit, so the
+    waiter reads their names once and watches the prefix for deletions, counting those
+    of the keys it read (keys created later sort after ours and never count).  Only when
+    the count drops below ``permits`` does it read again, in a transaction with ``guard``:
+    a release wakes only the waiters it may let in.
+
+    Returns, raises and cancels as :func:`wait_deletes`.
+    """
+    if permits == 1:
+        return await wait_deletes(client, prefix, max_create_revision, guard)
+    keys = KeySet(prefix, prefix=True)
+    before = OpGet(keys, keys_only=True, max_create_revision=max_create_revision)
+    read = Transaction(compare=list(guard), success=[before])
+    while True:
+        result = await client.submit(read)
+        (found,) = result.responses
+        if len(found.kvs) < permits:
+            return result.header
+        names = {kv.key for kv in found.kvs}
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def on_change(event: Any, names: set[bytes] = names,
+                      done: defer.Deferred[None] = done) -> None:
+            names.discard(event.kv.key)
+            if len(names) < permits and not done.called:
+                done.callback(None)
+
+        def ended(outcome: Any, done: defer.Deferred[None] = done) -> None:
+            if not done.called:
+                done.errback(outcome if isinstance(outcome, Failure) else errors.EtcdError(
+                    f"the watch on {prefix!r} ended before a permit was free"))
+
+        # Go's way here (watch from the read's revision + 1): a prefix watch that is
+        # behind the head is served by etcd's unsynced loop, but a missed deletion would
+        # leave us waiting for ever, and re-reading every name is as costly as the read.
+        watch = client.watch(keys, on_change, filters=["noput"],
+                             start_revision=result.header.revision + 1)
+        watch.addBoth(ended)
+        try:
+            await done
+        except errors.Compacted:
+            continue
+        finally:
+            watch.watcher.cancel()
 
 
 def detached(d: defer.Deferred[Any]) -> defer.Deferred[Any]:

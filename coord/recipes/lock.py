@@ -31,11 +31,20 @@ from twisted.internet import defer, task
 
 from coord import errors
 from coord.keyset import KeySet, as_bytes
-from coord.recipes._wait import Shared, check_timeout, detached, wait_deletes, with_timeout
+from coord.recipes._wait import Shared, check_timeout, detached, wait_fewer, with_timeout
 from coord.session import DEFAULT_TTL, Session, SessionLost
 from coord.txn import CompCreated, CompLease, OpDel, OpGet, OpSet, Transaction
 
-__all__ = ["Lock", "LockLost", "LockState", "acquire_lock"]
+__all__ = [
+    "Lock",
+    "LockLost",
+    "LockState",
+    "RWLock",
+    "ReadLock",
+    "Semaphore",
+    "WriteLock",
+    "acquire_lock",
+]
 
 log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
 
@@ -85,20 +94,30 @@ class Lock:
     """
 
     def __init__(self, session: Session, name: bytes | str) -> None:
+        self._setup(session, name, b"", b"", 1)
+
+    def _setup(self, session: Session, name: bytes | str, kind: bytes, blockers: bytes,
+               permits: int) -> None:
+        """Our key is ``name/<kind><lease hex>``; we hold when fewer than ``permits`` keys
+        under ``name/<blockers>`` were created before ours."""
         name = as_bytes(name, "name")
         if not name:
-            raise errors.InvalidArgument("a lock's name must not be empty")
+            raise errors.InvalidArgument(f"a {type(self).__name__}'s name must not be empty")
         self.session = session
         self.name = name
         self.prefix = name + b"/"
-        self.key = self.prefix + b"%x" % session.lease_id
+        self.key = self.prefix + kind + b"%x" % session.lease_id
+        self._blockers = self.prefix + blockers
+        self._permits = permits
         self.token: int | None = None
         self.revision: int | None = None
         self._client = session.client
         self._reactor = session.client._reactor
         self._state = LockState.UNLOCKED
-        self._owner = OpGet(KeySet(self.prefix, prefix=True), sort_order="ascend",
-                            sort_target="create", limit=1)
+        # The first keys that may hold (by create revision): in the enqueue transaction,
+        # so the uncontended path is one round trip.
+        self._owner = OpGet(KeySet(self._blockers, prefix=True), sort_order="ascend",
+                            sort_target="create", limit=permits)
         self._acquiring: defer.Deferred[Any] | None = None
         self._busy: Shared | None = None  # a release or clean-up still running
         self._lost_reason: errors.CoordError | None = None
@@ -109,7 +128,7 @@ class Lock:
 
     def __repr__(self) -> str:
         token = f" token={self.token}" if self._state in (LockState.HELD, LockState.LOST) else ""
-        return f"<Lock {self.name!r} {self._state.name}{token}>"
+        return f"<{type(self).__name__} {self.name!r} {self._state.name}{token}>"
 
     @property
     def state(self) -> LockState:
@@ -174,10 +193,7 @@ class Lock:
             self.session.check()
             # Go's tryAcquire: create our key unless it exists (then reuse it), and read the
             # owner in the same transaction, so the uncontended path is one round trip.
-            enqueue = Shared(client.submit(Transaction(
-                compare=[CompCreated(self.key, "==", 0)],
-                success=[OpSet(self.key, b"", lease=self.session.lease_id), self._owner],
-                failure=[OpGet(self.key), self._owner])))
+            enqueue = Shared(client.submit(self._enqueue_txn()))
             # Cancelling stops our wait, not the write: its outcome tells what to clean up.
             try:
                 result = await enqueue.wait()
@@ -188,7 +204,7 @@ class Lock:
                 # finish): reuse it, as Go's Mutex does.
                 token = failed.responses[0].kvs[0].create_revision
                 owner, header = failed.responses[1].kvs, failed.header
-            if owner and owner[0].create_revision != token:
+            if not self._free(owner, token):
                 header = await self._wait(token)
             self.session.check()
         except BaseException as exc:
@@ -198,8 +214,14 @@ class Lock:
                 self._busy = Shared(defer.Deferred.fromCoroutine(self._clean_up(enqueue, token)))
                 await detached(self._busy.wait())
             if isinstance(exc, errors.Failed):
-                # The guard failed: our key is gone (deleted, or its lease ended).
+                # The guard failed: our key is gone.  Say whether its lease ended with it.
                 self.session.check()
+                try:
+                    await self.session.lease.remaining()
+                except errors.LeaseNotFound as gone:
+                    raise self.session.lease_gone(gone)
+                except errors.CoordError:
+                    pass
                 raise LockLost(f"our waiter key {self.key!r} was deleted while waiting")
             if isinstance(exc, errors.LeaseNotFound) and not isinstance(exc, SessionLost):
                 # etcd refused our key's lease: the session is over, say so at once.
@@ -209,11 +231,22 @@ class Lock:
         self._held(token, header.revision)
         return self
 
+    def _enqueue_txn(self) -> Transaction:
+        return Transaction(
+            compare=[CompCreated(self.key, "==", 0)],
+            success=[OpSet(self.key, b"", lease=self.session.lease_id), self._owner],
+            failure=[OpGet(self.key), self._owner])
+
+    def _free(self, first: list[Any], token: int) -> bool:
+        """Whether fewer than ``permits`` of the ``first`` blockers were created before us."""
+        return len(first) < self._permits or first[-1].create_revision >= token
+
     async def _wait(self, token: int) -> Any:
         """Wait for the keys before ours to go; stop as soon as the session ends (Go's
         Mutex would go on waiting with a dead session until its predecessor leaves)."""
-        waiting = defer.Deferred.fromCoroutine(wait_deletes(
-            self._client, self.prefix, token - 1, guard=[CompCreated(self.key, "==", token)]))
+        waiting = defer.Deferred.fromCoroutine(wait_fewer(
+            self._client, self._blockers, token - 1, self._permits,
+            guard=[CompCreated(self.key, "==", token)]))
         ended = self.session.lost
         ended.addCallbacks(lambda _: waiting.cancel(), lambda _: None)
         try:
@@ -292,24 +325,33 @@ class Lock:
         attempt = None
         try:
             self.session.check()
-            # A comparison on a range holds when it holds for every key in it; on an
-            # empty range it sees create revision 0 (etcd applyCompare): "no key at all".
-            attempt = Shared(client.submit(Transaction(
-                compare=[CompCreated(KeySet(self.prefix, prefix=True), "==", 0)],
-                success=[OpSet(self.key, b"", lease=self.session.lease_id)],
-                failure=[OpGet(self.key), self._owner])))
+            if self._permits == 1:
+                # A comparison on a range holds when it holds for every key in it; on an
+                # empty range it sees create revision 0 (etcd applyCompare): "no key".
+                # So we write our key only if nobody holds or waits.
+                txn = Transaction(
+                    compare=[CompCreated(KeySet(self._blockers, prefix=True), "==", 0)],
+                    success=[OpSet(self.key, b"", lease=self.session.lease_id), self._owner],
+                    failure=[OpGet(self.key), self._owner])
+            else:
+                # "Fewer than N keys" is no comparison: write our key, look, and take it
+                # back if no permit is free (as Go's TryLock does).
+                txn = self._enqueue_txn()
+            attempt = Shared(client.submit(txn))
             try:
                 result = await attempt.wait()
-                token, header = result.header.revision, result.header
+                token, first, header = (result.header.revision, result.responses[1].kvs,
+                                        result.header)
             except errors.Failed as failed:
-                mine, owner = failed.responses[0].kvs, failed.responses[1].kvs
-                if not mine or owner[0].create_revision != mine[0].create_revision:
-                    if mine:  # a key of ours left over from an earlier attempt: remove it
-                        await self._delete_key(mine[0].create_revision)
-                    self._state = LockState.UNLOCKED
-                    self._acquiring = None
-                    return False
-                token, header = mine[0].create_revision, failed.header  # ours is the owner
+                mine, first, header = (failed.responses[0].kvs, failed.responses[1].kvs,
+                                       failed.header)
+                token = mine[0].create_revision if mine else 0
+            if not token or not self._free(first, token):
+                if token:  # ours, just written or left over from an earlier attempt
+                    await self._delete_key(token)
+                self._state = LockState.UNLOCKED
+                self._acquiring = None
+                return False
             self.session.check()
         except BaseException as exc:
             self._state = LockState.UNLOCKED
@@ -452,6 +494,68 @@ class Lock:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.release()
+
+
+class ReadLock(Lock):
+    """The shared side of a :class:`RWLock`: held alongside other readers, never alongside
+    a writer.
+
+    Our key is ``name/read/<lease hex>``.  We hold it once no *writer* key
+    (``name/write/...``) created before ours remains: readers that came after a waiting
+    writer wait for it (FIFO), so writers are not starved.  Go's contrib
+    ``recipes/rwmutex.go`` algorithm, with coord's key layout (it is no etcdctl standard).
+    """
+
+    def __init__(self, session: Session, name: bytes | str) -> None:
+        self._setup(session, name, b"read/", b"write/", 1)
+
+
+class WriteLock(Lock):
+    """The exclusive side of a :class:`RWLock`: our key is ``name/write/<lease hex>``; we
+    hold it once no key at all (reader or writer) created before ours remains."""
+
+    def __init__(self, session: Session, name: bytes | str) -> None:
+        self._setup(session, name, b"write/", b"", 1)
+
+
+class RWLock:
+    """A readers-writer lock: ``rw.read`` (a :class:`ReadLock`) and ``rw.write`` (a
+    :class:`WriteLock`), both on ``session``.
+
+    Readers share, writers exclude everyone; the queue is FIFO by create revision, so a
+    waiting writer holds back the readers that come after it.  Each side has the Lock
+    interface (acquire with timeout and cancel, try_acquire, release, token, guard, lost,
+    ``async with rw.read: ...``).
+    """
+
+    def __init__(self, session: Session, name: bytes | str) -> None:
+        self.read = ReadLock(session, name)
+        self.write = WriteLock(session, name)
+        self.name = self.read.name
+
+    def __repr__(self) -> str:
+        return f"<RWLock {self.name!r} read={self.read.state.name} write={self.write.state.name}>"
+
+
+class Semaphore(Lock):
+    """At most ``permits`` holders at a time, FIFO.
+
+    Our key is ``name/<lease hex>`` (a Semaphore with one permit is a :class:`Lock`); we
+    hold a permit when fewer than ``permits`` keys under ``name/`` were created before
+    ours.  All users of one name must agree on ``permits`` (it is not stored in etcd).
+    Waiters watch the prefix's deletions and count those of the keys ahead of them,
+    reading again only when a permit may be theirs.  ``token`` and ``guard()`` work as
+    for a Lock (tokens increase in the order permits are granted).
+    ``try_acquire()`` writes our key, looks, and deletes it if no permit is free.
+    """
+
+    def __init__(self, session: Session, name: bytes | str, permits: int) -> None:
+        if isinstance(permits, bool) or not isinstance(permits, int):
+            raise TypeError(f"permits must be an int, not {type(permits).__name__}")
+        if permits < 1:
+            raise errors.InvalidArgument(f"permits must be >= 1, not {permits}")
+        self.permits = permits
+        self._setup(session, name, b"", b"", permits)
 
 
 def acquire_lock(client: Any, name: bytes | str, timeout: float | None = None,
