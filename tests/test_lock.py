@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -734,3 +735,24 @@ def test_semaphore_8_processes_3_permits(etcd, tmp_path):
         most = max(most, inside)
     assert inside == 0 and most <= 3
     assert most == 3  # the permits were used, not just one at a time
+
+
+# -- the example in docs/locks.md ---------------------------------------------------------------
+
+
+def test_docs_example_runs(etcd, tmp_path):
+    text = (ROOT / "docs" / "locks.md").read_text()
+    block = text.split("<!-- example: lock.py -->\n```python\n", 1)[1].split("\n```\n", 1)[0]
+    script = tmp_path / "lock.py"
+    script.write_text(block)
+    proc = subprocess.run([sys.executable, str(script), etcd.url], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert re.fullmatch(r"acquired: <Lock b'mylock' HELD token=(\d+)>", lines[0])
+    assert lines[1:3] == ["could not acquire lock: timeout",
+                          f"guarded write with token {lines[0].split('=')[1][:-1]}"]
+    then = re.fullmatch(r"then <Lock b'mylock' HELD token=(\d+)>: token (\d+) > (\d+)", lines[3])
+    assert then and int(then.group(2)) > int(then.group(3))
+    assert lines[4:] == ["the first holder's late write was refused"]
+    assert not etcd.post("/v3/lease/leases", {}).get("leases")  # no lease left behind

@@ -1,0 +1,28 @@
+"""Coordination recipes built on the client: small compositions of a session's lease, a
+transaction on create revisions, and a watch started at a known revision.
+
+Locks (Go-compatible layout, fencing tokens): :class:`Lock`, :class:`RWLock`,
+:class:`Semaphore`, and :func:`acquire_lock` (a lock with a session of its own).
+"""
+
+from coord.recipes.lock import (
+    Lock,
+    LockLost,
+    LockState,
+    ReadLock,
+    RWLock,
+    Semaphore,
+    WriteLock,
+    acquire_lock,
+)
+
+__all__ = [
+    "Lock",
+    "LockLost",
+    "LockState",
+    "RWLock",
+    "ReadLock",
+    "Semaphore",
+    "WriteLock",
+    "acquire_lock",
+]
