@@ -18,7 +18,7 @@ This is etcd's ``concurrency/key.go`` (``waitDeletes``), with two changes:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -93,59 +93,13 @@ async def wait_delete(client: Any, kv: KeyValue, read_revision: int) -> None:
         EtcdError, Compacted: the watch ended with an error (a watch that ends is never
             taken for a deletion).
     """
-    done: defer.Deferred[None] = defer.Deferred()
 
-    def deleted(_: Any = None) -> None:
-        if not done.called:
-            done.callback(None)
+    def still_there() -> defer.Deferred[set[bytes]]:
+        return client.get(kv.key).addCallback(
+            lambda r: {kv.key} if r.kvs and r.kvs[0].create_revision == kv.create_revision
+            else set())
 
-    def on_change(event: Any) -> None:
-        # A PUT (filtered out anyway) could only follow a delete: the key was re-created.
-        if event.type is EventType.DELETE:
-            deleted()
-
-    def ended(result: Any) -> None:
-        if done.called:
-            return
-        if isinstance(result, Failure):
-            done.errback(result)
-        else:
-            done.errback(errors.EtcdError(f"the watch on {kv.key!r} ended before its deletion"))
-
-    if WATCH_AT_CURRENT_REVISION:
-        watch = client.watch(KeySet(kv.key), on_change, filters=["noput"])
-    else:
-        watch = client.watch(KeySet(kv.key), on_change, filters=["noput"],
-                             start_revision=read_revision + 1)
-    watcher = watch.watcher
-    watch.addBoth(ended)
-    check: defer.Deferred[Any] | None = None
-
-    def created(_: Any) -> None:
-        nonlocal check
-        if done.called:
-            return
-        # The watch delivers every event after revisions[0] - 1 (its creation revision).
-        if watcher.revisions[0] - 1 > read_revision:
-            check = client.get(kv.key)
-            check.addCallback(verify)
-            check.addErrback(failed)
-
-    def verify(result: Any) -> None:
-        if not result.kvs or result.kvs[0].create_revision != kv.create_revision:
-            deleted()
-
-    def failed(failure: Failure) -> None:
-        if not done.called and not failure.check(defer.CancelledError):
-            done.errback(failure)
-
-    watcher.ready.addCallbacks(created, lambda _: None)  # a failure is reported by `ended`
-    try:
-        await done
-    finally:
-        watcher.cancel()
-        if check is not None and not check.called:
-            check.cancel()
+    await _until_fewer(client, KeySet(kv.key), {kv.key}, 1, read_revision, still_there)
 
 
 async def wait_fewer(client: Any, prefix: bytes, max_create_revision: int, permits: int,
@@ -167,37 +121,74 @@ async def wait_fewer(client: Any, prefix: bytes, max_create_revision: int, permi
     keys = KeySet(prefix, prefix=True)
     before = OpGet(keys, keys_only=True, max_create_revision=max_create_revision)
     read = Transaction(compare=list(guard), success=[before])
+
+    def still_there() -> defer.Deferred[set[bytes]]:
+        d = client.get(keys, keys_only=True, max_create_revision=max_create_revision)
+        return d.addCallback(lambda r: {kv.key for kv in r.kvs})
+
     while True:
         result = await client.submit(read)
         (found,) = result.responses
         if len(found.kvs) < permits:
             return result.header
-        names = {kv.key for kv in found.kvs}
-        done: defer.Deferred[None] = defer.Deferred()
-
-        def on_change(event: Any, names: set[bytes] = names,
-                      done: defer.Deferred[None] = done) -> None:
-            names.discard(event.kv.key)
-            if len(names) < permits and not done.called:
-                done.callback(None)
-
-        def ended(outcome: Any, done: defer.Deferred[None] = done) -> None:
-            if not done.called:
-                done.errback(outcome if isinstance(outcome, Failure) else errors.EtcdError(
-                    f"the watch on {prefix!r} ended before a permit was free"))
-
-        # Go's way here (watch from the read's revision + 1): a prefix watch that is
-        # behind the head is served by etcd's unsynced loop, but a missed deletion would
-        # leave us waiting for ever, and re-reading every name is as costly as the read.
-        watch = client.watch(keys, on_change, filters=["noput"],
-                             start_revision=result.header.revision + 1)
-        watch.addBoth(ended)
         try:
-            await done
+            await _until_fewer(client, keys, {kv.key for kv in found.kvs}, permits,
+                               result.header.revision, still_there)
         except errors.Compacted:
             continue
-        finally:
-            watch.watcher.cancel()
+
+
+async def _until_fewer(client: Any, keys: KeySet, names: set[bytes], permits: int,
+                       read_revision: int,
+                       still_there: Callable[[], defer.Deferred[set[bytes]]]) -> None:
+    """Watch ``keys`` for deletions until fewer than ``permits`` of ``names`` (present at
+    ``read_revision``) remain.  ``still_there()`` reads which of them exist now: it is
+    called when the watch was created after ``read_revision`` (see the module docstring)."""
+    done: defer.Deferred[None] = defer.Deferred()
+
+    def gone(removed: set[bytes]) -> None:
+        names.difference_update(removed)
+        if len(names) < permits and not done.called:
+            done.callback(None)
+
+    def on_change(event: Any) -> None:
+        if event.type is EventType.DELETE:
+            gone({event.kv.key})
+
+    def ended(result: Any) -> None:
+        if not done.called:
+            done.errback(result if isinstance(result, Failure) else errors.EtcdError(
+                f"the watch on {keys.key!r} ended before the deletions awaited"))
+
+    if WATCH_AT_CURRENT_REVISION:
+        watch = client.watch(keys, on_change, filters=["noput"])
+    else:
+        watch = client.watch(keys, on_change, filters=["noput"],
+                             start_revision=read_revision + 1)
+    watcher = watch.watcher
+    watch.addBoth(ended)
+    check: defer.Deferred[Any] | None = None
+
+    def created(_: Any) -> None:
+        nonlocal check
+        # The watch delivers every event after revisions[0] - 1 (its creation revision);
+        # what was deleted between our read and then, a fresh read tells.
+        if not done.called and watcher.revisions[0] - 1 > read_revision:
+            check = still_there()
+            check.addCallback(lambda present: gone(names - present))
+            check.addErrback(failed)
+
+    def failed(failure: Failure) -> None:
+        if not done.called and not failure.check(defer.CancelledError):
+            done.errback(failure)
+
+    watcher.ready.addCallbacks(created, lambda _: None)  # a failure is reported by `ended`
+    try:
+        await done
+    finally:
+        watcher.cancel()
+        if check is not None and not check.called:
+            check.cancel()
 
 
 def detached(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
