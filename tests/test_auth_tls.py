@@ -463,10 +463,10 @@ async def test_auth_watch_with_bad_password_fails(auth_server, new_client):
     client = new_client(auth_server.url, user="root", password="wrong", timeout=10)
     d = client.watch(b"k", lambda e: None)
     try:
-        await sleep(3)
+        await sleep(2)
         reconnects = d.watcher.reconnects
         with pytest.raises(AuthFailed):
-            await d.addTimeout(2, reactor)
+            await d.addTimeout(1, reactor)
     finally:
         d.cancel()
     assert reconnects == 0
@@ -547,10 +547,11 @@ async def test_auth_token_expiry_is_transparent(short_token_server, new_client):
     assert (await client.get(b"k")).kvs[0].value == b"v1"
     assert client._transport._token not in (None, first_token)
     await sleep(2.5)
-    await client.set(b"k", b"v2")  # a write too
-    await sleep(2.5)
-    results = await defer.gatherResults([client.get(b"k") for _ in range(4)])
-    assert all(r.kvs[0].value == b"v2" for r in results)
+    # A write too, and concurrent calls that all meet the expired token at once.
+    results = await defer.gatherResults(
+        [client.set(b"k", b"v2")] + [client.get(KeySet(b"k", prefix=True)) for _ in range(4)])
+    assert all(r.count == 1 for r in results[1:])
+    assert (await client.get(b"k")).kvs[0].value == b"v2"
 
 
 @pytest_twisted.ensureDeferred
@@ -594,7 +595,7 @@ async def test_auth_watch_created_after_token_expiry(short_token_server, new_cli
     try:
         await d.watcher.ready.addTimeout(10, reactor)
         await writer.set(b"w/1", b"after")  # (writer's own token: client's stays stale)
-        await seen.wait_for(1, timeout=5)
+        await seen.wait_for(1, timeout=3)
         assert [(e.kv.key, e.kv.value) for e in seen.events] == [(b"w/1", b"after")]
     finally:
         d.cancel()
@@ -611,11 +612,11 @@ async def test_auth_watch_survives_etcd_restart(auth_server, new_client):
         await client.set(b"w/1", b"a")
         await seen.wait_for(1)
         auth_server.restart()  # the stream breaks and the token is lost with the restart
-        await sleep(2)  # the watcher creates its stream again (with the lost token)
+        await sleep(1)  # the watcher creates its stream again (with the lost token)
         assert d.watcher.reconnects >= 1
         writer = new_client(auth_server.url, user="root", password=ROOT_PASSWORD, timeout=10)
         await writer.set(b"w/2", b"b")
-        await seen.wait_for(2, timeout=5)
+        await seen.wait_for(2, timeout=3)
         assert [e.kv.key for e in seen.events] == [b"w/1", b"w/2"]
         assert not d.called
     finally:
