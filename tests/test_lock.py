@@ -337,6 +337,30 @@ async def test_session_expiry_while_held_and_while_waiting(client, sessions):
 
 
 @pytest_twisted.ensureDeferred
+async def test_unreachable_server_past_the_ttl_loses_the_lock(etcd_factory):
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=2.0)
+    try:
+        session = await Session.create(client, ttl=2)
+        lock = Lock(session, b"far")
+        await lock.acquire()
+        lost = lock.lost
+        server.pause()
+        try:
+            reason = await lost  # at the session's deadline, while etcd cannot answer
+            assert isinstance(reason, SessionLost)
+            assert not lock.held and lock.state is LockState.LOST
+            with pytest.raises(SessionLost):
+                await lock.acquire()
+        finally:
+            server.resume()
+        # the lease is gone on the server too (revoked in the background, or expired)
+        await wait_until(lambda: count_is(client, b"far/", 0))
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_async_with_never_runs_unlocked(client, sessions):
     (s,) = await sessions()
     lock = Lock(s, b"with")
