@@ -328,6 +328,11 @@ class ServerTLS:
             `cert_file`/`key_file` -- etcd's own gateway presents that certificate to the
             gRPC server as well, so with client_cert_auth the server certificate must be
             allowed for client authentication (extendedKeyUsage clientAuth, or none).
+            Once auth is enabled on such a server, etcd's gateway answers HTTP 400
+            ("CommonName of client sending a request against gateway will be ignored")
+            to any client certificate with a CommonName -- including this one, so
+            `post()` and the readiness poll of `restart()` need a client certificate
+            without a CN then.
 
     A plain 4-tuple ``(cert_file, key_file, ca_file, client_cert_auth)`` is accepted
     wherever a ServerTLS is (see `ServerTLS.of`).
