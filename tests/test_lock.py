@@ -693,8 +693,10 @@ async def test_semaphore_permits_and_fifo(client, sessions):
     await sleep(0.2)
     assert order == [3]
     await sems[2].release()
-    await sems[0].release()
     await pending[1]
+    await sleep(0.2)
+    assert order == [3, 4]  # 5 still has 3 keys ahead: 0, 3, 4
+    await sems[0].release()
     await pending[2]
     assert order == [3, 4, 5]
     tokens = [sem.token for sem in sems]

@@ -419,7 +419,16 @@ class Lock:
         def on_change(event: Any) -> None:
             if self.token == token and (event.kv.create_revision != token
                                         or event.type.name == "DELETE"):
-                self._lose(LockLost(f"{self.key!r} was deleted at revision {event.revision}"))
+                reason: errors.CoordError = LockLost(
+                    f"{self.key!r} was deleted at revision {event.revision}")
+                if not self.session.alive:
+                    # Past the deadline (say the process was paused): the lease expired,
+                    # and that is the reason, even if this event came before the timer.
+                    try:
+                        self.session.check()
+                    except SessionLost as ended:
+                        reason = ended
+                self._lose(reason)
 
         def ended(result: Any) -> None:
             if self._watch is watch and self._state is LockState.HELD and self.token == token:
