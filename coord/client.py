@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from binascii import b2a_base64
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 
@@ -53,6 +53,9 @@ from coord.watch import (
     filters_of,
     keysets_of,
 )
+
+if TYPE_CHECKING:
+    from coord.recipes.lock import Lock
 
 __all__ = ["Client"]
 
@@ -384,6 +387,24 @@ class Client:
         """The cluster's members (``MemberList``)."""
         return self._request("/v3/cluster/member/list", {}, False, timeout,
                              decode=lambda obj: [codec.member(m) for m in obj.get("members") or ()])
+
+    # recipes ----------------------------------------------------------------------------------
+
+    def lock(self, name: bytes | str, timeout: float | None = None,
+             ttl: int = 10) -> defer.Deferred[Lock]:
+        """Wait for, and hold, the lock called ``name`` (the guide's ``etcd.lock(...)``).
+
+        The lock has a session (a lease of ``ttl`` seconds, kept alive) of its own; its
+        ``release()`` revokes that lease.  Same key layout as etcd's Go ``Mutex`` and
+        ``etcdctl lock``.  See :class:`coord.recipes.Lock` for fencing tokens and guards,
+        and for several locks sharing one session.
+
+        Raises:
+            Timeout: not held within ``timeout`` seconds (no key and no lease remain).
+        """
+        from coord.recipes.lock import acquire_lock
+
+        return acquire_lock(self, name, timeout=timeout, ttl=ttl)
 
     # lifetime ---------------------------------------------------------------------------------
 

@@ -126,8 +126,6 @@ class WriteTimeout(Timeout, OutcomeUnknown):
     """A write timed out after it was sent: its outcome is unknown (see :class:`OutcomeUnknown`)."""
 
 
-class NotLeader(CoordError):
-    """A leader-only operation was attempted by a non-leader (used by recipes)."""
 
 
 class EtcdError(CoordError):
@@ -210,6 +208,46 @@ class EtcdRequestTooLarge(EtcdError, RequestTooLarge):
 
 class EtcdTooManyOperations(EtcdError, TooManyOperations):
     """etcd refused a transaction with too many operations."""
+
+
+class NotLeader(CoordError):
+    """A leader-only operation (``Election.proclaim``, a guarded write) was attempted by a
+    campaign that does not lead."""
+
+
+class NoLeader(CoordError):
+    """An election has no leader right now (``Election.leader()``)."""
+
+
+class SessionLost(LeaseExpired):
+    """The session's lease is gone, or the session can no longer vouch for it.
+
+    Raised by recipes asked to act on such a session, and passed to ``Session.lost``
+    observers.  (A :class:`LeaseExpired`, so ``except LeaseExpired`` sees it.)
+    """
+
+
+class LockLost(CoordError):
+    """The lock is not (or no longer) ours: our key was deleted by someone else."""
+
+
+class LeadershipLost(CoordError):
+    """This campaign led and no longer does: its key was deleted or its session ended."""
+
+
+class ConfigDecodeError(CoordError, ValueError):
+    """A config value under a watched prefix could not be decoded.
+
+    Attributes:
+        key: the key whose value failed to decode.
+        revision: the mod revision of the value that failed.
+    """
+
+    def __init__(self, key: bytes, revision: int, cause: BaseException) -> None:
+        super().__init__(f"cannot decode {key!r} at revision {revision}: {cause!r}")
+        self.key = key
+        self.revision = revision
+        self.cause = cause
 
 
 # etcd's exact messages (api/v3rpc/rpctypes/error.go), mapped to the class that carries them.

@@ -35,6 +35,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from coord import errors
+from coord.errors import SessionLost
 
 if TYPE_CHECKING:
     from coord.client import Client
@@ -55,14 +56,6 @@ class SessionState(enum.Enum):
     SUSPENDED = "SUSPENDED"
     EXPIRED = "EXPIRED"
     CLOSED = "CLOSED"
-
-
-class SessionLost(errors.LeaseExpired):
-    """The session's lease is gone, or the session can no longer vouch for it.
-
-    Raised by recipes asked to act on such a session, and passed to :attr:`Session.lost`
-    observers.  (A :class:`~coord.errors.LeaseExpired`, so ``except LeaseExpired`` sees it.)
-    """
 
 
 class Session:

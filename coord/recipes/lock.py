@@ -30,9 +30,10 @@ import txaio
 from twisted.internet import defer, task
 
 from coord import errors
+from coord.errors import LockLost, SessionLost
 from coord.keyset import KeySet, as_bytes
 from coord.recipes._wait import Shared, check_timeout, detached, wait_fewer, with_timeout
-from coord.session import DEFAULT_TTL, Session, SessionLost
+from coord.session import DEFAULT_TTL, Session
 from coord.txn import CompCreated, CompLease, OpDel, OpGet, OpSet, Transaction
 
 __all__ = [
@@ -54,10 +55,6 @@ class LockState(enum.Enum):
     WAITING = "WAITING"  # our key is queued behind others (or being written)
     HELD = "HELD"
     LOST = "LOST"  # was held; our key was deleted or the session ended
-
-
-class LockLost(errors.CoordError):
-    """The lock is not (or no longer) ours: our key was deleted by someone else."""
 
 
 # One live recipe object per key (prefix + lease hex): two objects on one session and one
