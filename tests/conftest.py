@@ -8,6 +8,7 @@ from twisted.internet import reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from coord import Client
+from coord.session import Session
 
 
 def make_client(url, transport="pool", **kwargs):
@@ -45,3 +46,27 @@ def new_client(transport):
     yield new
     for c in made:
         pytest_twisted.blockon(c.close())
+
+
+@pytest.fixture
+def pool_client(etcd):
+    """A Client through coord's own pool only: for recipes, which do not depend on the
+    transport (each recipe module has one test through treq)."""
+    c = Client(reactor, etcd.url)
+    yield c
+    pytest_twisted.blockon(c.close())
+
+
+@pytest.fixture
+def sessions(pool_client):
+    """``await sessions(n, ttl=5)``: n sessions on ``pool_client``, closed after the test."""
+    made = []
+
+    async def make(n=1, ttl=5):
+        new = [await Session.create(pool_client, ttl=ttl) for _ in range(n)]
+        made.extend(new)
+        return new
+
+    yield make
+    for s in made:
+        pytest_twisted.blockon(s.close())

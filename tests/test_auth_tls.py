@@ -25,7 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet import defer, reactor, task
+from helpers import sleep
+from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -51,8 +52,6 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:Passing pyOpenSSL (X509|PKey) objects is deprecated:DeprecationWarning")
 
 
-def sleep(seconds):
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 def b64(data: bytes | str) -> str:

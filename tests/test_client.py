@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from helpers import sleep
 
 from coord import (
     Compacted,
@@ -30,11 +30,6 @@ from coord import (
     TransactionResult,
 )
 from coord.types import Deleted
-
-
-def sleep(seconds):
-    return task.deferLater(reactor, seconds, lambda: None)
-
 
 # -- KV ----------------------------------------------------------------------------------------
 

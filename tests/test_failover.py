@@ -6,13 +6,10 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from helpers import sleep
+from twisted.internet import defer
 
 from coord import KeySet, OutcomeUnknown, Timeout, Unavailable, WriteTimeout
-
-
-def sleep(seconds):
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 def dead_url():

@@ -6,18 +6,27 @@ Run on both etcd versions:
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from helpers import (
+    count_is,
+    defer_to_exit,
+    deferred_readline,
+    finish,
+    keys_under,
+    lease_ids,
+    sleep,
+    spawn,
+    wait_until,
+)
+from twisted.internet import defer, reactor
 
 from coord import (
     Client,
@@ -42,72 +51,36 @@ from coord.session import Session, SessionLost
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def sleep(seconds):
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
-async def wait_until(predicate, timeout=10.0, interval=0.02):
-    for _ in range(int(timeout / interval)):
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        await sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
-@pytest.fixture
-def client(etcd):
-    """Recipes do not depend on the transport: coord's own pool (one treq test below)."""
-    c = Client(reactor, etcd.url)
-    yield c
-    pytest_twisted.blockon(c.close())
 
 
-@pytest.fixture
-def sessions(client):
-    """``await sessions(n, ttl=5)``: n sessions on the client, closed after the test."""
-    made = []
-
-    async def make(n=1, ttl=5):
-        new = [await Session.create(client, ttl=ttl) for _ in range(n)]
-        made.extend(new)
-        return new
-
-    yield make
-    for s in made:
-        pytest_twisted.blockon(s.close())
 
 
-async def keys_under(client, prefix):
-    return [kv.key for kv in (await client.get(KeySet(prefix, prefix=True))).kvs]
 
 
-async def count_is(client, prefix, n):
-    return len(await keys_under(client, prefix)) == n
 
 
-async def lease_ids(client):
-    return sorted(lease.lease_id for lease in await client.leases())
 
 
 # -- one process ----------------------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
-async def test_uncontended_acquire_and_release(client, sessions):
+async def test_uncontended_acquire_and_release(pool_client, sessions):
     (session,) = await sessions()
     lock = Lock(session, "jobs/db")
     assert repr(lock) == "<Lock b'jobs/db' UNLOCKED>"
     assert lock.key == b"jobs/db/" + (b"%x" % session.lease_id)  # Go's layout
     assert await lock.acquire() is lock
-    kv = (await client.get(lock.key)).kvs[0]
+    kv = (await pool_client.get(lock.key)).kvs[0]
     assert lock.token == kv.create_revision and kv.lease == session.lease_id and not kv.value
     assert lock.held and lock.state is LockState.HELD
     assert repr(lock) == f"<Lock b'jobs/db' HELD token={lock.token}>"
     await lock.release()
-    assert await keys_under(client, b"jobs/db/") == []
+    assert await keys_under(pool_client, b"jobs/db/") == []
     assert lock.state is LockState.UNLOCKED and not lock.held
     await lock.release()  # idempotent
     lock.release()  # the guide's fire-and-forget form
@@ -119,7 +92,7 @@ async def test_uncontended_acquire_and_release(client, sessions):
 
 
 @pytest_twisted.ensureDeferred
-async def test_second_waits_and_gets_a_larger_token(client, sessions):
+async def test_second_waits_and_gets_a_larger_token(pool_client, sessions):
     a, b = await sessions(2)
     la, lb = Lock(a, b"l"), Lock(b, b"l")
     await la.acquire()
@@ -127,7 +100,7 @@ async def test_second_waits_and_gets_a_larger_token(client, sessions):
     await wait_until(lambda: lb.state is LockState.WAITING)
     await sleep(0.3)
     assert not pending.called
-    assert len(await keys_under(client, b"l/")) == 2
+    assert len(await keys_under(pool_client, b"l/")) == 2
     await la.release()
     await pending
     assert lb.held and lb.token > la.token
@@ -135,20 +108,20 @@ async def test_second_waits_and_gets_a_larger_token(client, sessions):
 
 
 @pytest_twisted.ensureDeferred
-async def test_try_acquire_never_waits_and_leaves_no_key(client, sessions):
+async def test_try_acquire_never_waits_and_leaves_no_key(pool_client, sessions):
     a, b = await sessions(2)
     la, lb = Lock(a, b"t"), Lock(b, b"t")
     assert await la.try_acquire() is True
     assert await lb.try_acquire() is False
     assert lb.state is LockState.UNLOCKED
-    assert await keys_under(client, b"t/") == [la.key]
+    assert await keys_under(pool_client, b"t/") == [la.key]
     await la.release()
     assert await lb.try_acquire() is True
     await lb.release()
 
 
 @pytest_twisted.ensureDeferred
-async def test_timeout_leaves_no_key_and_no_lease(client, sessions):
+async def test_timeout_leaves_no_key_and_no_lease(pool_client, sessions):
     a, b = await sessions(2)
     holder = Lock(a, b"to")
     await holder.acquire()
@@ -158,55 +131,55 @@ async def test_timeout_leaves_no_key_and_no_lease(client, sessions):
         await waiter.acquire(timeout=0.5)
     assert 0.5 <= time.monotonic() - started < 2.0
     assert waiter.state is LockState.UNLOCKED
-    assert await keys_under(client, b"to/") == [holder.key]
+    assert await keys_under(pool_client, b"to/") == [holder.key]
     # the guide's helper: its own session goes too
-    before = await lease_ids(client)
+    before = await lease_ids(pool_client)
     with pytest.raises(Timeout):
-        await acquire_lock(client, b"to", timeout=0.3)
-    assert await keys_under(client, b"to/") == [holder.key]
-    assert await lease_ids(client) == before
+        await acquire_lock(pool_client, b"to", timeout=0.3)
+    assert await keys_under(pool_client, b"to/") == [holder.key]
+    assert await lease_ids(pool_client) == before
     await holder.release()
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancel_leaves_no_key_and_no_lease(client, sessions):
+async def test_cancel_leaves_no_key_and_no_lease(pool_client, sessions):
     a, b = await sessions(2)
     holder = Lock(a, b"c")
     await holder.acquire()
     waiter = Lock(b, b"c")
     d = waiter.acquire()
-    await wait_until(lambda: count_is(client, b"c/", 2))
+    await wait_until(lambda: count_is(pool_client, b"c/", 2))
     d.cancel()
     with pytest.raises(defer.CancelledError):
         await d
-    assert await keys_under(client, b"c/") == [holder.key]
+    assert await keys_under(pool_client, b"c/") == [holder.key]
     # cancelling right away, with the enqueue transaction in flight
     d = waiter.acquire()
     d.cancel()
     with pytest.raises(defer.CancelledError):
         await d
-    assert await keys_under(client, b"c/") == [holder.key]
+    assert await keys_under(pool_client, b"c/") == [holder.key]
     # and the guide's helper
-    before = await lease_ids(client)
-    d = acquire_lock(client, b"c")
+    before = await lease_ids(pool_client)
+    d = acquire_lock(pool_client, b"c")
     await sleep(0.2)
     d.cancel()
     with pytest.raises(defer.CancelledError):
         await d
-    assert await keys_under(client, b"c/") == [holder.key]
-    assert await lease_ids(client) == before
+    assert await keys_under(pool_client, b"c/") == [holder.key]
+    assert await lease_ids(pool_client) == before
     # release() while waiting gives up the wait
     d = waiter.acquire()
-    await wait_until(lambda: count_is(client, b"c/", 2))
+    await wait_until(lambda: count_is(pool_client, b"c/", 2))
     await waiter.release()
     with pytest.raises(defer.CancelledError):
         await d
-    assert await keys_under(client, b"c/") == [holder.key]
+    assert await keys_under(pool_client, b"c/") == [holder.key]
     await holder.release()
 
 
 @pytest_twisted.ensureDeferred
-async def test_fifo_order(client, sessions):
+async def test_fifo_order(pool_client, sessions):
     all_sessions = await sessions(6)
     locks = [Lock(s, b"fifo") for s in all_sessions]
     await locks[0].acquire()
@@ -217,7 +190,7 @@ async def test_fifo_order(client, sessions):
         d.addCallback(lambda _, i=i: order.append(i))
         pending.append(d)
         # queue them in a known order: wait for each key before the next contender
-        await wait_until(lambda i=i: count_is(client, b"fifo/", i + 1))
+        await wait_until(lambda i=i: count_is(pool_client, b"fifo/", i + 1))
     tokens = [locks[0].token]
     for i in range(1, 6):
         await locks[i - 1].release()
@@ -229,14 +202,14 @@ async def test_fifo_order(client, sessions):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_waiter_leaving_the_middle_of_the_queue(client, sessions):
+async def test_a_waiter_leaving_the_middle_of_the_queue(pool_client, sessions):
     a, b, c = await sessions(3)
     la, lb, lc = Lock(a, b"q"), Lock(b, b"q"), Lock(c, b"q")
     await la.acquire()
     db = lb.acquire(timeout=1.0)
-    await wait_until(lambda: count_is(client, b"q/", 2))
+    await wait_until(lambda: count_is(pool_client, b"q/", 2))
     dc = lc.acquire()  # waits on b's key
-    await wait_until(lambda: count_is(client, b"q/", 3))
+    await wait_until(lambda: count_is(pool_client, b"q/", 3))
     with pytest.raises(Timeout):
         await db
     await sleep(0.2)
@@ -248,33 +221,33 @@ async def test_a_waiter_leaving_the_middle_of_the_queue(client, sessions):
 
 
 @pytest_twisted.ensureDeferred
-async def test_guard_and_lost_when_the_key_is_deleted(client, sessions):
+async def test_guard_and_lost_when_the_key_is_deleted(pool_client, sessions):
     (s,) = await sessions()
     lock = Lock(s, b"g")
     await lock.acquire()
     lost = lock.lost  # starts a watch on our key
-    await client.submit(Transaction(compare=[lock.guard()], success=[OpSet(b"res", b"1")]))
-    await client.delete(lock.key)  # an operator removes it (etcdctl del)
+    await pool_client.submit(Transaction(compare=[lock.guard()], success=[OpSet(b"res", b"1")]))
+    await pool_client.delete(lock.key)  # an operator removes it (etcdctl del)
     reason = await lost
     assert isinstance(reason, LockLost)
     assert lock.state is LockState.LOST and not lock.held
     assert repr(lock) == f"<Lock b'g' LOST token={lock.token}>"
     assert isinstance(await lock.lost, LockLost)  # fired already
     with pytest.raises(Failed):
-        await client.submit(Transaction(compare=[lock.guard()], success=[OpSet(b"res", b"2")]))
-    assert (await client.get(b"res")).kvs[0].value == b"1"
+        await pool_client.submit(Transaction(compare=[lock.guard()], success=[OpSet(b"res", b"2")]))
+    assert (await pool_client.get(b"res")).kvs[0].value == b"1"
     await lock.release()
     assert lock.state is LockState.UNLOCKED
 
 
 @pytest_twisted.ensureDeferred
-async def test_waiter_key_deleted_while_waiting_is_never_reported_held(client, sessions):
+async def test_waiter_key_deleted_while_waiting_is_never_reported_held(pool_client, sessions):
     a, b = await sessions(2)
     holder, waiter = Lock(a, b"gone"), Lock(b, b"gone")
     await holder.acquire()
     d = waiter.acquire()
-    await wait_until(lambda: count_is(client, b"gone/", 2))
-    await client.delete(waiter.key)  # an operator removes the waiter's key
+    await wait_until(lambda: count_is(pool_client, b"gone/", 2))
+    await pool_client.delete(waiter.key)  # an operator removes the waiter's key
     await holder.release()
     with pytest.raises(LockLost):
         await d  # its confirming read (guarded on its key) failed
@@ -284,24 +257,24 @@ async def test_waiter_key_deleted_while_waiting_is_never_reported_held(client, s
 
 
 @pytest_twisted.ensureDeferred
-async def test_late_release_never_deletes_a_newer_key(client, sessions):
+async def test_late_release_never_deletes_a_newer_key(pool_client, sessions):
     (s,) = await sessions()
     old = Lock(s, b"late")
     await old.acquire()
     lost = old.lost
-    await client.delete(old.key)  # gone behind our back (say, an operator)
+    await pool_client.delete(old.key)  # gone behind our back (say, an operator)
     await lost
     new = Lock(s, b"late")  # the same session and name: the same key
     await new.acquire()
     assert new.key == old.key and new.token > old.token
     await old.release()  # late: guarded on the old create revision
-    assert (await client.get(new.key)).kvs[0].create_revision == new.token
+    assert (await pool_client.get(new.key)).kvs[0].create_revision == new.token
     assert new.held
     await new.release()
 
 
 @pytest_twisted.ensureDeferred
-async def test_one_lock_object_per_session_and_name(client, sessions):
+async def test_one_lock_object_per_session_and_name(pool_client, sessions):
     (s,) = await sessions()
     a, b = Lock(s, b"one"), Lock(s, b"one")
     await a.acquire()
@@ -315,14 +288,14 @@ async def test_one_lock_object_per_session_and_name(client, sessions):
 
 
 @pytest_twisted.ensureDeferred
-async def test_session_expiry_while_held_and_while_waiting(client, sessions):
+async def test_session_expiry_while_held_and_while_waiting(pool_client, sessions):
     a, b = await sessions(2, ttl=5)
     holder = Lock(a, b"exp")
     await holder.acquire()
     lost = holder.lost
     waiter = Lock(b, b"exp")
     d = waiter.acquire()
-    await wait_until(lambda: count_is(client, b"exp/", 2))
+    await wait_until(lambda: count_is(pool_client, b"exp/", 2))
     await b.lease.revoke()  # the waiter's lease ends: noticed at its next keep-alive
     with pytest.raises(SessionLost):
         await d
@@ -360,13 +333,13 @@ async def test_unreachable_server_past_the_ttl_loses_the_lock(etcd_factory):
 
 
 @pytest_twisted.ensureDeferred
-async def test_async_with_never_runs_unlocked(client, sessions):
+async def test_async_with_never_runs_unlocked(pool_client, sessions):
     (s,) = await sessions()
     lock = Lock(s, b"with")
     async with lock:
         assert lock.held
-        assert await keys_under(client, b"with/") == [lock.key]
-    assert await keys_under(client, b"with/") == []
+        assert await keys_under(pool_client, b"with/") == [lock.key]
+    assert await keys_under(pool_client, b"with/") == []
     await s.close()
     ran = []
     with pytest.raises(SessionLost):
@@ -376,13 +349,13 @@ async def test_async_with_never_runs_unlocked(client, sessions):
 
 
 @pytest_twisted.ensureDeferred
-async def test_acquire_lock_release_closes_its_session(client, sessions):
-    before = await lease_ids(client)
-    lock = await acquire_lock(client, b"guide", timeout=5)
-    assert lock.held and len(await lease_ids(client)) == len(before) + 1
+async def test_acquire_lock_release_closes_its_session(pool_client, sessions):
+    before = await lease_ids(pool_client)
+    lock = await acquire_lock(pool_client, b"guide", timeout=5)
+    assert lock.held and len(await lease_ids(pool_client)) == len(before) + 1
     await lock.release()
-    assert await lease_ids(client) == before
-    assert await keys_under(client, b"guide/") == []
+    assert await lease_ids(pool_client) == before
+    assert await keys_under(pool_client, b"guide/") == []
 
 
 @pytest_twisted.ensureDeferred
@@ -439,10 +412,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def spawn(code, *args, **kwargs):
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **kwargs)
 
 
 def test_mutual_exclusion_8_processes(etcd, tmp_path):
@@ -503,7 +472,7 @@ STALE = textwrap.dedent("""
 
 
 @pytest_twisted.ensureDeferred
-async def test_sigstop_past_the_ttl_then_fenced(etcd, client, sessions):
+async def test_sigstop_past_the_ttl_then_fenced(etcd, pool_client, sessions):
     stale = spawn(STALE, etcd.url)
     try:
         token = None
@@ -518,7 +487,7 @@ async def test_sigstop_past_the_ttl_then_fenced(etcd, client, sessions):
             newer = Lock(s, b"fenced")
             await newer.acquire(timeout=10)  # once the stale holder's lease expired
             assert newer.token > token
-            await client.submit(Transaction(compare=[newer.guard()],
+            await pool_client.submit(Transaction(compare=[newer.guard()],
                                             success=[OpSet(b"resource", b"%d" % newer.token)]))
         finally:
             os.kill(stale.pid, signal.SIGCONT)
@@ -526,30 +495,17 @@ async def test_sigstop_past_the_ttl_then_fenced(etcd, client, sessions):
         assert "write refused" in out, out + err
         assert "held False" in out  # and it knows it no longer holds the lock
         assert "lost SessionLost" in out, out + err
-        value = (await client.get(b"resource")).kvs[0].value
+        value = (await pool_client.get(b"resource")).kvs[0].value
         assert value == b"%d" % newer.token  # the stale holder never overwrote it
         await newer.release()
     finally:
         finish(stale)
 
 
-def finish(proc):
-    """Kill ``proc`` if it still runs; reap it and close its pipes."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.communicate()
 
 
-def deferred_readline(proc):
-    from twisted.internet.threads import deferToThread
-
-    return deferToThread(proc.stdout.readline)
 
 
-def defer_to_exit(proc):
-    from twisted.internet.threads import deferToThread
-
-    return deferToThread(proc.communicate, timeout=30)
 
 
 # -- etcdctl lock interop ---------------------------------------------------------------------
@@ -562,7 +518,7 @@ def etcdctl_lock(url, name):
 
 
 @pytest_twisted.ensureDeferred
-async def test_etcdctl_holder_blocks_coord(etcd, client, sessions):
+async def test_etcdctl_holder_blocks_coord(etcd, pool_client, sessions):
     ctl = etcdctl_lock(etcd.url, "interop")
     try:
         printed = (await deferred_readline(ctl)).strip()  # the key it holds
@@ -576,7 +532,7 @@ async def test_etcdctl_holder_blocks_coord(etcd, client, sessions):
         ctl.send_signal(signal.SIGINT)  # etcdctl unlocks on SIGINT/SIGTERM
         await d
         assert lock.held
-        ctl_kv_gone = await client.get(printed.encode())
+        ctl_kv_gone = await pool_client.get(printed.encode())
         assert ctl_kv_gone.count == 0
         await lock.release()
     finally:
@@ -584,15 +540,15 @@ async def test_etcdctl_holder_blocks_coord(etcd, client, sessions):
 
 
 @pytest_twisted.ensureDeferred
-async def test_coord_holder_blocks_etcdctl(etcd, client, sessions):
+async def test_coord_holder_blocks_etcdctl(etcd, pool_client, sessions):
     (s,) = await sessions()
     lock = Lock(s, "interop")
     await lock.acquire()
     ctl = etcdctl_lock(etcd.url, "interop")
     try:
-        await wait_until(lambda: count_is(client, b"interop/", 2))
+        await wait_until(lambda: count_is(pool_client, b"interop/", 2))
         # etcdctl queued its key behind ours, in the same layout
-        keys = await client.get(KeySet(b"interop/", prefix=True), sort_target="create",
+        keys = await pool_client.get(KeySet(b"interop/", prefix=True), sort_target="create",
                                 sort_order="ascend")
         ours, theirs = keys.kvs
         assert ours.key == lock.key and theirs.key == b"interop/%x" % theirs.lease
@@ -616,7 +572,7 @@ async def test_coord_holder_blocks_etcdctl(etcd, client, sessions):
 
 
 @pytest_twisted.ensureDeferred
-async def test_rwlock_readers_share_writers_exclude_fifo(client, sessions):
+async def test_rwlock_readers_share_writers_exclude_fifo(pool_client, sessions):
     s1, s2, s3, s4 = await sessions(4)
     r1, r2 = RWLock(s1, b"rw").read, RWLock(s2, b"rw").read
     w3, r4 = RWLock(s3, b"rw").write, RWLock(s4, b"rw").read
@@ -626,10 +582,10 @@ async def test_rwlock_readers_share_writers_exclude_fifo(client, sessions):
     assert r1.held and r2.held
     assert await w3.try_acquire() is False
     dw = w3.acquire()
-    await wait_until(lambda: count_is(client, b"rw/", 3))
+    await wait_until(lambda: count_is(pool_client, b"rw/", 3))
     assert await r4.try_acquire() is False  # a writer waits: later readers queue behind it
     dr = r4.acquire()
-    await wait_until(lambda: count_is(client, b"rw/", 4))
+    await wait_until(lambda: count_is(pool_client, b"rw/", 4))
     await r1.release()
     await sleep(0.2)
     assert not dw.called  # r2 still reads
@@ -642,11 +598,11 @@ async def test_rwlock_readers_share_writers_exclude_fifo(client, sessions):
     await dr
     assert r4.held and r4.token > w3.token
     await r4.release()
-    assert await keys_under(client, b"rw/") == []
+    assert await keys_under(pool_client, b"rw/") == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_rwlock_timeout_and_cancel_leave_no_key(client, sessions):
+async def test_rwlock_timeout_and_cancel_leave_no_key(pool_client, sessions):
     s1, s2 = await sessions(2)
     w = RWLock(s1, b"rwt").write
     await w.acquire()
@@ -654,37 +610,37 @@ async def test_rwlock_timeout_and_cancel_leave_no_key(client, sessions):
     with pytest.raises(Timeout):
         await rw.read.acquire(timeout=0.3)
     d = rw.write.acquire()
-    await wait_until(lambda: count_is(client, b"rwt/", 2))
+    await wait_until(lambda: count_is(pool_client, b"rwt/", 2))
     d.cancel()
     with pytest.raises(defer.CancelledError):
         await d
-    assert await keys_under(client, b"rwt/") == [w.key]
+    assert await keys_under(pool_client, b"rwt/") == [w.key]
     assert repr(rw) == "<RWLock b'rwt' read=UNLOCKED write=UNLOCKED>"
     await w.release()
     async with rw.read as held:
         assert held is rw.read and held.held
-    assert await keys_under(client, b"rwt/") == []
+    assert await keys_under(pool_client, b"rwt/") == []
 
 
 # -- Semaphore -------------------------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
-async def test_semaphore_permits_and_fifo(client, sessions):
+async def test_semaphore_permits_and_fifo(pool_client, sessions):
     all_sessions = await sessions(6)
     sems = [Semaphore(s, b"sem", 3) for s in all_sessions]
     for sem in sems[:3]:
         await sem.acquire()
     assert all(sem.held for sem in sems[:3])
     assert await sems[3].try_acquire() is False
-    assert await count_is(client, b"sem/", 3)  # try_acquire took its key back
+    assert await count_is(pool_client, b"sem/", 3)  # try_acquire took its key back
     order = []
     pending = []
     for i in (3, 4, 5):
         d = sems[i].acquire()
         d.addCallback(lambda _, i=i: order.append(i))
         pending.append(d)
-        await wait_until(lambda i=i: count_is(client, b"sem/", i + 1))
+        await wait_until(lambda i=i: count_is(pool_client, b"sem/", i + 1))
     # the holder released is not the one a waiter would watch under a predecessor scheme
     await sems[1].release()
     await pending[0]
@@ -702,10 +658,10 @@ async def test_semaphore_permits_and_fifo(client, sessions):
     assert tokens == sorted(tokens)
     with pytest.raises(Timeout):
         await sems[0].acquire(timeout=0.3)
-    assert await count_is(client, b"sem/", 3)
+    assert await count_is(pool_client, b"sem/", 3)
     for sem in sems[3:]:
         await sem.release()
-    assert await keys_under(client, b"sem/") == []
+    assert await keys_under(pool_client, b"sem/") == []
 
 
 def test_semaphore_checks_permits():

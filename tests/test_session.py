@@ -8,39 +8,20 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from helpers import sleep, wait_until
 from twisted.internet import defer, reactor, task
 
 from coord import Client, LeaseExpired, errors
 from coord.session import Session, SessionLost, SessionState
 
 
-def sleep(seconds):
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-async def wait_until(predicate, timeout=10.0, interval=0.02):
-    for _ in range(int(timeout / interval)):
-        if predicate():
-            return
-        await sleep(interval)
-    raise AssertionError("condition not met in time")
-
-
-@pytest.fixture
-def client(etcd):
-    """Sessions do not depend on the transport: coord's own pool only."""
-    c = Client(reactor, etcd.url)
-    yield c
-    pytest_twisted.blockon(c.close())
-
-
 @pytest_twisted.ensureDeferred
-async def test_create_repr_and_close_revokes(client):
-    session = await Session.create(client, ttl=5)
+async def test_create_repr_and_close_revokes(pool_client):
+    session = await Session.create(pool_client, ttl=5)
     assert session.state is SessionState.CONNECTED and session.alive
     assert session.ttl >= 5 and session.lease_id > 0
     assert repr(session) == f"<Session {session.lease_id:#x} ttl={session.ttl} CONNECTED>"
-    await client.set(b"s/k", b"v", lease=session.lease_id)
+    await pool_client.set(b"s/k", b"v", lease=session.lease_id)
     lost = session.lost
     assert not lost.called
     await session.close()
@@ -48,8 +29,8 @@ async def test_create_repr_and_close_revokes(client):
     reason = await lost
     assert isinstance(reason, SessionLost) and isinstance(reason, LeaseExpired)
     assert "revoked" in str(reason)
-    assert (await client.get(b"s/k")).count == 0
-    assert session.lease not in await client.leases()
+    assert (await pool_client.get(b"s/k")).count == 0
+    assert session.lease not in await pool_client.leases()
     await session.close()  # idempotent
     assert (await session.lost) is reason  # an ended session's `lost` has fired already
     with pytest.raises(SessionLost):
@@ -57,12 +38,12 @@ async def test_create_repr_and_close_revokes(client):
 
 
 @pytest_twisted.ensureDeferred
-async def test_keepalive_outlives_the_ttl(client):
-    session = await Session.create(client, ttl=2)
-    await client.set(b"s/k", b"v", lease=session.lease_id)
+async def test_keepalive_outlives_the_ttl(pool_client):
+    session = await Session.create(pool_client, ttl=2)
+    await pool_client.set(b"s/k", b"v", lease=session.lease_id)
     await sleep(5.0)  # two and a half TTLs
     assert session.state is SessionState.CONNECTED
-    assert (await client.get(b"s/k")).count == 1
+    assert (await pool_client.get(b"s/k")).count == 1
     remaining = await session.lease.remaining()
     assert 0 < remaining <= session.ttl
     # the local deadline is at most a TTL away and at least 2/3 of it
@@ -72,8 +53,8 @@ async def test_keepalive_outlives_the_ttl(client):
 
 
 @pytest_twisted.ensureDeferred
-async def test_revoked_elsewhere_is_lost_at_the_next_keepalive(client):
-    session = await Session.create(client, ttl=3)
+async def test_revoked_elsewhere_is_lost_at_the_next_keepalive(pool_client):
+    session = await Session.create(pool_client, ttl=3)
     lost = session.lost
     await session.lease.revoke()  # as `etcdctl lease revoke` would
     started = reactor.seconds()
@@ -119,23 +100,23 @@ async def test_unreachable_server_past_the_deadline_is_lost(etcd_factory):
 
 
 @pytest_twisted.ensureDeferred
-async def test_orphan_leaves_the_lease(client):
-    session = await Session.create(client, ttl=2)
-    await client.set(b"s/k", b"v", lease=session.lease_id)
+async def test_orphan_leaves_the_lease(pool_client):
+    session = await Session.create(pool_client, ttl=2)
+    await pool_client.set(b"s/k", b"v", lease=session.lease_id)
     await session.close(orphan=True)
     assert session.state is SessionState.CLOSED
     assert "orphaned" in str(await session.lost)
-    assert (await client.get(b"s/k")).count == 1
+    assert (await pool_client.get(b"s/k")).count == 1
     # nobody refreshes it any more: it expires after its TTL
     await sleep(session.ttl + 1.5)
-    assert (await client.get(b"s/k")).count == 0
+    assert (await pool_client.get(b"s/k")).count == 0
     with pytest.raises(LeaseExpired):
         await session.lease.remaining()
 
 
 @pytest_twisted.ensureDeferred
-async def test_lost_observers_are_independent_and_cancellable(client):
-    session = await Session.create(client, ttl=5)
+async def test_lost_observers_are_independent_and_cancellable(pool_client):
+    session = await Session.create(pool_client, ttl=5)
     a, b, c = session.lost, session.lost, session.lost
     a.addCallback(lambda reason: "consumed")
     c.cancel()

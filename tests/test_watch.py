@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from helpers import sleep, wait_until
+from twisted.internet import reactor
 
 from coord import (
     Compacted,
@@ -15,18 +16,6 @@ from coord import (
     Timeout,
     Unavailable,
 )
-
-
-def sleep(seconds):
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-async def wait_until(predicate, timeout=10.0, interval=0.02):
-    for _ in range(int(timeout / interval)):
-        if predicate():
-            return
-        await sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def sig(event):

@@ -1,0 +1,69 @@
+"""Helpers the test modules share (pytest puts tests/ on sys.path: ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.internet import reactor, task
+from twisted.internet.threads import deferToThread
+
+from coord import KeySet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sleep(seconds):
+    """A Deferred that fires after ``seconds`` of reactor time."""
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def wait_until(predicate, timeout=10.0, interval=0.02):
+    """Poll ``predicate`` (plain or async) until true; AssertionError after ``timeout``."""
+    for _ in range(int(timeout / interval)):
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        await sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+async def keys_under(client, prefix):
+    """The keys under ``prefix``, in key order."""
+    return [kv.key for kv in (await client.get(KeySet(prefix, prefix=True))).kvs]
+
+
+async def count_is(client, prefix, n):
+    return len(await keys_under(client, prefix)) == n
+
+
+async def lease_ids(client):
+    return sorted(lease.lease_id for lease in await client.leases())
+
+
+def spawn(code, *args, **kwargs):
+    """Run ``python -c code *args`` from the repository root, with text pipes."""
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
+
+
+def finish(proc):
+    """Kill ``proc`` if it still runs; reap it and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+def deferred_readline(proc):
+    """A Deferred firing with ``proc``'s next stdout line (read in a thread)."""
+    return deferToThread(proc.stdout.readline)
+
+
+def defer_to_exit(proc, timeout=30):
+    """A Deferred firing with ``(stdout, stderr)`` once ``proc`` exits."""
+    return deferToThread(proc.communicate, timeout=timeout)
