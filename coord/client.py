@@ -49,7 +49,6 @@ from coord.watch import (
     EventStream,
     WatchDeferred,
     Watcher,
-    callback_dispatch,
     filters_of,
     keysets_of,
 )
@@ -103,9 +102,16 @@ class Client:
             raise errors.InvalidArgument("user and password go together")
         credentials = (user, password) if user is not None and password is not None else None
         self._reactor = reactor
+        self._closed = False
+        self._watchers: set[Watcher] = set()
         self.timeout = timeout
         self.max_request_bytes = max_request_bytes
         if agent is not None:
+            if ca_cert is not None or cert is not None or key is not None:
+                raise errors.InvalidArgument(
+                    "ca_cert, cert and key are for coord's own transport; with agent=..., "
+                    "give the Agent a contextFactory (BrowserLikePolicyForHTTPS or your own "
+                    "IPolicyForHTTPS) that trusts your CA and presents your certificate")
             from coord._twisted.treq import TreqTransport
 
             self._transport: Any = TreqTransport(reactor, endpoints, agent,
@@ -301,8 +307,8 @@ class Client:
         """
         keysets = keysets_of(keys)
         _check_revision(start_revision)
-        watcher = Watcher(self, keysets, callback_dispatch(on_change), start_revision or None,
-                          bool(return_previous), filters_of(filters), idle_timeout)
+        watcher = Watcher(self, keysets, None, start_revision or None, bool(return_previous),
+                          filters_of(filters), idle_timeout, on_change=on_change)
         return watcher.deferred
 
     def events(self, keys: Any, start_revision: int | None = None,
@@ -408,8 +414,17 @@ class Client:
 
     # lifetime ---------------------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def close(self) -> defer.Deferred[None]:
-        """Close every connection; pending calls fail with Unavailable."""
+        """Close every connection; pending calls fail with Unavailable, watches end (their
+        Deferreds fire with None, as if cancelled), later calls fail at once."""
+        self._closed = True
+        for watcher in list(self._watchers):
+            watcher.cancel()
         return self._transport.close()
 
     async def __aenter__(self) -> Client:

@@ -20,11 +20,15 @@ on their own.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = [
+    "NOT_PROPOSED",
     "AuthFailed",
+    "AuthOldRevision",
     "Compacted",
+    "ConfigDecodeError",
     "CoordError",
     "EtcdError",
     "EtcdInvalidArgument",
@@ -35,19 +39,24 @@ __all__ = [
     "Failed",
     "FutureRevision",
     "InvalidArgument",
+    "LeadershipLost",
     "LeaseExpired",
     "LeaseNotFound",
+    "LockLost",
+    "NoLeader",
     "NoSpace",
     "NotLeader",
     "OutcomeUnknown",
     "PermissionDenied",
     "RequestTooLarge",
     "ResourceExhausted",
+    "SessionLost",
     "Timeout",
     "TooManyOperations",
     "Unauthenticated",
     "Unavailable",
     "WriteTimeout",
+    "for_write",
     "from_gateway",
 ]
 
@@ -175,6 +184,11 @@ class Unauthenticated(EtcdError):
     """Authentication failed or is required (bad credentials, or an invalid token)."""
 
 
+class AuthOldRevision(Unauthenticated):
+    """The token predates a change of etcd's auth store (JWT tokens carry its revision):
+    authenticating again gets a current one, which coord does once, transparently."""
+
+
 class AuthFailed(Unauthenticated):
     """The user name or password was refused."""
 
@@ -261,6 +275,8 @@ _BY_MESSAGE: dict[str, type[EtcdError]] = {
     "etcdserver: mvcc: database space exceeded": NoSpace,
     "etcdserver: authentication failed, invalid user ID or password": AuthFailed,
     "etcdserver: invalid auth token": Unauthenticated,
+    "etcdserver: revision of auth store is old": AuthOldRevision,  # 3.4
+    "auth: revision in header is old": AuthOldRevision,  # 3.5
     "etcdserver: user name is empty": Unauthenticated,
     "etcdserver: permission denied": PermissionDenied,
     "etcdserver: no leader": EtcdUnavailable,
@@ -273,7 +289,20 @@ _BY_MESSAGE: dict[str, type[EtcdError]] = {
     "etcdserver: too many requests": ResourceExhausted,
 }
 
+_GRPC_STATUS = re.compile(r"rpc error: code = (\w+) desc = (.*)", re.DOTALL)
+_CODE_NAMES = {
+    "Canceled": CANCELLED, "Unknown": UNKNOWN, "InvalidArgument": INVALID_ARGUMENT,
+    "DeadlineExceeded": DEADLINE_EXCEEDED, "NotFound": NOT_FOUND,
+    "AlreadyExists": ALREADY_EXISTS, "PermissionDenied": PERMISSION_DENIED,
+    "ResourceExhausted": RESOURCE_EXHAUSTED, "FailedPrecondition": FAILED_PRECONDITION,
+    "Aborted": ABORTED, "OutOfRange": OUT_OF_RANGE, "Unimplemented": UNIMPLEMENTED,
+    "Internal": INTERNAL, "Unavailable": UNAVAILABLE, "DataLoss": DATA_LOSS,
+    "Unauthenticated": UNAUTHENTICATED,
+}
+
 _BY_CODE: dict[int, type[EtcdError]] = {
+    CANCELLED: EtcdUnavailable,  # the call was cut short inside etcd or the gateway
+    DEADLINE_EXCEEDED: EtcdUnavailable,  # etcd's own deadline: a write may be applied
     INVALID_ARGUMENT: EtcdInvalidArgument,
     NOT_FOUND: EtcdError,
     PERMISSION_DENIED: PermissionDenied,
@@ -282,13 +311,20 @@ _BY_CODE: dict[int, type[EtcdError]] = {
     UNAUTHENTICATED: Unauthenticated,
 }
 
-# Errors etcd raises before it applies anything: a request that got one may be re-sent.
-RETRYABLE_BEFORE_APPLY = (EtcdUnavailable,)
+# Unavailability etcd reports before it proposes anything: even a write was not applied.
+NOT_PROPOSED = frozenset({
+    "etcdserver: no leader",
+    "etcdserver: not leader",
+    "etcdserver: too many requests",
+})
 
 
 def for_write(exc: EtcdError, write: bool) -> EtcdError:
-    """``exc`` as a write's final error: an unavailability becomes EtcdOutcomeUnknown."""
-    if write and isinstance(exc, EtcdUnavailable) and not isinstance(exc, OutcomeUnknown):
+    """``exc`` as a write's final error: an unavailability that may come after the write
+    was proposed becomes :class:`EtcdOutcomeUnknown`; one etcd reports before proposing
+    ("no leader") stays :class:`EtcdUnavailable` -- nothing was applied."""
+    if write and isinstance(exc, EtcdUnavailable) and not isinstance(exc, OutcomeUnknown) \
+            and exc.message not in NOT_PROPOSED:
         return EtcdOutcomeUnknown(exc.message, exc.code)
     return exc
 
@@ -317,5 +353,11 @@ def from_gateway(body: Any, http_status: int | None = None) -> EtcdError:
         message, code = "", UNKNOWN
     if not message:
         message = f"etcd gateway answered HTTP {http_status} with {body!r:.200}"
+    wrapped = _GRPC_STATUS.fullmatch(message)
+    if wrapped:
+        # A gRPC status printed as text (a watch's cancel_reason): "rpc error: code =
+        # PermissionDenied desc = etcdserver: permission denied".
+        message = wrapped.group(2)
+        code = _CODE_NAMES.get(wrapped.group(1), code)
     cls = _BY_MESSAGE.get(message) or _BY_CODE.get(code, EtcdError)
     return cls(message, code)

@@ -80,8 +80,9 @@ class Lease:
 
     def _check_alive(self, obj: dict) -> dict:
         # The gateway answers an unknown or expired lease with HTTP 200 and TTL -1: that is
-        # an error, not a remaining time.
-        if int(obj.get("TTL", -1)) < 0:
+        # an error, not a remaining time.  An omitted TTL is 0 (proto3 JSON leaves zeros
+        # out): a live lease in its last second.
+        if int(obj.get("TTL", 0)) < 0:
             raise errors.LeaseExpired(f"lease {self.lease_id:#x} has expired or was revoked",
                                       errors.NOT_FOUND)
         return obj

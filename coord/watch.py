@@ -79,12 +79,14 @@ class Watcher:
     """
 
     def __init__(self, client: Any, keysets: Sequence[KeySet],
-                 on_events: Callable[[list[Event]], None], start_revision: int | None,
-                 prev_kv: bool, filters: list[str], idle_timeout: float | None) -> None:
+                 on_events: Callable[[list[Event]], None] | None, start_revision: int | None,
+                 prev_kv: bool, filters: list[str], idle_timeout: float | None,
+                 on_change: Callable[[Event], Any] | None = None) -> None:
         self._client = client
         self._reactor = client._reactor
         self._keysets = list(keysets)
         self._on_events = on_events
+        self._on_change = on_change
         self._prev_kv = prev_kv
         self._filters = filters
         self.idle_timeout = idle_timeout
@@ -96,10 +98,13 @@ class Watcher:
         self._retry: Any = None
         self._idle: Any = None
         self._backoff = 0.0
+        self._auth_retried = False
+        self._paused = False
         self._done = False
         self.deferred = WatchDeferred(lambda d: self._finish(None))
         self.deferred.watcher = self
         self.ready: defer.Deferred[None] = defer.Deferred()
+        client._watchers.add(self)
         self._connect()
 
     def __repr__(self) -> str:
@@ -117,6 +122,9 @@ class Watcher:
         self._retry = None
         if self._done:
             return
+        if self._client.closed:
+            self._finish(None)
+            return
         self._created = 0
         self._ids = {}
         body = b"".join(
@@ -127,8 +135,27 @@ class Watcher:
                                                       self._ended)
         self._touch()
 
+    def pause_reading(self, paused: bool) -> None:
+        """Stop (or go on) reading the stream: TCP pushes back to etcd, which holds the
+        events for a slow watcher.  No idle timeout runs while paused; a stream created
+        again while paused starts paused."""
+        self._paused = paused
+        self._apply_pause()
+        if paused:
+            if self._idle is not None and self._idle.active():
+                self._idle.cancel()
+            self._idle = None
+        else:
+            self._touch()
+
+    def _apply_pause(self) -> None:
+        conn = getattr(self._stream, "conn", None)
+        transport = getattr(conn, "transport", None)
+        if transport is not None:
+            (transport.pauseProducing if self._paused else transport.resumeProducing)()
+
     def _touch(self) -> None:
-        if self.idle_timeout is None or self._done:
+        if self.idle_timeout is None or self._done or self._paused:
             return
         if self._idle is not None and self._idle.active():
             self._idle.reset(self.idle_timeout)
@@ -154,9 +181,13 @@ class Watcher:
         if self._done:
             return
         self._stream = None
+        if self._client.closed:
+            self._finish(None)
+            return
         if isinstance(reason, errors.Unauthenticated):
-            self._client._transport.forget_token()
-        elif reason is not None and not isinstance(reason, errors.Unavailable) and not force:
+            self._auth_refused(reason)
+            return
+        if reason is not None and not isinstance(reason, errors.Unavailable) and not force:
             self._finish(reason)
             return
         # Broken, ended or quiet: create it again after a short, growing, jittered pause.
@@ -173,8 +204,15 @@ class Watcher:
     def _message(self, msg: dict) -> None:
         if self._done:
             return
+        if self._paused:
+            self._apply_pause()  # a stream created again since the pause
         self._touch()
         watch_id = int(msg.get("watch_id", 0))
+        if msg.get("canceled"):
+            # Checked first: etcd refuses a create request (permission denied, a stale
+            # token) with created *and* canceled set, and watch_id -1.
+            self._canceled(msg, self._ids.get(watch_id))
+            return
         if msg.get("created"):
             # Creation answers come in the order of the create requests; later messages
             # name their watcher by the ID the creation answer gave it.
@@ -183,24 +221,16 @@ class Watcher:
             self._created += 1
             if self.revisions[index] is None:
                 self.revisions[index] = int(msg["header"]["revision"]) + 1
-            if self._created == len(self._keysets) and not self.ready.called:
-                self.ready.callback(None)
-            self._backoff = 0.0
+            if self._created == len(self._keysets):
+                self._backoff = 0.0
+                self._auth_retried = False
+                if not self.ready.called:
+                    self.ready.callback(None)
             return
         known = self._ids.get(watch_id)
         if known is None:
             return  # not one of ours (cannot happen on a stream of our own)
         index = known
-        if msg.get("canceled"):
-            compact = int(msg.get("compact_revision", 0))
-            reason = msg.get("cancel_reason") or ""
-            if compact:
-                self._finish(errors.Compacted(
-                    f"watch from revision {self.revisions[index]} failed: history before "
-                    f"revision {compact} is compacted", errors.OUT_OF_RANGE, compact))
-            else:
-                self._finish(errors.EtcdError(f"etcd cancelled the watch: {reason}"))
-            return
         raw = msg.get("events")
         if not raw:
             # A progress notification: every event up to its revision has been delivered.
@@ -210,15 +240,57 @@ class Watcher:
                 self.revisions[index] = rev + 1
             return
         events = [codec.event(e) for e in raw]
-        try:
+        # The whole response counts as delivered, even if cancel() stops delivery midway.
+        self.revisions[index] = events[-1].kv.mod_revision + 1
+        if self._on_events is not None:
             self._on_events(events)
-        finally:
-            self.revisions[index] = events[-1].kv.mod_revision + 1
+            return
+        on_change = self._on_change
+        assert on_change is not None
+        for event in events:
+            if self._done:
+                return  # cancelled by an earlier callback of this batch
+            try:
+                on_change(event)
+            except Exception:
+                log.failure("watch callback {cb!r} raised on {event!r}; the watch goes on",
+                            cb=on_change, event=event)
+
+    def _canceled(self, msg: dict, index: int | None) -> None:
+        compact = int(msg.get("compact_revision", 0))
+        if compact:
+            start = self.revisions[index] if index is not None else None
+            self._finish(errors.Compacted(
+                f"watch from revision {start} failed: history before revision {compact} "
+                f"is compacted", errors.OUT_OF_RANGE, compact))
+            return
+        reason = msg.get("cancel_reason") or "etcd cancelled the watch"
+        exc = errors.from_gateway({"message": reason})
+        if isinstance(exc, (errors.PermissionDenied, errors.Unauthenticated)):
+            # etcd 3.4/3.5 answer a stale token with "permission denied" too: with
+            # credentials, authenticate again once before believing it.
+            self._auth_refused(exc)
+            return
+        self._finish(exc)
+
+    def _auth_refused(self, exc: errors.EtcdError) -> None:
+        transport = self._client._transport
+        if isinstance(exc, errors.AuthFailed) or self._auth_retried or \
+                getattr(transport, "_credentials", None) is None:
+            self._finish(exc)
+            return
+        self._auth_retried = True
+        transport.forget_token()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.cancel()
+        self._connect()
 
     def _finish(self, reason: errors.CoordError | None) -> None:
         if self._done:
             return
         self._done = True
+        self._client._watchers.discard(self)
         for timer in (self._retry, self._idle):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -236,20 +308,6 @@ class Watcher:
                 self.deferred.callback(None)
             else:
                 self.deferred.errback(reason)
-
-
-def callback_dispatch(on_change: Callable[[Event], Any]) -> Callable[[list[Event]], None]:
-    """Call ``on_change`` for each event; log (with the event) and survive its exceptions."""
-
-    def dispatch(events: list[Event]) -> None:
-        for event in events:
-            try:
-                on_change(event)
-            except Exception:
-                log.failure("watch callback {cb!r} raised on {event!r}; the watch goes on",
-                            cb=on_change, event=event)
-
-    return dispatch
 
 
 class EventStream:
@@ -277,16 +335,9 @@ class EventStream:
     def _push(self, events: list[Event]) -> None:
         self._queue.extend(events)
         if len(self._queue) > self._high_water and not self._paused:
-            self._set_paused(True)
+            self._paused = True
+            self.watcher.pause_reading(True)
         self._wake()
-
-    def _set_paused(self, paused: bool) -> None:
-        stream = self.watcher._stream
-        conn = getattr(stream, "conn", None)
-        transport = getattr(conn, "transport", None)
-        if transport is not None:
-            (transport.pauseProducing if paused else transport.resumeProducing)()
-            self._paused = paused
 
     def _watch_done(self, result: Any) -> None:
         if isinstance(result, Failure):
@@ -313,7 +364,8 @@ class EventStream:
             await self._waiter
         event = self._queue.popleft()
         if self._paused and len(self._queue) < self._high_water // 10:
-            self._set_paused(False)
+            self._paused = False
+            self.watcher.pause_reading(False)
         return event
 
     @property

@@ -351,11 +351,6 @@ async def test_mtls_watch_delivers_events(etcd_factory, certs, tls_client):
     await d
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Client(ca_cert=..., agent=...) silently ignores ca_cert/cert/key: the treq "
-    "transport connects with the Agent's own TLS policy (here the platform's trust store), "
-    "so a client that was told which CA to trust fails certificate verification instead "
-    "of either honouring ca_cert or refusing the combination with InvalidArgument"))
 @pytest_twisted.ensureDeferred
 async def test_ca_cert_with_agent_is_honoured_or_refused(etcd_factory, certs):
     server = etcd_factory(tls=server_tls(certs))
@@ -405,11 +400,6 @@ def enable_auth(server: EtcdServer) -> None:
     assert status is None or status.get("enabled") is True
 
 
-WATCH_REFUSED_BUG_SHORT = (
-    "BUG: a watch refused at creation (created=true and canceled=true in one message) is "
-    "taken as created: ready fires, nothing is delivered, nothing fails.")
-
-
 @pytest.fixture
 def auth_server(etcd_factory):
     server = etcd_factory()
@@ -452,11 +442,6 @@ async def test_auth_bad_password_is_auth_failed(auth_server, new_client):
         await unknown.get(b"k")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a watch whose credentials are refused never fails: the stream ends with "
-    "AuthFailed, which is an Unauthenticated, so Watcher._ended forgets the token and "
-    "creates the stream again -- authenticating again with the same bad password every "
-    "<= 2 s, for ever; watch() never fails and watcher.ready never fires"))
 @pytest_twisted.ensureDeferred
 async def test_auth_watch_with_bad_password_fails(auth_server, new_client):
     client = new_client(auth_server.url, user="root", password="wrong", timeout=10)
@@ -512,11 +497,6 @@ async def test_auth_limited_user_inside_and_outside_its_prefix(auth_server, new_
     await d
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    WATCH_REFUSED_BUG_SHORT + " Here: a watch outside the user's permissions is 'ready' "
-    "and silent instead of failing with PermissionDenied (and even once 'canceled' is "
-    "read, Watcher._message makes a plain EtcdError of every non-compaction cancel_reason "
-    "instead of mapping it with errors.from_gateway)."))
 @pytest_twisted.ensureDeferred
 async def test_auth_watch_outside_prefix_is_permission_denied(auth_server, new_client):
     alice = new_client(auth_server.url, user="alice", password=ALICE_PASSWORD, timeout=10)
@@ -572,17 +552,6 @@ async def test_auth_after_etcd_restart(auth_server, new_client, transport):
     assert (await client.get(b"k")).kvs[0].value == b"v3"
 
 
-WATCH_REFUSED_BUG = (
-    "BUG: etcd refuses a watch it cannot authorise by answering the create request with "
-    "created=true AND canceled=true in one message (3.5.1: cancel_reason 'etcdserver: "
-    "permission denied', also for an expired token; 3.4.23: 'etcdserver: invalid auth "
-    "token'). Watcher._message returns on 'created' before looking at 'canceled': the "
-    "watch counts as created, ready fires, and it silently delivers nothing and never "
-    "fails (every idle_timeout it is created again, and refused again). The stream also "
-    "reuses a stale token: after_token() only authenticates when there is no token.")
-
-
-@pytest.mark.xfail(strict=True, reason=WATCH_REFUSED_BUG)
 @pytest_twisted.ensureDeferred
 async def test_auth_watch_created_after_token_expiry(short_token_server, new_client):
     client = new_client(short_token_server.url, user="root", password=ROOT_PASSWORD, timeout=10)
@@ -600,7 +569,6 @@ async def test_auth_watch_created_after_token_expiry(short_token_server, new_cli
         d.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason=WATCH_REFUSED_BUG)
 @pytest_twisted.ensureDeferred
 async def test_auth_watch_survives_etcd_restart(auth_server, new_client):
     client = new_client(auth_server.url, user="root", password=ROOT_PASSWORD, timeout=10)
@@ -655,14 +623,6 @@ async def test_auth_survives_an_auth_store_change(request, new_client, tokens):
     # store's revision from when it was issued, and etcd refuses it once the store moved:
     # "etcdserver: revision of auth store is old".
     server = request.getfixturevalue("auth_server" if tokens == "simple" else "jwt_server")
-    if tokens == "jwt":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG: with JWT tokens, a client whose token predates a change of the auth "
-            "store (here an admin adds a user) is refused every request until the token "
-            "expires -- 3.4.23: 'etcdserver: revision of auth store is old' "
-            "(EtcdInvalidArgument); 3.5.1: 'auth: revision in header is old' (plain "
-            "EtcdError) -- as coord re-authenticates only on Unauthenticated. etcd's Go "
-            "client re-authenticates on ErrAuthOldRevision.")))
     client = new_client(server.url, user="root", password=ROOT_PASSWORD, timeout=10)
     await client.set(b"k", b"v1")  # authenticated
     as_root(server, "/v3/auth/user/add", {"name": "bob", "password": "bob-secret"})

@@ -12,8 +12,10 @@ from coord import (
     EventType,
     InvalidArgument,
     KeySet,
+    OpSet,
     OutcomeUnknown,
     Timeout,
+    Transaction,
     Unavailable,
 )
 
@@ -276,3 +278,74 @@ async def test_hung_stream_is_noticed_and_resumed(etcd_cluster, new_client):
     finally:
         member.resume()
         d.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_inside_the_callback_stops_the_rest_of_the_batch(client):
+    seen = []
+
+    def on_change(event):
+        seen.append(event)
+        d.cancel()
+
+    d = client.watch(KeySet(b"b/", prefix=True), on_change)
+    await d.watcher.ready
+    # One transaction: three events of one revision, delivered in one response.
+    await client.submit(Transaction(success=[OpSet(b"b/1", b"1"), OpSet(b"b/2", b"2"),
+                                             OpSet(b"b/3", b"3")]))
+    assert await d is None
+    assert [e.kv.key for e in seen] == [b"b/1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_close_ends_its_watches(etcd, new_client):
+    watching = new_client(etcd.url)
+    d = watching.watch(b"k", lambda e: None)
+    stream = watching.events(b"k")
+    await d.watcher.ready
+    await stream.ready
+    await watching.close()
+    assert await d is None  # as if cancelled: nothing to handle
+    assert d.watcher._stream is None
+    async for _ in stream:
+        raise AssertionError("no event after close")
+    assert not [c for c in reactor.getDelayedCalls()
+                if getattr(c.func, "__self__", None) in (d.watcher, stream.watcher)]
+    # A watch asked of a closed client ends at once, without a connection attempt.
+    late = watching.watch(b"k", lambda e: None)
+    assert late.called and await late is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_close_while_a_watch_waits_to_reconnect(etcd_factory, new_client):
+    server = etcd_factory()
+    watching = new_client(server.url)
+    d = watching.watch(b"k", lambda e: None)
+    await d.watcher.ready
+    server.kill()
+    await wait_until(lambda: d.watcher._retry is not None)  # a reconnect is scheduled
+    await watching.close()
+    assert await d is None
+    assert d.watcher._retry is None or not d.watcher._retry.active()
+    server.restart()
+    await sleep(0.3)
+    assert d.watcher._stream is None  # no stream came back
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_paused_event_stream_is_not_restarted_by_its_idle_timer(etcd, pool_client):
+    for i in range(20):
+        await pool_client.set(b"q/%d" % i, b"x" * 1000)
+    async with pool_client.events(KeySet(b"q/", prefix=True), start_revision=1,
+                                  idle_timeout=0.3) as events:
+        events._high_water = 5
+        await events.ready
+        await sleep(1.0)  # not consuming: reading from etcd is paused
+        assert events._paused
+        assert events.watcher.reconnects == 0
+        got = []
+        async for event in events:
+            got.append(event.kv.key)
+            if len(got) == 20:
+                break
+    assert got == [b"q/%d" % i for i in range(20)]
