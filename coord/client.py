@@ -133,10 +133,22 @@ class Client:
     # plumbing -------------------------------------------------------------------------------
 
     def _request(self, path: str, body: dict, write: bool, timeout: Any = DEFAULT,
-                 decode: Callable[[Any], Any] | None = None) -> defer.Deferred[Any]:
+                 decode: Callable[[Any], Any] | None = None,
+                 endpoint: str | None = None) -> defer.Deferred[Any]:
         if timeout is DEFAULT:
             timeout = self.timeout
-        return self._transport.request(path, codec.encode(body), write, timeout, decode)
+        if endpoint is None:
+            return self._transport.request(path, codec.encode(body), write, timeout, decode)
+        return self._transport.request(path, codec.encode(body), write, timeout, decode,
+                                       endpoint=self._endpoint_index(endpoint))
+
+    def _endpoint_index(self, url: str) -> int:
+        urls = [ep.url for ep in self._transport.endpoints]
+        wanted = parse_endpoint(url).url
+        if wanted not in urls:
+            raise errors.InvalidArgument(
+                f"{url!r} is not one of this client's endpoints ({', '.join(urls)})")
+        return urls.index(wanted)
 
     def _check_size(self, size: int) -> None:
         if size > self.max_request_bytes:
@@ -367,10 +379,16 @@ class Client:
 
     # maintenance and cluster ----------------------------------------------------------------
 
-    def status(self, timeout: Any = DEFAULT) -> defer.Deferred[Status]:
-        """The status of the member that answers (version, leader, db size, ...)."""
+    def status(self, timeout: Any = DEFAULT, endpoint: str | None = None,
+               ) -> defer.Deferred[Status]:
+        """The status of the member that answers (version, leader, db size, ...).
+
+        Args:
+            endpoint: ask this member (one of the client's URLs) and no other: fails
+                with Unavailable if it cannot answer.  By default any member answers.
+        """
         return self._request("/v3/maintenance/status", {}, False, timeout,
-                             decode=codec.status_response)
+                             decode=codec.status_response, endpoint=endpoint)
 
     def alarms(self, timeout: Any = DEFAULT) -> defer.Deferred[list[Alarm]]:
         """The alarms raised in the cluster (NOSPACE, CORRUPT)."""
@@ -384,10 +402,17 @@ class Client:
         return self._request("/v3/maintenance/alarm", body, True, timeout,
                              decode=codec.alarms)
 
-    def defragment(self, timeout: Any = DEFAULT) -> defer.Deferred[None]:
-        """Defragment the answering member's backend database (blocks it meanwhile)."""
+    def defragment(self, timeout: Any = DEFAULT, endpoint: str | None = None,
+                   ) -> defer.Deferred[None]:
+        """Defragment a member's backend database (it blocks meanwhile).
+
+        Args:
+            endpoint: the member to defragment (one of the client's URLs); only that
+                member is asked.  By default, the member that answers -- with several
+                endpoints, name one: defragmenting is per member.
+        """
         return self._request("/v3/maintenance/defragment", {}, False, timeout,
-                             decode=lambda _: None)
+                             decode=lambda _: None, endpoint=endpoint)
 
     def members(self, timeout: Any = DEFAULT) -> defer.Deferred[list[Member]]:
         """The cluster's members (``MemberList``)."""

@@ -44,6 +44,10 @@ log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twis
 
 _FILTERS = {"noput": "NOPUT", "nodelete": "NODELETE"}
 
+# etcd's default interval between progress notifications to a watch that asked for them
+# (``--experimental-watch-progress-notify-interval``).
+PROGRESS_INTERVAL = 600.0
+
 
 def _create_request(keys: KeySet, start: int | None, prev_kv: bool, filters: list[str]) -> dict:
     req = keys_json(keys)
@@ -100,6 +104,8 @@ class Watcher:
         self._backoff = 0.0
         self._auth_retried = False
         self._paused = False
+        self._probe: defer.Deferred[Any] | None = None
+        self._last_message = self._reactor.seconds()
         self._done = False
         self.deferred = WatchDeferred(lambda d: self._finish(None))
         self.deferred.watcher = self
@@ -155,7 +161,8 @@ class Watcher:
             (transport.pauseProducing if self._paused else transport.resumeProducing)()
 
     def _touch(self) -> None:
-        if self.idle_timeout is None or self._done or self._paused:
+        self._last_message = self._reactor.seconds()
+        if self.idle_timeout is None or self._done or self._paused or self._probe is not None:
             return
         if self._idle is not None and self._idle.active():
             self._idle.reset(self.idle_timeout)
@@ -163,15 +170,57 @@ class Watcher:
             self._idle = self._reactor.callLater(self.idle_timeout, self._went_quiet)
 
     def _went_quiet(self) -> None:
+        """No message for ``idle_timeout`` seconds: quiet keys, or a hung member?
+
+        Ask the member that serves the stream (that member only) for its status.  If it
+        answers and has a leader, the keys are just quiet: keep the stream -- re-creating
+        it would gain nothing and could meet a compaction of the revision it resumes from.
+        If it does not answer in time, or has no leader, create the stream again on
+        another member.  etcd sends a progress notification every 10 minutes to a watch
+        that asked for them: a stream silent for longer than that is re-created anyway.
+        """
         self._idle = None
-        log.info("watch stream quiet for {t} s: creating it again", t=self.idle_timeout)
-        endpoint = getattr(self._stream, "endpoint", None)
+        stream = self._stream
+        transport = self._client._transport
+        endpoint = getattr(stream, "endpoint", None)
+        quiet = self._reactor.seconds() - self._last_message
+        if endpoint is None or endpoint not in transport.endpoints or \
+                quiet > PROGRESS_INTERVAL + (self.idle_timeout or 0):
+            self._hung(endpoint, f"watch stream quiet for {quiet:.0f} s")
+            return
+        assert self.idle_timeout is not None
+        probe = transport.request("/v3/maintenance/status", b"{}", False,
+                                  min(max(self.idle_timeout / 2, 0.5), 5.0),
+                                  endpoint=transport.endpoints.index(endpoint))
+        self._probe = probe
+
+        def answered(status: dict) -> None:
+            if self._probe is not probe or self._stream is not stream:
+                return
+            self._probe = None
+            if int(status.get("leader", 0)) == 0:
+                self._hung(endpoint, f"{endpoint.url} has no leader")
+            else:
+                self._touch()
+
+        def failed(failure: Failure) -> None:
+            if self._probe is not probe or self._stream is not stream:
+                return
+            self._probe = None
+            self._hung(endpoint, f"watch stream quiet for {quiet:.0f} s and {endpoint.url} "
+                                 f"does not answer: {failure.getErrorMessage()}")
+
+        probe.addCallbacks(answered, failed)
+
+    def _hung(self, endpoint: Any, why: str) -> None:
+        log.info("{why}: creating the watch stream again", why=why)
         if endpoint is not None:
             # A hung member still accepts connections: prefer another one next time.
             self._client._transport.demote(endpoint)
-        self._restart(errors.Unavailable(f"watch stream quiet for {self.idle_timeout} s"))
+        self._restart(errors.Unavailable(why))
 
     def _restart(self, reason: errors.CoordError) -> None:
+        self._cancel_probe()
         stream, self._stream = self._stream, None
         if stream is not None:
             stream.cancel()
@@ -201,9 +250,16 @@ class Watcher:
         self._idle = None
         self._retry = self._reactor.callLater(delay, self._connect)
 
+    def _cancel_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.addErrback(lambda _: None)
+            probe.cancel()
+
     def _message(self, msg: dict) -> None:
         if self._done:
             return
+        self._cancel_probe()  # the stream lives
         if self._paused:
             self._apply_pause()  # a stream created again since the pause
         self._touch()
@@ -291,6 +347,7 @@ class Watcher:
             return
         self._done = True
         self._client._watchers.discard(self)
+        self._cancel_probe()
         for timer in (self._retry, self._idle):
             if timer is not None and timer.active():
                 timer.cancel()

@@ -25,9 +25,11 @@ from coord import (
     Range,
     RequestTooLarge,
     Revision,
+    Timeout,
     TooManyOperations,
     Transaction,
     TransactionResult,
+    Unavailable,
 )
 from coord.types import Deleted
 
@@ -352,3 +354,28 @@ async def test_server_side_limits_are_typed(client):
     # A value of 1 MiB is fine.
     await client.set(b"mib", b"y" * (1 << 20))
     assert len((await client.get(b"mib")).kvs[0].value) == 1 << 20
+
+
+@pytest_twisted.ensureDeferred
+async def test_member_specific_maintenance_asks_that_member_only(etcd_cluster, new_client):
+    client = new_client(etcd_cluster.urls, timeout=3)
+    for member in etcd_cluster.members:
+        status = await client.status(endpoint=member.url)
+        assert status.header.member_id == (await new_client(member.url).status()).header.member_id
+    down = etcd_cluster.members[0]
+    down.pause()  # accepts connections, answers nothing
+    try:
+        with pytest.raises(Timeout):
+            await client.status(endpoint=down.url, timeout=1)
+        with pytest.raises(Timeout):
+            await client.defragment(endpoint=down.url, timeout=1)
+    finally:
+        down.resume()
+    down.kill()  # refuses connections: unpinned calls go elsewhere, pinned ones do not
+    with pytest.raises(Unavailable):
+        await client.status(endpoint=down.url)
+    with pytest.raises(Unavailable):
+        await client.defragment(endpoint=down.url)
+    assert (await client.status()).header.member_id != 0  # another member answers
+    with pytest.raises(InvalidArgument, match="not one of this client's endpoints"):
+        client.status(endpoint="http://127.0.0.1:1")

@@ -349,3 +349,17 @@ async def test_a_paused_event_stream_is_not_restarted_by_its_idle_timer(etcd, po
             if len(got) == 20:
                 break
     assert got == [b"q/%d" % i for i in range(20)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quiet_watch_on_a_live_member_is_kept(client):
+    seen = []
+    d = client.watch(b"quiet", seen.append, idle_timeout=0.3)
+    await d.watcher.ready
+    stream = d.watcher._stream
+    await sleep(1.5)  # several idle periods: each probe finds the member alive
+    assert d.watcher.reconnects == 0
+    assert d.watcher._stream is stream
+    await client.set(b"quiet", b"now")
+    await wait_until(lambda: len(seen) == 1)
+    d.cancel()

@@ -55,11 +55,13 @@ class TreqTransport:
         return headers
 
     def request(self, path: str, body: bytes, write: bool, timeout: float | None,
-                decode: Callable[[Any], Any] | None = None) -> defer.Deferred[Any]:
+                decode: Callable[[Any], Any] | None = None,
+                endpoint: int | None = None) -> defer.Deferred[Any]:
+        """As :meth:`HttpTransport.request`; ``endpoint`` pins the call to that endpoint."""
         if self._closed:
             return defer.fail(errors.Unavailable("the client is closed"))
         state = {"sent": False}
-        d = defer.Deferred.fromCoroutine(self._request(path, body, write, state))
+        d = defer.Deferred.fromCoroutine(self._request(path, body, write, state, endpoint))
         self._pending.add(d)
         d.addBoth(self._forget, d)
         if timeout is not None:
@@ -77,12 +79,18 @@ class TreqTransport:
         self._pending.discard(d)
         return result
 
-    async def _request(self, path: str, body: bytes, write: bool, state: dict) -> Any:
+    def _plan(self, write: bool, pinned: int | None) -> Plan:
+        if pinned is not None:
+            return Plan(pinned, len(self.endpoints), write, pinned=True)
+        return Plan(self._preferred, len(self.endpoints), write)
+
+    async def _request(self, path: str, body: bytes, write: bool, state: dict,
+                       pinned: int | None = None) -> Any:
         if self._credentials is not None and self._token is None and path != AUTH_PATH:
             await self._authenticate()
         auth_retried = False
         unavailable_retries = 0
-        plan = Plan(self._preferred, len(self.endpoints), write)
+        plan = self._plan(write, pinned)
         last: errors.CoordError = errors.Unavailable("no endpoint")
         while True:
             index = plan.next_index()
@@ -122,14 +130,14 @@ class TreqTransport:
                 await deferLater(self.reactor, Plan.UNAVAILABLE_PAUSES[unavailable_retries],
                                  lambda: None)
                 unavailable_retries += 1
-                plan = Plan(self._preferred, len(self.endpoints), write)
+                plan = self._plan(write, pinned)
                 continue
             if (isinstance(exc, errors.Unauthenticated) and self._credentials is not None
                     and not auth_retried and path != AUTH_PATH):
                 auth_retried = True
                 self._token = None
                 await self._authenticate()
-                plan = Plan(self._preferred, len(self.endpoints), write)
+                plan = self._plan(write, pinned)
                 continue
             raise errors.for_write(exc, write)
 
