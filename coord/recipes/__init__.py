@@ -3,8 +3,17 @@ transaction on create revisions, and a watch started at a known revision.
 
 Locks (Go-compatible layout, fencing tokens): :class:`Lock`, :class:`RWLock`,
 :class:`Semaphore`, and :func:`acquire_lock` (a lock with a session of its own).
+
+Config: :class:`ConfigWatcher`, a consistent live view of a config prefix.
 """
 
+from coord.recipes.config import (
+    ConfigChange,
+    ConfigSnapshot,
+    ConfigState,
+    ConfigStopped,
+    ConfigWatcher,
+)
 from coord.recipes.lock import (
     Lock,
     LockLost,
@@ -17,6 +26,11 @@ from coord.recipes.lock import (
 )
 
 __all__ = [
+    "ConfigChange",
+    "ConfigSnapshot",
+    "ConfigState",
+    "ConfigStopped",
+    "ConfigWatcher",
     "Lock",
     "LockLost",
     "LockState",
