@@ -121,17 +121,45 @@ def service_worker(url: str, duration: float) -> None:
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
 
 
+def etcd3_worker(url: str, duration: float) -> None:
+    """The same loop with python-etcd3's Lock (gRPC), run by the interpreter given with
+    --etcd3-python.  Its Lock has no fencing token: holds are ordered by acquire time."""
+    from urllib.parse import urlsplit
+
+    import etcd3  # type: ignore[import-not-found]
+
+    parts = urlsplit(url)
+    client = etcd3.client(host=parts.hostname, port=parts.port)
+    lock = client.lock("bench-etcd3", ttl=10)
+    lock.acquire()
+    lock.release()
+    time.sleep(max(0.0, START - time.monotonic()))
+    holds = []
+    end = time.monotonic() + duration
+    while time.monotonic() < end:
+        lock.acquire()
+        acquired = time.monotonic()
+        released = time.monotonic()
+        lock.release()
+        holds.append((acquired, acquired, released, time.monotonic()))
+    print(json.dumps({"holds": holds, "requests": None}), flush=True)
+    client.close()
+
+
 START = 0.0
 
 
 # -- the parent -----------------------------------------------------------------------------
 
 
-def run_workers(kind: str, n: int, url: str, duration: float, go_watch: bool) -> list[dict]:
+def run_workers(kind: str, n: int, url: str, duration: float, go_watch: bool,
+                python: str = sys.executable) -> list[dict]:
     start = time.monotonic() + 2.0
     procs = [subprocess.Popen(
-        [sys.executable, __file__, "--worker", kind, url, str(duration), str(start),
-         "1" if go_watch else "0"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        [python, __file__, "--worker", kind, url, str(duration), str(start),
+         "1" if go_watch else "0"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        # python-etcd3's watch threads complain when its client closes: noise, not news
+        stderr=subprocess.DEVNULL if kind == "etcd3" else None)
         for _ in range(n)]
     results = []
     for p in procs:
@@ -145,14 +173,15 @@ def run_workers(kind: str, n: int, url: str, duration: float, go_watch: bool) ->
 def report(label: str, results: list[dict], duration: float) -> None:
     holds = sorted(h for r in results for h in r["holds"])
     cycles = len(holds)
-    requests = sum(r["requests"] for r in results)
+    counted = [r["requests"] for r in results if r["requests"] is not None]
     handoffs = [(b[1] - a[2]) * 1000 for a, b in itertools.pairwise(holds)]
     after_reply = [max(0.0, b[1] - a[3]) * 1000 for a, b in itertools.pairwise(holds)]
     tokens = [h[0] for h in holds]
     assert len(set(tokens)) == len(tokens), "two holds with one token"
     overlap = sum(1 for a, b in itertools.pairwise(holds) if b[1] < a[2])
-    line = (f"{label:<34} {cycles / duration:8.0f} cycles/s  "
-            f"{requests / max(cycles, 1):5.2f} requests/cycle")
+    per_cycle = (f"{sum(counted) / max(cycles, 1):5.2f}" if len(counted) == len(results)
+                 else "  n/a")
+    line = f"{label:<34} {cycles / duration:8.0f} cycles/s  {per_cycle} requests/cycle"
     if len(results) > 1:
         line += (f"  handoff p50 {percentile(handoffs, 0.5):6.2f} ms"
                  f"  p99 {percentile(handoffs, 0.99):6.2f} ms"
@@ -170,6 +199,9 @@ def main() -> None:
     parser.add_argument("--contenders", type=int, default=8)
     parser.add_argument("--go-watch", action="store_true")
     parser.add_argument("--etcd-lock-service", action="store_true")
+    parser.add_argument("--etcd3-python", metavar="PYTHON",
+                        help="an interpreter with python-etcd3 installed: its Lock runs the "
+                             "same loops (python-etcd3 needs protobuf<4; see README.md)")
     args = parser.parse_args()
 
     def measure(url: str) -> None:
@@ -185,6 +217,13 @@ def main() -> None:
         report(f"coord {args.contenders} contenders (processes)",
                run_workers("coord", args.contenders, url, args.duration, args.go_watch),
                args.duration)
+        if args.etcd3_python:
+            report("python-etcd3 uncontended",
+                   run_workers("etcd3", 1, url, args.duration, False, args.etcd3_python),
+                   args.duration)
+            report(f"python-etcd3 {args.contenders} contenders",
+                   run_workers("etcd3", args.contenders, url, args.duration, False,
+                               args.etcd3_python), args.duration)
         if args.etcd_lock_service:
             report(f"etcd lock service, {args.contenders} contenders",
                    run_workers("service", args.contenders, url, args.duration, False),
@@ -205,6 +244,8 @@ if __name__ == "__main__":
         START = float(start)
         if kind == "service":
             service_worker(url, float(duration))
+        elif kind == "etcd3":
+            etcd3_worker(url, float(duration))
         else:
             worker(kind, url, float(duration), go_watch == "1")
     else:
