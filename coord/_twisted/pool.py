@@ -7,14 +7,19 @@ size wait in a queue.
 
 Failover and retry (decided by :class:`Plan`, which does no I/O):
 
-* a request that was never written (connect refused, endpoint down) moves on to the next
-  endpoint -- always safe;
+* a request that was never written (connect refused, endpoint down, a send that failed
+  before its first byte left) moves on to the next endpoint -- always safe;
 * a *read* whose connection broke after it was written is sent again to the next endpoint;
 * a *write* whose connection broke after it was written, or that timed out, is never sent
   again: it fails with :class:`~coord.errors.OutcomeUnknown` / ``WriteTimeout``;
 * an answer "etcdserver: no leader" is given before etcd proposes anything, so any request
   that gets it is sent to the next endpoint;
-* "etcdserver: invalid auth token" makes the transport authenticate again and re-send once.
+* "etcdserver: invalid auth token" makes the transport authenticate again and re-send once;
+* a *pinned* request (``request(..., endpoint=i)``: member-specific maintenance such as
+  status or defragment) goes to that endpoint only, never to another.
+
+After :meth:`HttpTransport.close` nothing is left: no connection (not even one still being
+made), no timer; later calls fail at once with ``Unavailable("client closed")``.
 
 This is the only module (with :mod:`coord._twisted.treq`) that touches sockets.
 """
@@ -90,26 +95,36 @@ class Plan:
     """Which endpoint a call tries next, and whether a failure may be retried.
 
     Sans-IO bookkeeping for one call.  ``start`` is the index of the endpoint the client
-    currently prefers; each endpoint is tried at most once, except that a read gets one
-    extra try on its first endpoint (a kept-alive connection that the server had just
-    closed is indistinguishable from a dead server until we try again).
+    currently prefers; each endpoint is tried at most once, except that the first one gets
+    one extra try (a kept-alive connection that the server had just closed is
+    indistinguishable from a dead server until we try again).  Only a call that may be
+    re-sent gets there (see :meth:`may_resend`), so the extra try is safe for a write too:
+    it was never sent.  A *pinned* plan tries endpoint ``start`` only (twice).
     """
 
-    __slots__ = ("attempts", "budget", "count", "start")
+    __slots__ = ("attempts", "budget", "count", "pinned", "start")
 
-    def __init__(self, start: int, count: int, write: bool) -> None:
+    def __init__(self, start: int, count: int, write: bool, pinned: bool = False) -> None:
         self.start = start
-        self.count = count
+        self.count = 1 if pinned else count
+        self.pinned = pinned
         self.attempts = 0
-        self.budget = count if write else count + 1
+        self.budget = self.count + 1
 
     def next_index(self) -> int | None:
         """The endpoint index for the next attempt, or None when the budget is spent."""
         if self.attempts >= self.budget:
             return None
-        index = (self.start + self.attempts) % self.count
+        index = (self.start + self.attempts) % self.count if not self.pinned else self.start
         self.attempts += 1
         return index
+
+    def tried(self) -> list[int]:
+        """The endpoint indexes tried so far, each once, in order."""
+        if self.pinned:
+            return [self.start] if self.attempts else []
+        n = min(self.attempts, self.count)
+        return [(self.start + i) % self.count for i in range(n)]
 
     @staticmethod
     def may_resend(write: bool, sent: bool) -> bool:
@@ -132,12 +147,21 @@ class Plan:
             return True
         return not write and isinstance(exc, errors.EtcdUnavailable)
 
+    @staticmethod
+    def answer_error(write: bool, exc: errors.EtcdError) -> errors.EtcdError:
+        """The error a call fails with after etcd answered ``exc`` (not retried, or the
+        retries ran out).  An answered call was sent, so for a write the question is
+        whether etcd may have applied it: :func:`errors.for_write` decides (an
+        unavailability after the proposal, a CANCELLED or DEADLINE_EXCEEDED gRPC status:
+        unknown; "no leader": known, nothing applied)."""
+        return errors.for_write(exc, write)
+
 
 class _Call:
     """One request in flight: its bytes, its Deferred, its deadline and its retry plan."""
 
     __slots__ = ("auth_retried", "body", "conn", "decode", "deferred", "done", "endpoint",
-                 "path", "plan", "sent", "unavailable_retries", "write")
+                 "path", "pinned", "plan", "sent", "unavailable_retries", "write")
 
     def __init__(self, path: str, body: bytes, write: bool,
                  decode: Callable[[Any], Any] | None = None) -> None:
@@ -153,6 +177,7 @@ class _Call:
         self.done = False
         self.auth_retried = False
         self.unavailable_retries = 0
+        self.pinned: int | None = None
 
     def _cancel(self, d: defer.Deferred[Any]) -> None:
         # Deferred.cancel() errbacks with CancelledError after this returns.
@@ -217,7 +242,17 @@ class _Connection(protocol.Protocol):
         self.call = call
         call.conn = self
         call.sent = True
-        self.write(data)
+        try:
+            self.write(data)
+        except OSError as e:
+            # Not one byte left this host: the request was not sent, whatever it is, and
+            # may go to the next endpoint.
+            self.call = None
+            call.conn = None
+            call.sent = False
+            self.abort()
+            self.pool.transport.call_broken(call, errors.Unavailable(
+                f"cannot send to {self.pool.endpoint.url}: {e}"))
 
     def write(self, data: bytes) -> None:
         """Send ``data`` now if the socket takes it, else through Twisted's buffer.
@@ -226,14 +261,19 @@ class _Connection(protocol.Protocol):
         turn, after two epoll_ctl calls to watch for writability and stop again.  A
         request is small and the connection idle, so a direct send almost always takes
         it whole -- that saves a third of the per-request CPU (measured with cProfile).
+
+        Raises:
+            OSError: the direct send failed and sent nothing (the connection is broken).
+                Once some bytes went out, the rest goes through Twisted, which reports
+                a failure as a lost connection.
         """
         sock = self._socket
         t: Any = self.transport
         if sock is not None and not t._tempDataLen and t.offset == len(t.dataBuffer):
             try:
                 sent = sock.send(data)
-            except OSError:
-                sent = 0  # let Twisted's own write path report the error
+            except BlockingIOError:
+                sent = 0  # the socket's buffer is full: Twisted sends it when it drains
             if sent == len(data):
                 return
             data = data[sent:]
@@ -325,15 +365,27 @@ class _Connection(protocol.Protocol):
 
 
 class _Factory(protocol.ClientFactory):
+    """Makes one connection for a pool; the pool keeps it while it connects (to stop it
+    on close)."""
+
     noisy = False  # no "Starting factory" line per connection in the log
+
     def __init__(self, pool: _EndpointPool) -> None:
         self.pool = pool
+        self.connector: Any = None
 
     def buildProtocol(self, addr: Any) -> _Connection:
+        self.pool.connectors.discard(self)
         return _Connection(self.pool)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.pool.connectors.discard(self)
         self.pool.connect_failed(reason)
+
+
+def _stop_connecting(connector: Any) -> None:
+    if connector is not None and connector.state == "connecting":
+        connector.stopConnecting()
 
 
 class _EndpointPool:
@@ -346,6 +398,7 @@ class _EndpointPool:
         self.idle: list[_Connection] = []
         self.all: set[_Connection] = set()
         self.connecting = 0
+        self.connectors: set[_Factory] = set()
         self.waiting: collections.deque[_Call] = collections.deque()
         self.heads: dict[str, bytes] = {}
 
@@ -371,7 +424,9 @@ class _EndpointPool:
 
     def connect(self) -> None:
         self.connecting += 1
-        self.transport.connect(self.endpoint, _Factory(self))
+        factory = _Factory(self)
+        self.connectors.add(factory)
+        factory.connector = self.transport.connect(self.endpoint, factory)
 
     def forget(self, call: _Call) -> None:
         try:
@@ -382,6 +437,9 @@ class _EndpointPool:
     def connection_ready(self, conn: _Connection) -> None:
         if conn not in self.all:
             self.connecting -= 1
+            if self.transport.closed:
+                conn.abort()  # made while (or just before) the transport closed
+                return
             self.all.add(conn)
         while self.waiting:
             call = self.waiting.popleft()
@@ -395,6 +453,11 @@ class _EndpointPool:
         self.all.discard(conn)
         if conn in self.idle:
             self.idle.remove(conn)
+        # A call waiting for a connection while the pool was full would otherwise wait
+        # until its timeout (or forever): the pool has room again.
+        if self.waiting and not self.transport.closed and \
+                len(self.all) + self.connecting < self.transport.max_connections:
+            self.connect()
 
     def connect_failed(self, reason: Failure) -> None:
         self.connecting -= 1
@@ -408,6 +471,9 @@ class _EndpointPool:
                 self.transport.call_broken(call, exc)
 
     def close(self) -> None:
+        for factory in list(self.connectors):
+            _stop_connecting(factory.connector)  # its calls were failed already
+        self.connectors.clear()
         for conn in list(self.all):
             conn.abort()
         self.idle.clear()
@@ -426,6 +492,7 @@ class Deadlines:
         self._expire = expire
         self._fifos: dict[float, collections.deque[tuple[float, _Call]]] = {}
         self._timer: Any = None
+        self._firing = False
 
     def add(self, call: _Call, timeout: float) -> None:
         deadline = self._reactor.seconds() + timeout
@@ -439,6 +506,8 @@ class Deadlines:
             fifo.append((deadline, call))
             return
         fifo.append((deadline, call))
+        if self._firing:
+            return  # _fire() sets the timer when it is done
         timer = self._timer
         if timer is None:
             self._timer = self._reactor.callLater(timeout, self._fire)
@@ -446,20 +515,43 @@ class Deadlines:
             timer.reset(timeout)
 
     def _fire(self) -> None:
+        # Expiring a call runs its errbacks, which may clear() (close the client) or add()
+        # calls: add() only files them while this runs, and the timer is set once, at the
+        # end, from whatever FIFOs exist then.
         self._timer = None
-        now = self._reactor.seconds()
+        self._firing = True
+        try:
+            now = self._reactor.seconds()
+            for timeout, fifo in list(self._fifos.items()):
+                while fifo and self._fifos.get(timeout) is fifo and \
+                        (fifo[0][1].done or fifo[0][0] <= now):
+                    _, call = fifo.popleft()
+                    if not call.done:
+                        self._expire(call, timeout)
+        finally:
+            self._firing = False
+            self._schedule()
+
+    def _schedule(self) -> None:
         earliest = None
         for timeout, fifo in list(self._fifos.items()):
-            while fifo and (fifo[0][1].done or fifo[0][0] <= now):
-                _, call = fifo.popleft()
-                if not call.done:
-                    self._expire(call, timeout)
-            if fifo:
-                earliest = fifo[0][0] if earliest is None else min(earliest, fifo[0][0])
-            else:
+            while fifo and fifo[0][1].done:
+                fifo.popleft()
+            if not fifo:
                 del self._fifos[timeout]
-        if earliest is not None:
-            self._timer = self._reactor.callLater(max(0.0, earliest - now), self._fire)
+            elif earliest is None or fifo[0][0] < earliest:
+                earliest = fifo[0][0]
+        timer = self._timer
+        if earliest is None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._timer = None
+            return
+        delay = max(0.0, earliest - self._reactor.seconds())
+        if timer is not None and timer.active():
+            timer.reset(delay)
+        else:
+            self._timer = self._reactor.callLater(delay, self._fire)
 
     def clear(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -494,7 +586,8 @@ class HttpTransport:
         self._authenticating: defer.Deferred[None] | None = None
         self._auth_waiters: list[tuple[Callable[[], None], Callable[[BaseException], None]]] = []
         self._streams: set[_Stream] = set()
-        self._closed = False
+        self._pauses: dict[_Call, Any] = {}  # DelayedCalls re-sending after "no leader"
+        self.closed = False
         self._deadlines = Deadlines(reactor, self._timed_out)
 
     @property
@@ -508,20 +601,21 @@ class HttpTransport:
     def extra_headers(self) -> dict[str, str]:
         return {"Authorization": self._token} if self._token else {}
 
-    def connect(self, endpoint: Endpoint, factory: protocol.ClientFactory) -> None:
+    def connect(self, endpoint: Endpoint, factory: protocol.ClientFactory) -> Any:
+        """Start connecting; returns the connector (to stop it, see close())."""
         if endpoint.tls:
             if self._tls is None:
                 raise errors.InvalidArgument(f"{endpoint.url} needs TLS options")
-            self.reactor.connectSSL(endpoint.host, endpoint.port, factory,
-                                    self._tls(endpoint), timeout=self.connect_timeout)
-        else:
-            self.reactor.connectTCP(endpoint.host, endpoint.port, factory,
-                                    timeout=self.connect_timeout)
+            return self.reactor.connectSSL(endpoint.host, endpoint.port, factory,
+                                           self._tls(endpoint), timeout=self.connect_timeout)
+        return self.reactor.connectTCP(endpoint.host, endpoint.port, factory,
+                                       timeout=self.connect_timeout)
 
     # unary calls ------------------------------------------------------------------------------
 
     def request(self, path: str, body: bytes, write: bool, timeout: float | None,
-                decode: Callable[[Any], Any] | None = None) -> defer.Deferred[Any]:
+                decode: Callable[[Any], Any] | None = None,
+                endpoint: int | None = None) -> defer.Deferred[Any]:
         """POST ``body`` to ``path``; the Deferred fires with the decoded JSON answer.
 
         Args:
@@ -529,30 +623,62 @@ class HttpTransport:
             timeout: seconds for the whole call, retries included; None for no limit.
             decode: applied to the JSON answer before the Deferred fires (saves a
                 callback per request); what it raises fails the call.
+            endpoint: the index (in :attr:`endpoints`) of the one endpoint to ask, for
+                member-specific calls (status, defragment, alarms of *that* member):
+                never sent to another one; None (the default) for any endpoint, with
+                failover.
 
+        Raises:
+            InvalidArgument: ``endpoint`` is not an index of :attr:`endpoints` (raised
+                at once, not through the Deferred).
+
+        The Deferred fails with ``Unavailable("client closed")`` at once after close().
         Cancelling the Deferred drops the call (and the connection, if the request was
         already written).
         """
+        if endpoint is not None and not 0 <= endpoint < len(self._pools):
+            raise errors.InvalidArgument(
+                f"endpoint index {endpoint} is not one of the {len(self._pools)} endpoints")
         call = _Call(path, body, write, decode)
-        if self._closed:
-            call.fail(errors.Unavailable("the client is closed"))
+        if self.closed:
+            call.fail(errors.Unavailable("client closed"))
             return call.deferred
         if timeout is not None:
             self._deadlines.add(call, timeout)
-        call.plan = Plan(self._preferred, len(self._pools), write)
+        call.pinned = endpoint
+        call.plan = self._plan(call)
         if self._credentials is not None and self._token is None and path != AUTH_PATH:
             self._wait_for_token(call)
         else:
             self._dispatch(call)
         return call.deferred
 
-    def _dispatch(self, call: _Call) -> None:
-        index = call.plan.next_index()  # type: ignore[union-attr]
-        if index is None:
+    def _plan(self, call: _Call) -> Plan:
+        if call.pinned is not None:
+            return Plan(call.pinned, len(self._pools), call.write, pinned=True)
+        return Plan(self._preferred, len(self._pools), call.write)
+
+    def _dispatch(self, call: _Call, exc: errors.CoordError | None = None) -> None:
+        """Send ``call`` to its plan's next endpoint; when none is left, fail it with
+        Unavailable naming the endpoints tried (and ``exc``, the last failure)."""
+        if self.closed:
+            call.fail(errors.Unavailable("client closed"))
             return
-        self._pools[index].submit(call)
+        plan: Plan = call.plan  # type: ignore[assignment]
+        index = plan.next_index()
+        if index is not None:
+            self._pools[index].submit(call)
+            return
+        if exc is not None and type(exc) is not errors.Unavailable:
+            call.fail(exc)  # an error of its own kind (an etcd answer): keep it
+            return
+        tried = ", ".join(self._pools[i].endpoint.url for i in plan.tried())
+        last = f": {exc}" if exc is not None else ""
+        call.fail(errors.Unavailable(f"{call.path}: no endpoint could serve it "
+                                     f"(tried {tried}){last}"))
 
     def _resend(self, call: _Call) -> None:
+        self._pauses.pop(call, None)
         if not call.done:
             self._dispatch(call)
 
@@ -585,14 +711,7 @@ class HttpTransport:
         if call.sent:
             self.endpoint_down(call.endpoint)  # type: ignore[arg-type]
         call.sent = False
-        self._retry(call, exc)
-
-    def _retry(self, call: _Call, exc: errors.CoordError) -> None:
-        index = call.plan.next_index()  # type: ignore[union-attr]
-        if index is None:
-            call.fail(exc)
-        else:
-            self._pools[index].submit(call)
+        self._dispatch(call, exc)
 
     def call_answered(self, call: _Call, status: int, body: bytes) -> None:
         if call.done:
@@ -619,8 +738,8 @@ class HttpTransport:
             call.sent = False
             pause = Plan.UNAVAILABLE_PAUSES[call.unavailable_retries]
             call.unavailable_retries += 1
-            call.plan = Plan(self._preferred, len(self._pools), call.write)
-            self.reactor.callLater(pause, self._resend, call)
+            call.plan = self._plan(call)
+            self._pauses[call] = self.reactor.callLater(pause, self._resend, call)
         elif isinstance(exc, errors.Unauthenticated) and self._credentials is not None \
                 and not call.auth_retried and call.path != AUTH_PATH:
             # The token expired (or the server restarted): get a new one, send once more.
@@ -629,14 +748,14 @@ class HttpTransport:
             self._set_token(None)
             self._wait_for_token(call)
         else:
-            call.fail(errors.for_write(exc, call.write))
+            call.fail(Plan.answer_error(call.write, exc))
 
     # authentication -------------------------------------------------------------------------
 
     def _wait_for_token(self, call: _Call) -> None:
         def go() -> None:
             if not call.done:
-                call.plan = Plan(self._preferred, len(self._pools), call.write)
+                call.plan = self._plan(call)
                 self._dispatch(call)
 
         self.after_token(go, call.fail)
@@ -688,6 +807,9 @@ class HttpTransport:
                endpoint: int | None = None) -> _Stream:
         """Open a streaming POST on a connection of its own (see :class:`_Stream`)."""
         stream = _Stream(self, path, body, on_message, on_end)
+        if self.closed:
+            stream.ended(errors.Unavailable("client closed"))
+            return stream
 
         def go() -> None:
             if not stream.finished:
@@ -701,18 +823,27 @@ class HttpTransport:
         return stream
 
     def close(self) -> defer.Deferred[None]:
-        """Drop every connection and fail pending calls with Unavailable."""
-        self._closed = True
+        """Drop every connection (also those still connecting), stop every timer, and
+        fail pending calls with ``Unavailable("client closed")``; so do later calls."""
+        self.closed = True
         self._deadlines.clear()
+        pauses, self._pauses = self._pauses, {}
+        for call, timer in pauses.items():
+            if timer.active():
+                timer.cancel()
+            call.fail(errors.Unavailable("client closed"))
         for stream in list(self._streams):
             stream.cancel()
+        waiters, self._auth_waiters = self._auth_waiters, []
+        for _, fail in waiters:
+            fail(errors.Unavailable("client closed"))
         for pool in self._pools:
             waiting, pool.waiting = pool.waiting, collections.deque()
             for call in waiting:
-                call.fail(errors.Unavailable("the client was closed"))
+                call.fail(errors.Unavailable("client closed"))
             for conn in list(pool.all):
                 if conn.call is not None:
-                    conn.call.fail(errors.Unavailable("the client was closed"))
+                    conn.call.fail(errors.Unavailable("client closed"))
             pool.close()
         return defer.succeed(None)
 
@@ -742,13 +873,14 @@ class _Stream:
         self.conn: _Connection | None = None
         self.endpoint: Endpoint | None = None
         self.finished = False
+        self.connector: Any = None
         self._error_body: list[bytes] = []
 
     def open(self, index: int) -> None:
         pool = self.transport._pools[index]
         self.endpoint = pool.endpoint
         self.transport._streams.add(self)
-        self.transport.connect(pool.endpoint, _StreamFactory(pool, self))
+        self.connector = self.transport.connect(pool.endpoint, _StreamFactory(pool, self))
 
     def connected(self, conn: _Connection) -> None:
         if self.finished:
@@ -756,9 +888,15 @@ class _Stream:
             return
         self.conn = conn
         pool = conn.pool
-        conn.write(build_request(pool.head(self.path), self.body))
+        try:
+            conn.write(build_request(pool.head(self.path), self.body))
+        except OSError as e:
+            conn.abort()
+            self.ended(errors.Unavailable(f"cannot send to {pool.endpoint.url}: {e}"))
 
     def connect_failed(self, pool: _EndpointPool, reason: Failure) -> None:
+        if self.finished:
+            return  # cancelled while connecting
         self.transport.endpoint_down(pool)
         self.ended(errors.Unavailable(
             f"cannot connect to {pool.endpoint.url}: {reason.getErrorMessage()}"))
@@ -810,6 +948,8 @@ class _Stream:
         if self.conn is not None:
             self.conn.stream = None
             self.conn.abort()
+        else:
+            _stop_connecting(self.connector)
 
 
 class _StreamFactory(protocol.ClientFactory):
