@@ -337,12 +337,12 @@ async def test_a_paused_event_stream_is_not_restarted_by_its_idle_timer(etcd, po
     for i in range(20):
         await pool_client.set(b"q/%d" % i, b"x" * 1000)
     async with pool_client.events(KeySet(b"q/", prefix=True), start_revision=1,
-                                  idle_timeout=0.3) as events:
+                                  idle_timeout=0.5) as events:
         events._high_water = 5
         await events.ready
-        await sleep(1.0)  # not consuming: reading from etcd is paused
-        assert events._paused
-        assert events.watcher.reconnects == 0
+        await sleep(1.5)  # not consuming: reading from etcd is paused
+        assert events._paused, (len(events._queue), events.watcher)
+        assert events.watcher.reconnects == 0, events.watcher
         got = []
         async for event in events:
             got.append(event.kv.key)
