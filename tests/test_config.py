@@ -521,6 +521,49 @@ async def test_compaction_resync_is_reported_as_one_change(etcd_factory):
         await client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_catch_up_after_a_restart_is_one_change_per_revision(etcd_factory):
+    """A resumed watch catches up with several revisions in one response: each is its
+    own change, applied whole (a transaction's put and delete together)."""
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=5)
+    config = ConfigWatcher(client, P)
+    rec = Recorder(config)
+    flushed = []
+    flush = config._flush
+
+    def counting_flush():
+        flushed.append(len({e.revision for e in config._pending}))
+        flush()
+
+    config._flush = counting_flush
+    try:
+        await client.set(b"cfg/a", b"0")
+        first = await config.start()
+        await config._watch.watcher.ready
+        server.restart()  # the stream breaks; the reactor does not run until we await
+        revisions = [int(server.post("/v3/kv/put", {"key": _b64(b"cfg/a"), "value": _b64(b"1")})
+                         ["header"]["revision"])]
+        revisions.append(int(server.post("/v3/kv/txn", {"success": [
+            {"request_put": {"key": _b64(b"cfg/b"), "value": _b64(b"2")}},
+            {"request_delete_range": {"key": _b64(b"cfg/a")}}]})["header"]["revision"]))
+        revisions.append(int(server.post("/v3/kv/put", {"key": _b64(b"cfg/c"), "value": _b64(b"3")})
+                             ["header"]["revision"]))
+        await config.wait_revision(revisions[-1], timeout=20)
+        assert [c.revision for c in rec.changes] == revisions
+        assert [(dict(c.added), dict(c.changed), dict(c.removed)) for c in rec.changes] == [
+            ({}, {b"cfg/a": b"1"}, {}),
+            ({b"cfg/b": b"2"}, {}, {b"cfg/a": b"1"}),
+            ({b"cfg/c": b"3"}, {}, {}),
+        ]
+        rec.check_chain(first)
+        assert max(flushed) == 3  # the three revisions came in one reactor turn
+        assert config.resyncs == 0
+    finally:
+        config.stop()
+        await client.close()
+
+
 async def _random_transactions(rng, writer, count, keys=200, restart_every=None, server=None):
     """``count`` transactions of 1-6 puts and deletes over ``keys`` keys (seeded);
     restarts ``server`` after every ``restart_every``-th.  A write whose outcome is unknown
@@ -629,7 +672,8 @@ async def _line_matching(proc, pattern, lines):
 
 @pytest_twisted.ensureDeferred
 async def test_example_config_daemon_reloads(etcd, pool_client):
-    proc = subprocess.Popen([sys.executable, "examples/config_daemon.py", etcd.url, "4"],
+    script = ROOT / "examples" / "config_daemon.py"
+    proc = subprocess.Popen([sys.executable, str(script), etcd.url, "4"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: list[str] = []
