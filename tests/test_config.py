@@ -448,6 +448,56 @@ async def test_stop_ends_the_watch_and_leaves_nothing_running(pool_client):
 
 
 @pytest_twisted.ensureDeferred
+async def test_closing_the_client_stops_the_watcher(etcd):
+    client = Client(reactor, etcd.url)
+    config = ConfigWatcher(client, P)
+    await config.start()
+    waiting = config.wait_for(b"cfg/never")
+    await client.close()
+    with pytest.raises(ConfigStopped):
+        await waiting
+    assert config.state is ConfigState.STOPPED
+
+
+class CompactingClient(Client):
+    """A Client that, before the second page of a read, writes a key and compacts the
+    store up to the newest revision: the read's fixed revision is gone."""
+
+    pages = 0
+
+    def get(self, key, **kwargs):
+        if kwargs.get("revision") is None:
+            return super().get(key, **kwargs)
+        self.pages += 1
+        if self.pages != 1:
+            return super().get(key, **kwargs)
+
+        async def compact_then_get():
+            rev = (await self.set(b"cfg/zz-late", b"late")).revision
+            await self.compact(rev, physical=True)
+            return await super(CompactingClient, self).get(key, **kwargs)
+
+        return defer.ensureDeferred(compact_then_get())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_compaction_between_pages_starts_the_read_again(etcd):
+    client = CompactingClient(reactor, etcd.url)
+    try:
+        await client.submit(Transaction(success=[OpSet(b"cfg/%02d" % i, b"%d" % i)
+                                                 for i in range(20)]))
+        config = ConfigWatcher(client, P, page_size=5)
+        snap = await config.start(timeout=10)
+        config.stop()
+        assert client.pages > 4  # the first read's second page failed; all read again
+        assert len(snap) == 21 and snap[b"cfg/zz-late"] == b"late"
+        assert snap == {kv.key: kv.value for kv in
+                        (await client.get(KeySet(P, prefix=True), revision=snap.revision)).kvs}
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_stop_during_start_and_a_start_that_fails(etcd_factory):
     server = etcd_factory()
     client = Client(reactor, server.url, timeout=1, connect_timeout=0.5)
