@@ -334,9 +334,10 @@ async def test_client_close_while_a_watch_waits_to_reconnect(etcd_factory, new_c
 
 @pytest_twisted.ensureDeferred
 async def test_a_paused_event_stream_is_not_restarted_by_its_idle_timer(etcd, pool_client):
-    for i in range(20):
+    first = (await pool_client.set(b"q/0", b"x" * 1000)).revision
+    for i in range(1, 20):
         await pool_client.set(b"q/%d" % i, b"x" * 1000)
-    async with pool_client.events(KeySet(b"q/", prefix=True), start_revision=1,
+    async with pool_client.events(KeySet(b"q/", prefix=True), start_revision=first,
                                   idle_timeout=0.5) as events:
         events._high_water = 5
         await events.ready
