@@ -255,6 +255,27 @@ async def test_decode_error_is_reported_and_last_good_value_kept(pool_client):
 
 
 @pytest_twisted.ensureDeferred
+async def test_change_after_a_revision_with_only_a_bad_value(pool_client):
+    """A revision that changes nothing in the view, then one that does: the second
+    change's ``previous`` is still the view before it (copy on write)."""
+    config = ConfigWatcher(pool_client, P, decode=json.loads)
+    rec = Recorder(config)
+    first = await config.start()
+    try:
+        await pool_client.set(b"cfg/a", b"{bad")
+        await wait_until(lambda: rec.errors)
+        rev = (await pool_client.set(b"cfg/b", b"1")).revision
+        await wait_until(lambda: rec.changes)
+        rev = (await pool_client.set(b"cfg/b", b"2")).revision
+        await wait_until(lambda: len(rec.changes) == 2)
+        assert config.revision == rev
+        assert rec.changes[0].previous == {} and rec.changes[1].previous == {b"cfg/b": 1}
+        rec.check_chain(first)
+    finally:
+        config.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_callback_exceptions_are_logged_and_the_watcher_goes_on(pool_client):
     from twisted.logger import globalLogPublisher
 

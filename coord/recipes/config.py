@@ -498,11 +498,11 @@ class ConfigWatcher:
             self._check_waiters()
 
     def _snapshot_for_change(self) -> ConfigSnapshot | None:
-        """The view before a change, when a change object will need it (callbacks)."""
-        if not self._on_change:
-            return None
-        return ConfigSnapshot(self._values, self._mods, self._revision) \
-            if self._snapshot is None else self._snapshot
+        """The view before a change, when a change object will need it (callbacks).
+
+        Kept as the current snapshot, so that the change copies the dicts first.
+        """
+        return self._current() if self._on_change else None
 
     def _publish(self, previous: ConfigSnapshot, added: dict, changed: dict, removed: dict,
                  resync: bool) -> None:
