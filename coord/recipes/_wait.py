@@ -18,9 +18,11 @@ This is etcd's ``concurrency/key.go`` (``waitDeletes``), with two changes:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import txaio
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
@@ -28,6 +30,8 @@ from coord import errors
 from coord.keyset import KeySet
 from coord.txn import OpGet, Transaction
 from coord.types import EventType, Header, KeyValue
+
+log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
 
 # Create the predecessor's watch at the current revision (and read the key again if the
 # store moved since our read) rather than at the read's revision + 1 as Go does: see the
@@ -244,40 +248,65 @@ class Shared:
         return w
 
 
+# How long past its deadline a timed-out wait waits for its clean-up before it raises
+# Timeout anyway (a hung etcd must not hold the caller hostage; the clean-up goes on).
+CLEANUP_GRACE = 0.5
+
+
 def with_timeout(d: defer.Deferred[Any], timeout: float | None, reactor: Any,
                  message: str) -> defer.Deferred[Any]:
-    """Cancel ``d`` after ``timeout`` seconds and fail it with :class:`~coord.errors.Timeout`.
+    """Cancel ``d`` after ``timeout`` seconds and fail with :class:`~coord.errors.Timeout`.
 
     ``d`` (usually a coroutine's Deferred) gets to clean up on cancellation: the Timeout
-    is raised once ``d`` has finished.  Returns ``d``; cancelling it is a plain cancel.
+    is raised once ``d`` has finished, or :data:`CLEANUP_GRACE` seconds after the
+    deadline if its clean-up takes longer (etcd hung); that clean-up then goes on in the
+    background.  Cancelling the returned Deferred cancels ``d`` and waits for it.
     """
     if timeout is None:
         return d
-    expired = []
+    out: defer.Deferred[Any] = defer.Deferred(lambda _: d.cancel())
+    timers: list[Any] = []
+
+    def give_up() -> None:
+        if not out.called:
+            out.errback(errors.Timeout(message))
 
     def expire() -> None:
-        expired.append(True)
+        timers.append(reactor.callLater(CLEANUP_GRACE, give_up))
         d.cancel()
 
-    timer = reactor.callLater(timeout, expire)
+    timers.append(reactor.callLater(timeout, expire))
 
-    def done(result: Any) -> Any:
-        if timer.active():
-            timer.cancel()
-        if expired and isinstance(result, Failure) and result.check(defer.CancelledError):
-            raise errors.Timeout(message)
-        return result
+    def done(result: Any) -> None:
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+        if out.called:
+            if isinstance(result, Failure) and not result.check(defer.CancelledError):
+                log.failure("after its Timeout: {message}", result, message=message)
+            return
+        if len(timers) > 1 and isinstance(result, Failure) and \
+                result.check(defer.CancelledError):
+            out.errback(errors.Timeout(message))
+        elif isinstance(result, Failure):
+            out.errback(result)
+        else:
+            out.callback(result)
 
-    return d.addBoth(done)
+    d.addBoth(done)
+    return out
 
 
 def check_timeout(timeout: Any) -> float | None:
-    """A timeout argument: None, or a number of seconds >= 0."""
+    """A timeout argument: None (or infinity), or a finite number of seconds >= 0."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number of seconds or None, not "
                         f"{type(timeout).__name__}")
-    if timeout < 0:
-        raise errors.InvalidArgument(f"timeout must be >= 0, not {timeout}")
+    if timeout == math.inf:
+        return None
+    if not timeout >= 0:  # also NaN
+        raise errors.InvalidArgument(f"timeout must be a number of seconds >= 0, not "
+                                     f"{timeout}")
     return float(timeout)

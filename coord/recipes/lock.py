@@ -50,6 +50,9 @@ __all__ = [
 log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
 
 
+MAX_INT64 = 2**63 - 1
+
+
 class LockState(enum.Enum):
     UNLOCKED = "UNLOCKED"
     WAITING = "WAITING"  # our key is queued behind others (or being written)
@@ -97,9 +100,10 @@ class Lock:
                permits: int) -> None:
         """Our key is ``name/<kind><lease hex>``; we hold when fewer than ``permits`` keys
         under ``name/<blockers>`` were created before ours."""
-        name = as_bytes(name, "name")
-        if not name:
-            raise errors.InvalidArgument(f"a {type(self).__name__}'s name must not be empty")
+        if not isinstance(session, Session):
+            raise TypeError(f"a {type(self).__name__} needs a coord.session.Session (from "
+                            f"Session.create(client)), not {type(session).__name__}")
+        name = check_name(name, type(self).__name__)
         self.session = session
         self.name = name
         self.prefix = name + b"/"
@@ -157,7 +161,9 @@ class Lock:
             transaction (our key exists with our create revision, and no key before it).
 
         Raises:
-            Timeout: not acquired in time; our waiter key has been removed.
+            Timeout: not acquired in time; our waiter key has been removed (if etcd does
+                not answer, Timeout comes at most ``CLEANUP_GRACE`` = 0.5 s late, and the
+                removal goes on in the background; a later acquire waits for it).
             SessionLost: the session ended (before or while waiting).
             LockLost: our waiter key was deleted by someone else while waiting.
             InvalidArgument: this lock is already held or being acquired, or another lock
@@ -321,6 +327,8 @@ class Lock:
         client = self._client
         attempt = None
         try:
+            if self._busy is not None:
+                await self._busy.wait()  # a release of ours still running: it goes first
             self.session.check()
             if self._permits == 1:
                 # A comparison on a range holds when it holds for every key in it; on an
@@ -558,8 +566,8 @@ class Semaphore(Lock):
     def __init__(self, session: Session, name: bytes | str, permits: int) -> None:
         if isinstance(permits, bool) or not isinstance(permits, int):
             raise TypeError(f"permits must be an int, not {type(permits).__name__}")
-        if permits < 1:
-            raise errors.InvalidArgument(f"permits must be >= 1, not {permits}")
+        if not 1 <= permits <= MAX_INT64:
+            raise errors.InvalidArgument(f"permits must be >= 1 and < 2**63, not {permits}")
         self.permits = permits
         self._setup(session, name, b"", b"", permits)
 
@@ -580,16 +588,34 @@ def acquire_lock(client: Any, name: bytes | str, timeout: float | None = None,
         Timeout: not acquired within ``timeout`` seconds.
     """
     timeout = check_timeout(timeout)
+    check_name(name, "Lock")
+    reactor = client._reactor
 
     async def go() -> Lock:
-        session = await Session.create(client, ttl)
-        lock = Lock(session, name)
-        lock._owns_session = True
+        created = Shared(Session.create(client, ttl))
         try:
-            await lock.acquire(timeout)
+            session = await created.wait()
+        except defer.CancelledError:
+            # The grant may be on its way: revoke the lease once it is here.
+            created.wait().addCallback(lambda s: s.close()).addErrback(
+                lambda f: log.failure("closing a session nobody waits for", f))
+            raise
+        try:
+            lock = Lock(session, name)
+            lock._owns_session = True
+            await lock.acquire()
         except BaseException:
             await detached(session.close())
             raise
         return lock
 
-    return defer.Deferred.fromCoroutine(go())
+    return with_timeout(defer.Deferred.fromCoroutine(go()), timeout, reactor,
+                        f"could not acquire lock {name!r} within {timeout} s")
+
+
+def check_name(name: Any, kind: str) -> bytes:
+    """A recipe's name as bytes; TypeError / InvalidArgument for what cannot be one."""
+    name = as_bytes(name, "name")
+    if not name:
+        raise errors.InvalidArgument(f"a {kind}'s name must not be empty")
+    return name
