@@ -876,21 +876,17 @@ async def test_close_that_failed_can_be_retried(etcd_factory):
 
 
 @pytest_twisted.ensureDeferred
-async def test_timeout_zero_on_a_free_lock_is_clean_either_way(pool_client, sessions):
-    """timeout=0 on a free lock: today always Timeout (the timer cancels the enqueue,
-    whose key is then deleted again); whatever it does, it leaves no key unless held."""
+async def test_timeout_zero_on_a_free_lock_takes_it(pool_client, sessions):
+    """timeout=0 means "do not wait": a free lock is taken (as try_acquire), a held one
+    raises Timeout at once; no key is left unless held."""
     (s,) = await sessions()
     lock = Lock(s, b"z0")
     for _ in range(3):
-        try:
-            await lock.acquire(timeout=0)
-        except Timeout:
-            assert lock.state is LockState.UNLOCKED
-            await wait_until(lambda: count_is(pool_client, b"z0/", 0), timeout=3)
-        else:
-            assert lock.held
-            assert await keys_under(pool_client, b"z0/") == [lock.key]
-            await lock.release()
+        await lock.acquire(timeout=0)
+        assert lock.held
+        assert await keys_under(pool_client, b"z0/") == [lock.key]
+        await lock.release()
+    assert await keys_under(pool_client, b"z0/") == []
 
 
 @pytest_twisted.ensureDeferred

@@ -154,7 +154,8 @@ class Lock:
         """Wait until the lock is ours.
 
         Args:
-            timeout: seconds to wait at most (None: no limit).
+            timeout: seconds to wait at most (None: no limit; 0: do not wait -- take it
+                if free, as :meth:`try_acquire`, else Timeout).
 
         Returns:
             Deferred firing with this Lock once held: ownership was proven inside a
@@ -173,6 +174,16 @@ class Lock:
         fails with CancelledError once it is removed).
         """
         timeout = check_timeout(timeout)
+        if timeout == 0:
+            # No wait at all: take it if it is free (as try_acquire), else Timeout.
+            message = f"lock {self.name!r} is not free (timeout=0)"
+
+            def free_or_timeout(held: bool) -> Lock:
+                if not held:
+                    raise errors.Timeout(message)
+                return self
+
+            return self.try_acquire().addCallback(free_or_timeout)
         self._begin()
         d = defer.Deferred.fromCoroutine(self._acquire())
         self._acquiring = d
