@@ -11,6 +11,7 @@ from coord.client import Client  # noqa: E402
 from coord.errors import (  # noqa: E402
     Compacted,
     ConfigDecodeError,
+    ConfigStopped,
     CoordError,
     EtcdError,
     Failed,
@@ -73,6 +74,7 @@ __all__ = [
     "CompVersion",
     "Compacted",
     "ConfigDecodeError",
+    "ConfigStopped",
     "CoordError",
     "Deleted",
     "EtcdError",

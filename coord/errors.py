@@ -29,6 +29,7 @@ __all__ = [
     "AuthOldRevision",
     "Compacted",
     "ConfigDecodeError",
+    "ConfigStopped",
     "CoordError",
     "EtcdError",
     "EtcdInvalidArgument",
@@ -247,6 +248,10 @@ class LockLost(CoordError):
 
 class LeadershipLost(CoordError):
     """This campaign led and no longer does: its key was deleted or its session ended."""
+
+
+class ConfigStopped(CoordError):
+    """The ConfigWatcher was stopped (or its client closed) while something waited on it."""
 
 
 class ConfigDecodeError(CoordError, ValueError):

@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 
 from coord import errors
 from coord._sentinel import DEFAULT
-from coord.errors import ConfigDecodeError
+from coord.errors import ConfigDecodeError, ConfigStopped
 from coord.keyset import KeySet, as_bytes
 from coord.recipes._wait import check_timeout, with_timeout
 from coord.txn import CompModified, OpDel, OpSet, Transaction
@@ -62,10 +62,6 @@ log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twis
 # (a 40 MiB range read works on 3.4.23 and 3.5.1 here), but pages bound the memory of one
 # response and let a resync of a large prefix interleave with other work.
 PAGE_SIZE = 2000
-
-
-class ConfigStopped(errors.CoordError):
-    """The ConfigWatcher was stopped (or its client closed) while something waited on it."""
 
 
 class ConfigState(enum.Enum):
