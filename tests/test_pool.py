@@ -452,3 +452,26 @@ async def test_pinned_request_does_not_fail_over(etcd):
         await client.close()
 
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_reader_serves_many_connections_and_hands_eof_back(etcd_factory):
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=5)
+    reader = client._transport.reader
+    try:
+        await client.set(b"k", b"v")
+        results = await defer.gatherResults([client.get(b"k") for _ in range(32)])
+        assert all(r.kvs[0].value == b"v" for r in results)
+        pool = client._transport._pools[0]
+        if reader.enabled:
+            # every pooled connection is read by the reader, not by its own reactor event
+            assert {conn.fd for conn in pool.all} == set(reader._conns)
+            assert reader in reactor.getReaders()
+            assert not any(conn.transport in reactor.getReaders() for conn in pool.all)
+        server.kill()  # every idle connection reaches its end: Twisted closes them
+        await wait_until(lambda: not pool.all, timeout=5)
+        assert reader._conns == {}
+    finally:
+        await client.close()
+    assert reader not in reactor.getReaders()

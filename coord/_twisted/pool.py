@@ -27,6 +27,7 @@ This is the only module (with :mod:`coord._twisted.treq`) that touches sockets.
 from __future__ import annotations
 
 import collections
+import select
 import socket
 from collections.abc import Callable
 from time import monotonic
@@ -34,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+import txaio
 from twisted.internet import defer, protocol, tcp
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.python.failure import Failure
@@ -45,6 +47,8 @@ from coord._wire.http11 import ProtocolError, ResponseParser, build_request, req
 from coord._wire.stream import LineSplitter
 
 __all__ = ["Endpoint", "HttpTransport", "Plan", "parse_endpoint"]
+
+log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
 
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
@@ -223,6 +227,7 @@ class _Connection(protocol.Protocol):
         self.connected = False
         self.closed = False
         self._socket: Any = None
+        self.fd: int | None = None
 
     # wiring ---------------------------------------------------------------------------------
 
@@ -236,7 +241,25 @@ class _Connection(protocol.Protocol):
         if self.stream is not None:
             self.stream.connected(self)
         else:
+            if self._socket is not None:
+                self.pool.transport.reader.add(self)
             self.pool.connection_ready(self)
+
+    def read_ready(self) -> None:
+        """Our reader saw this socket readable: read it here (see :class:`_Reader`)."""
+        try:
+            data = self._socket.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.dataReceived(data)
+        else:
+            # End of stream or an error: Twisted's own read path tells which, and closes.
+            self.pool.transport.reader.remove(self)
+            if not self.closed:
+                self.transport.startReading()  # type: ignore[union-attr]
 
     def send(self, call: _Call, data: bytes) -> None:
         self.call = call
@@ -300,6 +323,7 @@ class _Connection(protocol.Protocol):
     def abort(self) -> None:
         if not self.closed:
             self.closed = True
+            self.pool.transport.reader.remove(self)
             self.pool.connection_gone(self)
             if self.transport is not None:
                 self.transport.abortConnection()
@@ -313,6 +337,7 @@ class _Connection(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.connected = False
+        self.pool.transport.reader.remove(self)
         if not self.closed:
             self.closed = True
             self.pool.connection_gone(self)
@@ -479,6 +504,84 @@ class _EndpointPool:
         self.idle.clear()
 
 
+class _Reader:
+    """Reads the transport's pooled plain-TCP connections in one reactor event.
+
+    The reactor wraps each readable socket's ``doRead`` in its logging context
+    (``callWithLogger``: ~6 us per event, measured).  Instead, the pool's sockets sit in an
+    epoll set of our own, and the reactor watches only that set: one reactor event per
+    wake-up reads every connection that has an answer.  A connection whose socket reached
+    its end (or failed) goes back to Twisted, whose read path then closes it as usual.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._epoll: Any = None
+        self._conns: dict[int, _Connection] = {}
+        self.enabled = hasattr(select, "epoll")
+
+    def fileno(self) -> int:
+        return self._epoll.fileno() if self._epoll is not None else -1
+
+    def logPrefix(self) -> str:
+        return "coord"
+
+    def add(self, conn: _Connection) -> None:
+        if not self.enabled:
+            return
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            self._reactor.addReader(self)
+        fd = conn._socket.fileno()
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except FileExistsError:  # a closed socket's number, reused
+            self._epoll.modify(fd, select.EPOLLIN)
+        conn.transport.stopReading()  # type: ignore[union-attr]
+        self._conns[fd] = conn
+        conn.fd = fd
+
+    def remove(self, conn: _Connection) -> None:
+        fd = conn.fd
+        if fd is None or self._conns.get(fd) is not conn:
+            return
+        conn.fd = None
+        del self._conns[fd]
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass
+
+    def doRead(self) -> None:
+        conns = self._conns
+        if len(conns) == 1:
+            # The one socket in the set is the readable one: no poll needed (one request
+            # in flight is the latency case, where a system call more shows).
+            ready: Any = [(fd, 0) for fd in conns]
+        else:
+            ready = self._epoll.poll(0)
+        for fd, _ in ready:
+            conn = conns.get(fd)
+            if conn is not None:
+                try:
+                    conn.read_ready()
+                except Exception:
+                    # Never out of here: the reactor would drop the reader, and with it
+                    # every connection in it.  (Callbacks' errors stay in Deferreds.)
+                    log.failure("reading {conn!r}", conn=conn)
+                    conn.abort()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._reactor.removeReader(self)
+            self._epoll.close()
+            self._epoll = None
+        self._conns.clear()
+
+
 class Deadlines:
     """Call timeouts with one reactor timer, instead of a DelayedCall per call.
 
@@ -589,6 +692,7 @@ class HttpTransport:
         self._pauses: dict[_Call, Any] = {}  # DelayedCalls re-sending after "no leader"
         self.closed = False
         self._deadlines = Deadlines(reactor, self._timed_out)
+        self.reader = _Reader(reactor)
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -845,6 +949,7 @@ class HttpTransport:
                 if conn.call is not None:
                     conn.call.fail(errors.Unavailable("client closed"))
             pool.close()
+        self.reader.close()
         return defer.succeed(None)
 
 
