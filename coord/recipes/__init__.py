@@ -5,6 +5,7 @@ Locks (Go-compatible layout, fencing tokens): :class:`Lock`, :class:`RWLock`,
 :class:`Semaphore`, and :func:`acquire_lock` (a lock with a session of its own).
 
 Config: :class:`ConfigWatcher`, a consistent live view of a config prefix.
+Leader election (Go-compatible, ``etcdctl elect``): :class:`Election`, :func:`run_as_leader`.
 """
 
 from coord.recipes.config import (
@@ -13,6 +14,14 @@ from coord.recipes.config import (
     ConfigState,
     ConfigStopped,
     ConfigWatcher,
+)
+from coord.recipes.election import (
+    Election,
+    ElectionState,
+    Leader,
+    Observation,
+    resume_session,
+    run_as_leader,
 )
 from coord.recipes.lock import (
     Lock,
@@ -31,12 +40,18 @@ __all__ = [
     "ConfigState",
     "ConfigStopped",
     "ConfigWatcher",
+    "Election",
+    "ElectionState",
+    "Leader",
     "Lock",
     "LockLost",
     "LockState",
+    "Observation",
     "RWLock",
     "ReadLock",
     "Semaphore",
     "WriteLock",
     "acquire_lock",
+    "resume_session",
+    "run_as_leader",
 ]
