@@ -368,10 +368,12 @@ async def test_observe_reports_every_change_once_in_order(pool_client, sessions)
     assert revisions == sorted(revisions)
     assert seen[3].create_revision == eb.token
     got = []
+    safety = reactor.callLater(10, iterated.close)  # never hang the suite
     async for report in iterated:
         got.append(report)
         if len(got) == len(expected):
             iterated.close()
+    safety.cancel()
     assert changes(got) == expected
     observation.close()
     assert await observation.done is None
@@ -577,6 +579,12 @@ async def test_run_as_leader_cancels_on_loss_and_campaigns_again(pool_client):
             cancelled.append(election.token)
             raise
 
+    d = run_as_leader(pool_client, b"ral", b"me", work)
+    d.cancel()  # with its session's lease grant in flight: no lease is left
+    with pytest.raises(defer.CancelledError):
+        await d
+    await sleep(0.2)
+    assert await lease_ids(pool_client) == before
     d = run_as_leader(pool_client, b"ral", b"me", work, ttl=2, retry_pause=0.1)
     await wait_until(lambda: len(runs) == 1)
     first = runs[0].token
