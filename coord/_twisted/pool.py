@@ -575,6 +575,7 @@ class _Reader:
         self.close()
 
     def close(self) -> None:
+        self.enabled = False  # a connection made after this is read by Twisted (and aborted)
         if self._epoll is not None:
             self._reactor.removeReader(self)
             self._epoll.close()
