@@ -64,10 +64,6 @@ def _compact_behind_the_watchers_back(server, puts):
 # -- callbacks that stop the watcher --------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: stop() called by an on_change callback does not stop the other callbacks of the "
-    "same change: _publish iterates over list(self._on_change) without checking the state, "
-    "so a callback runs after stop() returned (docs: 'no callback runs after it returns')"))
 @pytest_twisted.ensureDeferred
 async def test_stop_in_on_change_callback_stops_the_next_callbacks(pool_client):
     config = ConfigWatcher(pool_client, P)
@@ -90,10 +86,6 @@ async def test_stop_in_on_change_callback_stops_the_next_callbacks(pool_client):
         config.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: stop() called by an on_error callback during the watch does not prevent the "
-    "on_change callbacks of that same revision: _apply reports errors, then publishes "
-    "the change without checking that the watcher was stopped meanwhile"))
 @pytest_twisted.ensureDeferred
 async def test_stop_in_on_error_callback_during_the_watch(pool_client):
     config = ConfigWatcher(pool_client, P, decode=json.loads)
@@ -118,11 +110,6 @@ async def test_stop_in_on_error_callback_during_the_watch(pool_client):
         config.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: stop() called by an on_error callback during start()'s first read is undone: "
-    "stop() cancels self._task, but that coroutine is running (not waiting), so Twisted's "
-    "cancel does nothing; _start() then sets state = WATCHING and opens the watch -- the "
-    "stopped watcher comes back to life and keeps calling callbacks"))
 @pytest_twisted.ensureDeferred
 async def test_stop_in_on_error_callback_during_start_is_final(pool_client):
     await pool_client.set(b"cfg/bad", b"{not json")
@@ -175,12 +162,6 @@ async def test_stop_in_a_waiter_continuation_during_a_resync(etcd_factory):
 # -- re-entrant waiters -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: _check_waiters is not re-entrant: a waiter's continuation that calls wait_for() "
-    "runs _check_waiters again, which fires and removes a second waiter satisfied by the "
-    "same change; the outer loop then fires it again (self._waiters.remove -> ValueError), "
-    "the exception escapes _flush, and the other revisions of that watch response are "
-    "dropped for good: the view silently misses them and differs from etcd"))
 @pytest_twisted.ensureDeferred
 async def test_waiter_continuation_that_waits_again_loses_nothing(etcd_factory):
     server = etcd_factory()
@@ -238,11 +219,6 @@ async def test_waiter_cancelled_by_another_waiters_continuation(pool_client):
         config.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a waiter cancelled by the continuation of another waiter satisfied by the same "
-    "change makes _check_waiters call self._waiters.remove() on an entry the cancel already "
-    "removed (ValueError escaping into the reactor): the rest of that watch response's "
-    "revisions are dropped and the view differs from etcd"))
 @pytest_twisted.ensureDeferred
 async def test_waiter_cancelled_by_an_earlier_waiters_continuation(etcd_factory):
     server = etcd_factory()
@@ -315,12 +291,6 @@ async def test_revisions_outside_the_prefix(pool_client):
         config.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: update() that deletes only missing keys writes nothing, so etcd answers with the "
-    "store's current revision -- here that of a write outside the prefix; update() returns "
-    "it as 'the transaction's revision (wait_revision it)', but the view's revision moves "
-    "only with changes under the prefix, so wait_revision(update_result) never fires "
-    "(Timeout) although the view already reflects the update"))
 @pytest_twisted.ensureDeferred
 async def test_wait_revision_of_an_update_that_deleted_nothing(pool_client):
     await pool_client.set(b"cfg/a", b"1")
@@ -379,11 +349,6 @@ async def test_two_watchers_see_the_same_sequence(pool_client, etcd):
 # -- resyncs ------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: ConfigWatcher.resyncs is incremented only when an on_change callback is "
-    "registered (_load: `self.resyncs += 1` sits under `if previous is not None`, and "
-    "previous is None without callbacks), so a watcher without callbacks reports 0 "
-    "resyncs after reading afresh (the 'read afresh' log line is skipped too)"))
 @pytest_twisted.ensureDeferred
 async def test_resyncs_are_counted_without_on_change_callbacks(etcd_factory):
     server = etcd_factory()
@@ -416,12 +381,6 @@ class FlakyClient(Client):
         return super().get(key, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: closing the client while the watcher is RESYNCING leaves it retrying forever: "
-    "_resync() catches every Exception from _load() (a closed client's Unavailable too) "
-    "and tries again with backoff, never checking client.closed; the watcher never "
-    "stops and its waiters never fail with ConfigStopped (when WATCHING, a closed client "
-    "does stop it)"))
 @pytest_twisted.ensureDeferred
 async def test_closing_the_client_during_a_resync_stops_the_watcher(etcd_factory):
     server = etcd_factory()
@@ -490,11 +449,6 @@ class Fatal(BaseException):
     """Not an Exception (like KeyboardInterrupt, SystemExit, asyncio.CancelledError)."""
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a decode that raises a BaseException (not Exception) in the middle of a "
-    "revision leaves the view torn: _apply mutates self._values in place key by key, so "
-    "the keys before the failing one hold the new revision's values while "
-    "config.revision and the rest hold the old one -- a mix of two revisions"))
 @pytest_twisted.ensureDeferred
 async def test_decode_raising_base_exception_does_not_tear_the_view(pool_client):
     await pool_client.submit(Transaction(success=[OpSet(b"cfg/a", b"1"), OpSet(b"cfg/b", b"1")]))
@@ -523,11 +477,6 @@ async def test_decode_raising_base_exception_does_not_tear_the_view(pool_client)
 # -- update() corner cases ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: update() silently drops one of two values given for the same key as str and "
-    "bytes ({'cfg/a': ..., b'cfg/a': ...}): writes = {self._key(k): v ...} collapses "
-    "them and the last one wins; etcd itself refuses a duplicate key in a transaction, "
-    "so bad input should raise InvalidArgument naming the key"))
 @pytest_twisted.ensureDeferred
 async def test_update_refuses_the_same_key_twice_as_str_and_bytes(pool_client):
     config = ConfigWatcher(pool_client, P)
@@ -766,11 +715,6 @@ async def test_paused_etcd(etcd_factory):
         await client.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: snapshot() of a watcher stopped before its first read completed returns an empty "
-    "ConfigSnapshot at revision 0 instead of raising InvalidArgument (docs: 'InvalidArgument "
-    "before the first read completed'): snapshot() checks only for NEW/LOADING, so a "
-    "daemon that stops during start() sees 'the config is empty'"))
 @pytest_twisted.ensureDeferred
 async def test_snapshot_of_a_watcher_stopped_before_its_first_read(pool_client):
     await pool_client.set(b"cfg/a", b"1")

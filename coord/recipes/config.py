@@ -10,9 +10,15 @@ One view per revision: etcd gives a revision's events together (one transaction'
 and deletes share a revision and arrive in one watch response, in one reactor turn), so
 the events are buffered until the end of that reactor turn, grouped by mod revision and
 applied a revision at a time.  Callbacks then see one :class:`ConfigChange` per
-revision, and :meth:`ConfigWatcher.snapshot` only ever shows whole revisions: a snapshot
-is immutable (the watcher copies its dicts before changing them once a snapshot of them
-was handed out).
+revision, and :meth:`ConfigWatcher.snapshot` only ever shows whole revisions (a revision
+is decoded in full before the view changes): a snapshot is immutable as a mapping (the
+watcher copies its dicts before changing them once a snapshot of them was handed out;
+the decoded values themselves are shared, not copied).
+
+The view's revision is a store revision at which etcd's state of the prefix is the view:
+the read's, then each change's -- or a later one, when ``wait_revision`` has the watcher
+confirm that nothing under the prefix changed since (``_check_progress``).  So
+``wait_revision(await update(...))`` always returns, with the update in view.
 
 A watch whose resume revision was compacted ends with :class:`~coord.errors.Compacted`
 (``coord.watch``: etcd cancels such a watch with ``compact_revision`` set).  The watcher
@@ -62,6 +68,13 @@ log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twis
 # (a 40 MiB range read works on 3.4.23 and 3.5.1 here), but pages bound the memory of one
 # response and let a resync of a large prefix interleave with other work.
 PAGE_SIZE = 2000
+
+# wait_revision(rev) for a revision the view has not reached: how long the watcher lets
+# the watch deliver before it asks etcd whether anything under the prefix changed at all
+# (see ConfigWatcher._check_progress); the pause doubles, up to PROGRESS_MAX_DELAY, while
+# such checks leave a wait unsatisfied (a revision in the future).
+PROGRESS_DELAY = 0.05
+PROGRESS_MAX_DELAY = 2.0
 
 
 class ConfigState(enum.Enum):
@@ -140,6 +153,9 @@ def _identity(value: bytes) -> bytes:
     return value
 
 
+_ABSENT = object()  # a key deleted by a revision being applied
+
+
 class ConfigWatcher:
     """A live view of the keys under ``prefix``, decoded by ``decode``.
 
@@ -191,16 +207,23 @@ class ConfigWatcher:
         self._mods: dict[bytes, int] = {}
         self._errors: dict[bytes, ConfigDecodeError] = {}
         self._revision = 0
+        self._loaded = False  # the first read completed (a view exists)
         self._snapshot: ConfigSnapshot | None = None
+        self._shared = False  # a snapshot holds _values/_mods: copy them before a change
         self._on_change: list[Callable[[ConfigChange], Any]] = []
         self._on_error: list[Callable[[ConfigDecodeError], Any]] = []
+        # (test, Deferred, revision awaited or None): see _wait and _check_waiters.
         self._waiters: list[tuple[Callable[[ConfigSnapshot], tuple[bool, Any]],
-                                  defer.Deferred[Any]]] = []
+                                  defer.Deferred[Any], int | None]] = []
         self._watch: Any = None
         self._generation = 0  # of the watch: events of an earlier one are ignored
         self._pending: list[Event] = []
         self._flush_call: Any = None
         self._task: defer.Deferred[Any] | None = None  # the first read or a resync
+        # Progress checks for wait_revision (see _check_progress).
+        self._progress_call: Any = None
+        self._progress_query: defer.Deferred[Any] | None = None
+        self._progress_delay = PROGRESS_DELAY
 
     def __repr__(self) -> str:
         errs = f" errors={len(self._errors)}" if self._errors else ""
@@ -211,27 +234,40 @@ class ConfigWatcher:
 
     @property
     def revision(self) -> int:
-        """The revision the view reflects (0 before the first read)."""
+        """The store revision the view reflects (0 before the first read).
+
+        The view is etcd's state of the prefix at that revision: the read's revision,
+        then the revision of each change applied -- or a later one, when a
+        :meth:`wait_revision` made the watcher confirm that nothing under the prefix
+        changed since.
+        """
         return self._revision
 
     @property
     def decode_errors(self) -> Mapping[bytes, ConfigDecodeError]:
-        """The keys whose newest value failed to decode, with the error (read-only)."""
+        """The keys whose newest value failed to decode, with the error (read-only).
+
+        A live view: it follows the watcher, across resyncs too (a resync keeps the
+        error of a key whose bad value is unchanged, reports and records those of new
+        bad values, and drops the others).
+        """
         return MappingProxyType(self._errors)
 
     def snapshot(self) -> ConfigSnapshot:
         """The view now: an immutable mapping of key -> decoded value, with its revision.
 
         Raises:
-            InvalidArgument: the first read has not completed.
+            InvalidArgument: the first read has not completed (also when the watcher
+                was stopped before it did).
         """
-        if self.state in (ConfigState.NEW, ConfigState.LOADING):
+        if not self._loaded:
             raise errors.InvalidArgument(f"{self!r} has no view yet: await start() first")
         return self._current()
 
     def _current(self) -> ConfigSnapshot:
         if self._snapshot is None:
             self._snapshot = ConfigSnapshot(self._values, self._mods, self._revision)
+            self._shared = True  # copy the dicts before the next change
         return self._snapshot
 
     def get(self, key: bytes | str, default: Any = None) -> Any:
@@ -242,7 +278,8 @@ class ConfigWatcher:
         """Call ``callback(change)`` with a :class:`ConfigChange` for each revision that
         changes the view (and once per resync that does).  Not called for the first read.
 
-        A callback's exception is logged and the watcher goes on.
+        A callback's exception is logged and the watcher goes on.  A callback removed
+        (or a watcher stopped) by an earlier callback of the same change is not called.
 
         Returns:
             A function that removes the callback.
@@ -308,6 +345,10 @@ class ConfigWatcher:
 
     async def _start(self) -> ConfigSnapshot:
         await self._load(resync=False)
+        if self.state is ConfigState.STOPPED:
+            # stop() from an on_error callback of the first read: cancelling this
+            # coroutine while it ran did nothing, so end it here.
+            raise defer.CancelledError(f"{self!r} was stopped while starting")
         self._task = None
         self.state = ConfigState.WATCHING
         self._watch_from(self._revision + 1)
@@ -329,13 +370,18 @@ class ConfigWatcher:
         running, self._task = self._task, None
         if running is not None:
             running.cancel()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
+        for call in (self._flush_call, self._progress_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._flush_call = self._progress_call = None
+        query, self._progress_query = self._progress_query, None
+        if query is not None:
+            query.cancel()
         self._pending = []
         waiters, self._waiters = self._waiters, []
-        for _, d in waiters:
-            d.errback(ConfigStopped(f"{self!r} was stopped"))
+        for _, d, _ in waiters:
+            if not d.called:
+                d.errback(ConfigStopped(f"{self!r} was stopped"))
 
     async def __aenter__(self) -> ConfigWatcher:
         await self.start()
@@ -379,6 +425,8 @@ class ConfigWatcher:
         failed: list[ConfigDecodeError] = []
         decoded: set[bytes] = set()  # keys whose value is new since the old view
         decode = self._decode
+        # Nothing of the view changes until every value is decoded: a decode raising a
+        # BaseException leaves the old view whole.
         for page in pages:
             for kv in page:
                 key, mod = kv.key, kv.mod_revision
@@ -398,22 +446,31 @@ class ConfigWatcher:
                     failed.append(error)
                     if key in old_values:
                         values[key] = old_values[key]  # the last good value
-        previous = self._snapshot_for_change() if resync else None
-        self._values, self._mods, self._errors = values, mods, new_errors
+        previous = self._snapshot_for_change() if resync and self._loaded else None
+        self._values, self._mods = values, mods
+        self._shared = False
+        # In place: decode_errors hands out a live read-only view of this dict.
+        self._errors.clear()
+        self._errors.update(new_errors)
         self._revision = revision
         self._snapshot = None
+        self._loaded = True
         for error in failed:
             self._report(error)
+            if self.state is ConfigState.STOPPED:
+                return  # an on_error callback stopped us: nothing more
+        if not resync:
+            return
+        self.resyncs += 1
+        added = {k: v for k, v in values.items() if k not in old_values}
+        changed = {k: values[k] for k in decoded if k in old_values}
+        removed = {k: v for k, v in old_values.items() if k not in values}
+        log.info("config {prefix!r} read afresh at revision {rev}: {a} added, "
+                 "{c} changed, {r} removed", prefix=self.prefix, rev=revision,
+                 a=len(added), c=len(changed), r=len(removed))
         if previous is not None:
-            self.resyncs += 1
-            added = {k: v for k, v in values.items() if k not in old_values}
-            changed = {k: values[k] for k in decoded if k in old_values}
-            removed = {k: v for k, v in old_values.items() if k not in values}
-            log.info("config {prefix!r} read afresh at revision {rev}: {a} added, "
-                     "{c} changed, {r} removed", prefix=self.prefix, rev=revision,
-                     a=len(added), c=len(changed), r=len(removed))
             self._publish(previous, added, changed, removed, resync=True)
-        elif resync:
+        else:
             self._check_waiters()
 
     # watching ---------------------------------------------------------------------------------
@@ -435,50 +492,98 @@ class ConfigWatcher:
         self._watch.addBoth(self._watch_ended, generation)
 
     def _flush(self) -> None:
+        """Apply the buffered events, a revision at a time.
+
+        Events stay in ``self._pending`` until their revision is taken for applying, so
+        an exception never loses the revisions after it: an Exception (a bug: callbacks'
+        and waiters' errors are caught earlier) is logged and the view is read afresh; a
+        BaseException (KeyboardInterrupt, ... from ``decode`` or a callback) stops the
+        watcher -- the view keeps the last whole revision -- and propagates.
+        """
         self._flush_call = None
-        pending, self._pending = self._pending, []
-        start = 0
-        for i in range(1, len(pending) + 1):
-            if i == len(pending) or pending[i].kv.mod_revision != pending[start].kv.mod_revision:
-                self._apply(pending[start:i])
-                if self.state is ConfigState.STOPPED:
-                    return  # a callback stopped us
-                start = i
+        pending = self._pending
+        while pending and pending is self._pending and self.state is not ConfigState.STOPPED:
+            revision = pending[0].kv.mod_revision
+            n = 1
+            while n < len(pending) and pending[n].kv.mod_revision == revision:
+                n += 1
+            batch = pending[:n]
+            del pending[:n]
+            if revision <= self._revision:
+                continue  # the view reflects it already (see _check_progress)
+            try:
+                self._apply(batch)
+            except Exception:
+                log.failure("config {prefix!r}: applying revision {rev} failed; reading "
+                            "the prefix afresh", prefix=self.prefix, rev=revision)
+                self._restart("applying a revision failed")
+                return
+            except BaseException:
+                log.failure("config {prefix!r}: decode or a callback raised on revision "
+                            "{rev}; stopping", prefix=self.prefix, rev=revision)
+                self.stop()
+                raise
 
     def _apply(self, events: list[Event]) -> None:
-        """Apply one revision's events to the view and report them as one change."""
+        """Apply one revision's events to the view and report them as one change.
+
+        All or nothing: every value is decoded before the view changes.
+        """
         revision = events[0].kv.mod_revision
-        previous = self._snapshot_for_change()
-        if self._snapshot is not None:  # copy on write: the snapshot keeps the old dicts
-            self._values, self._mods = dict(self._values), dict(self._mods)
-            self._snapshot = None
-        values, mods = self._values, self._mods
-        before: dict[bytes, tuple[bool, Any]] = {}
-        written: set[bytes] = set()
+        old_values = self._values
+        # 1. Decode (user code, may raise anything): stage the new state of each key.
+        staged: dict[bytes, Any] = {}  # key -> new value, or _ABSENT
+        staged_mods: dict[bytes, int | None] = {}  # None: the key is gone
+        staged_errors: dict[bytes, ConfigDecodeError | None] = {}  # None: clear it
+        written: set[bytes] = set()  # keys given a new good value
         failed: list[ConfigDecodeError] = []
         for event in events:
             key = event.kv.key
-            if key not in before:
-                before[key] = (key in values, values.get(key))
             if event.type is EventType.DELETE:
-                values.pop(key, None)
-                mods.pop(key, None)
-                self._errors.pop(key, None)
+                staged[key] = _ABSENT
+                staged_mods[key] = None
+                staged_errors[key] = None
                 written.discard(key)
                 continue
-            mods[key] = revision
+            staged_mods[key] = revision
             try:
-                values[key] = self._decode(event.kv.value)
+                staged[key] = self._decode(event.kv.value)
             except Exception as exc:
                 error = ConfigDecodeError(key, revision, exc)
-                self._errors[key] = error
+                staged_errors[key] = error
                 failed.append(error)
                 continue  # the view keeps the last good value, if any
-            self._errors.pop(key, None)
+            staged_errors[key] = None
             written.add(key)
+        # 2. Apply (no user code): the view moves to the revision as a whole.
+        previous = self._snapshot_for_change()
+        before = {key: (key in old_values, old_values.get(key)) for key in staged_mods}
+        if self._shared:  # copy on write: snapshots keep the old dicts
+            self._values, self._mods = dict(self._values), dict(self._mods)
+            self._shared = False
+        values, mods, errs = self._values, self._mods, self._errors
+        for key, value in staged.items():
+            if value is _ABSENT:
+                values.pop(key, None)
+            else:
+                values[key] = value
+        for key, mod in staged_mods.items():
+            if mod is None:
+                mods.pop(key, None)
+            else:
+                mods[key] = mod
+        for key, err in staged_errors.items():
+            if err is None:
+                errs.pop(key, None)
+            else:
+                errs[key] = err
         self._revision = revision
+        self._snapshot = None
+        # 3. Report.
         for error in failed:
             self._report(error)
+            if self.state is ConfigState.STOPPED:
+                return  # an on_error callback stopped us: no on_change, no waiter
         added, changed, removed = {}, {}, {}
         for key, (was, old) in before.items():
             if key in values:
@@ -507,17 +612,26 @@ class ConfigWatcher:
                                   MappingProxyType(changed), MappingProxyType(removed),
                                   previous, self._current(), resync)
             for callback in list(self._on_change):
+                if self.state is ConfigState.STOPPED:
+                    return  # stopped by an earlier callback: no callback after stop()
+                if callback not in self._on_change:
+                    continue  # removed by an earlier callback of this change
                 try:
                     callback(change)
                 except Exception:
                     log.failure("config callback {cb!r} raised on revision {rev}; the "
                                 "watcher goes on", cb=callback, rev=self._revision)
-        self._check_waiters()
+        if self.state is not ConfigState.STOPPED:
+            self._check_waiters()
 
     def _report(self, error: ConfigDecodeError) -> None:
         log.warn("config {prefix!r}: {error}; keeping the last good value",
                  prefix=self.prefix, error=error)
         for callback in list(self._on_error):
+            if self.state is ConfigState.STOPPED:
+                return
+            if callback not in self._on_error:
+                continue
             try:
                 callback(error)
             except Exception:
@@ -533,8 +647,8 @@ class ConfigWatcher:
         if self._flush_call is not None:
             self._flush_call.cancel()
             self._flush()
-        if self.state is ConfigState.STOPPED:
-            return
+        if self.state is not ConfigState.WATCHING:
+            return  # stopped by a callback, or the flush started a resync already
         if result is None or not isinstance(result, Failure):
             # Not cancelled by us: the client was closed.
             log.info("config {prefix!r}: the watch was cancelled (client closed?): stopping",
@@ -549,30 +663,74 @@ class ConfigWatcher:
             log.failure("config {prefix!r}: the watch ended; reading the prefix afresh",
                         failure=result, prefix=self.prefix)
             delay = 0.5
+        self._start_resync(delay)
+
+    def _restart(self, why: str) -> None:
+        """Drop the watch and what it buffered, and read the prefix afresh."""
+        self._generation += 1
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        self._pending = []
+        self._start_resync(0.5)
+
+    def _start_resync(self, delay: float) -> None:
         self.state = ConfigState.RESYNCING
         self._task = defer.Deferred.fromCoroutine(self._resync(delay))
-        self._task.addErrback(lambda f: f.trap(defer.CancelledError))
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(defer.CancelledError):
+                log.failure("config {prefix!r}: reading the prefix afresh failed",
+                            failure=failure, prefix=self.prefix)
+
+        self._task.addErrback(failed)
+
+    def _client_closed(self) -> bool:
+        if not getattr(self.client, "closed", False):
+            return False
+        if self.state is not ConfigState.STOPPED:
+            log.info("config {prefix!r}: the client was closed: stopping", prefix=self.prefix)
+            self.stop()
+        return True
 
     async def _resync(self, delay: float) -> None:
         backoff = 0.1
-        while True:
-            if delay:
-                await task.deferLater(self._reactor, delay * (0.5 + random.random() / 2),
-                                      lambda: None)
-            try:
-                await self._load(resync=True)
-                break
-            except defer.CancelledError:
-                raise
-            except Exception as exc:
-                log.warn("config {prefix!r}: reading the prefix failed ({error!r}); again",
-                         prefix=self.prefix, error=exc)
-                delay = backoff
-                backoff = min(backoff * 2, 5.0)
-        self._task = None
+        try:
+            while True:
+                if delay:
+                    # In slices, to notice a closed client soon.
+                    end = self._reactor.seconds() + delay * (0.5 + random.random() / 2)
+                    while (left := end - self._reactor.seconds()) > 0:
+                        await task.deferLater(self._reactor, min(left, 0.5), lambda: None)
+                        if self._client_closed():
+                            return
+                if self._client_closed():
+                    return
+                try:
+                    await self._load(resync=True)
+                    break
+                except defer.CancelledError:
+                    raise
+                except Exception as exc:
+                    if self.state is ConfigState.STOPPED or self._client_closed():
+                        return
+                    log.warn("config {prefix!r}: reading the prefix failed ({error!r}); "
+                             "again", prefix=self.prefix, error=exc)
+                    delay = backoff
+                    backoff = min(backoff * 2, 5.0)
+        except BaseException as exc:
+            if not isinstance(exc, defer.CancelledError) and \
+                    self.state is not ConfigState.STOPPED:
+                self.stop()  # decode raised e.g. KeyboardInterrupt: see _flush
+            raise
         if self.state is ConfigState.RESYNCING:
+            self._task = None
             self.state = ConfigState.WATCHING
             self._watch_from(self._revision + 1)
+            self._want_progress()
 
     # waiting ----------------------------------------------------------------------------------
 
@@ -611,11 +769,16 @@ class ConfigWatcher:
 
     def wait_revision(self, revision: int, timeout: float | None = None
                       ) -> defer.Deferred[ConfigSnapshot]:
-        """Wait until the view reflects ``revision`` or later; fires with its snapshot.
+        """Wait until the view reflects the store at ``revision`` or later; fires with
+        its snapshot (whose ``revision`` is then >= ``revision``).
 
-        ``revision`` should be that of a change under the prefix (an :meth:`update`'s
-        result, or ``snapshot.revision + 1`` for "the next change"): the view's revision
-        moves only with changes under the prefix.
+        Any revision will do: that of an :meth:`update` (also one that changed nothing
+        under the prefix), of a write elsewhere, ``snapshot.revision + 1`` for "newer
+        than this snapshot".  The view reaches it when the watch delivers a change at or
+        after it, or -- when no change under the prefix comes -- once the watcher has
+        confirmed with etcd (one small read, after a short pause) that nothing under the
+        prefix changed since the view's revision.  A revision in the future is waited
+        for.
 
         Raises:
             Timeout, ConfigStopped, TypeError, InvalidArgument: as :meth:`wait_for`.
@@ -625,42 +788,135 @@ class ConfigWatcher:
         if revision < 0:
             raise errors.InvalidArgument(f"revision must be >= 0, not {revision}")
         return self._wait(lambda snap: (snap.revision >= revision, snap), timeout,
-                          f"revision {revision} not reached")
+                          f"revision {revision} not reached", revision)
 
     def _wait(self, test: Callable[[ConfigSnapshot], tuple[bool, Any]], timeout: Any,
-              what: str) -> defer.Deferred[Any]:
+              what: str, revision: int | None = None) -> defer.Deferred[Any]:
         timeout = check_timeout(timeout)
         if self.state is ConfigState.STOPPED:
             return defer.fail(ConfigStopped(f"{self!r} is stopped"))
-        entry: tuple[Any, defer.Deferred[Any]]
+        entry: tuple[Any, defer.Deferred[Any], int | None]
 
         def cancel(_: defer.Deferred[Any]) -> None:
             if entry in self._waiters:
                 self._waiters.remove(entry)
 
         d: defer.Deferred[Any] = defer.Deferred(cancel)
-        entry = (test, d)
+        entry = (test, d, revision)
         self._waiters.append(entry)
-        if self.state not in (ConfigState.NEW, ConfigState.LOADING):
+        if self._loaded:
             self._check_waiters()
         return with_timeout(d, timeout, self._reactor,
                             f"config {self.prefix!r}: {what} within {timeout} s")
 
     def _check_waiters(self) -> None:
+        """Fire the waiters the view satisfies.  Re-entrant: a waiter's continuation may
+        wait again, cancel another waiter or stop the watcher."""
         if not self._waiters:
+            self._want_progress()
             return
         snapshot = self._current()
+        ready: list[tuple[defer.Deferred[Any], Any]] = []
         for entry in list(self._waiters):
-            test, d = entry
+            if entry not in self._waiters:
+                continue  # removed by a predicate (stop(), cancel) meanwhile
+            test, d, _ = entry
+            if d.called:
+                self._waiters.remove(entry)
+                continue
             try:
                 done, value = test(snapshot)
             except Exception:
+                done, value = True, Failure()
+            if done and entry in self._waiters:
                 self._waiters.remove(entry)
-                d.errback(Failure())
+                ready.append((d, value))
+        # Fire after the loop: continuations run with the waiter list consistent, and
+        # may cancel a waiter of this same round (it is then skipped) or stop().
+        for d, value in ready:
+            if d.called:
                 continue
-            if done:
-                self._waiters.remove(entry)
+            if isinstance(value, Failure):
+                d.errback(value)
+            else:
                 d.callback(value)
+        self._want_progress()
+
+    def _waiting_revision(self) -> int | None:
+        """The lowest revision a wait_revision waits for beyond the view, if any."""
+        revisions = [r for _, d, r in self._waiters
+                     if r is not None and r > self._revision and not d.called]
+        return min(revisions) if revisions else None
+
+    def _want_progress(self) -> None:
+        if self._waiting_revision() is None:
+            self._progress_delay = PROGRESS_DELAY
+            return
+        if self.state is not ConfigState.WATCHING or self._progress_call is not None \
+                or self._progress_query is not None:
+            return
+        self._progress_call = self._reactor.callLater(self._progress_delay,
+                                                      self._check_progress)
+
+    def _check_progress(self) -> None:
+        """Move the view's revision forward without a change, for wait_revision.
+
+        The view is etcd's state of the prefix at any revision up to which nothing under
+        the prefix changed.  Two ways to know it: the watch's own progress (every event
+        before ``Watcher.revisions[0]`` was delivered -- a progress notification moves it
+        without an event), and a read at the current revision H of the keys under the
+        prefix with a mod revision after the view's: if there is none and the prefix
+        holds as many keys as the view, then every key at H existed in the view with
+        the same mod revision, so nothing changed up to H.  (A key created and deleted
+        in between is no change of the state; the watch then delivers events at or
+        before the view's new revision, which the view skips.)
+        """
+        self._progress_call = None
+        if self.state is not ConfigState.WATCHING or self._waiting_revision() is None:
+            return
+        watch = self._watch
+        if watch is not None and not self._pending and self._flush_call is None:
+            delivered = watch.watcher.revisions[0]
+            if delivered is not None and delivered - 1 > self._revision:
+                self._advance(delivered - 1)
+                if self._waiting_revision() is None or self.state is not ConfigState.WATCHING:
+                    return
+        revision, count, generation = self._revision, len(self._mods), self._generation
+        query = self.client.get(self.keys, keys_only=True, limit=1,
+                                min_mod_revision=revision + 1)
+        self._progress_query = query
+
+        def answered(result: Any) -> None:
+            self._progress_query = None
+            if generation != self._generation or self.state is not ConfigState.WATCHING:
+                return
+            if self._revision == revision and not result.kvs and result.count == count:
+                self._advance(result.header.revision)
+            if self._waiting_revision() is not None:
+                # Not satisfied: a change is on its way (its application checks again)
+                # or the revision is in the future -- check again, less often.
+                self._progress_delay = min(self._progress_delay * 2, PROGRESS_MAX_DELAY)
+            self._want_progress()
+
+        def failed(failure: Failure) -> None:
+            self._progress_query = None
+            if failure.check(defer.CancelledError) or self._client_closed():
+                return
+            log.debug("config {prefix!r}: progress check failed: {error}",
+                      prefix=self.prefix, error=failure.value)
+            if generation == self._generation:
+                self._progress_delay = min(self._progress_delay * 2, PROGRESS_MAX_DELAY)
+                self._want_progress()
+
+        query.addCallbacks(answered, failed)
+
+    def _advance(self, revision: int) -> None:
+        """The view (unchanged) is known to reflect ``revision``: a newer snapshot."""
+        if revision <= self._revision:
+            return
+        self._revision = revision
+        self._snapshot = None  # a new snapshot, of the same (shared) dicts
+        self._check_waiters()
 
     # writing ----------------------------------------------------------------------------------
 
@@ -692,15 +948,18 @@ class ConfigWatcher:
             timeout: for the transaction (default: the client's).
 
         Returns:
-            Deferred firing with the transaction's revision (``wait_revision`` it to
-            see the view reflect it).
+            Deferred firing with the transaction's revision -- the store's revision when
+            it changed nothing (deleted only missing keys).  ``wait_revision`` it to see
+            the view reflect the update: read-your-writes, in both cases.
 
         Raises:
             Failed: ``expect`` did not hold; nothing was written.  Retry from a newer
-                snapshot (``wait_revision(expect.revision + 1)`` waits for the change).
+                snapshot: ``wait_revision(failed.header.revision)`` waits until the view
+                shows what the transaction saw.
             InvalidArgument: a key outside the prefix, a key both written and deleted,
-                nothing to do.  TooManyOperations: more than 128 keys (or, with
-                ``expect``, more than 127 existing keys touched).
+                a key written twice (as str and bytes), nothing to do.
+            TooManyOperations: more than 128 keys (or, with ``expect``, more than 127
+                existing keys touched).
             TypeError: a key or encoded value that is not bytes/str.
         """
         if values is not None and not isinstance(values, Mapping):
@@ -708,7 +967,12 @@ class ConfigWatcher:
         values = dict(values or {})
         if isinstance(delete, (bytes, str)):
             raise TypeError("delete takes a list of keys, not one key")
-        writes = {self._key(k): v for k, v in values.items()}
+        writes: dict[bytes, Any] = {}
+        for k, v in values.items():
+            key = self._key(k)
+            if key in writes:  # the same key as str and bytes: etcd refuses duplicates
+                raise errors.InvalidArgument(f"{key!r} is given twice (as str and bytes)")
+            writes[key] = v
         deletes = [self._key(k) for k in delete]
         if set(deletes) & writes.keys():
             raise errors.InvalidArgument("a key cannot be both written and deleted")
