@@ -2,7 +2,8 @@
 
 Re-entrant callbacks and waiters, stop() from inside callbacks, revisions outside the
 prefix, prefix edge cases, big values, paused etcd, a closed client mid-resync, two
-watchers agreeing, and update() corner cases.  Strict xfails reproduce bugs.
+watchers agreeing, and update() corner cases.  Each bug found here (once a strict xfail)
+has its test.
 
 Run on both etcd versions:
 ``COORD_ETCD=/usr/bin/etcd COORD_ETCDCTL=/usr/bin/etcdctl pytest tests/test_config_adversarial.py``.
@@ -246,6 +247,64 @@ async def test_waiter_cancelled_by_an_earlier_waiters_continuation(etcd_factory)
         await client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_waiter_continuation_that_stops_the_watcher(etcd_factory):
+    """wait_for(a) and wait_for(b) satisfied by one revision of a catch-up response; a's
+    continuation stops the watcher: b fails with ConfigStopped (nothing fires after
+    stop() returned), nothing escapes into the reactor, the later revisions are not
+    applied, and the view is whole."""
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=5)
+    config = ConfigWatcher(client, P)
+    changes = []
+    config.on_change(changes.append)
+    try:
+        await client.set(b"cfg/seed", b"0")
+        await config.start(timeout=10)
+        await config._watch.watcher.ready
+        a = config.wait_for(b"cfg/a", timeout=20)
+        b = config.wait_for(b"cfg/b", timeout=20)
+        a.addCallback(lambda v: (config.stop(), v)[1])
+        server.restart()
+        txn = server.post("/v3/kv/txn", {"success": [
+            {"request_put": {"key": _b64(b"cfg/a"), "value": _b64(b"1")}},
+            {"request_put": {"key": _b64(b"cfg/b"), "value": _b64(b"2")}}]})
+        _gateway_put(server, b"cfg/c", b"3")
+        assert await a == b"1"
+        with pytest.raises(ConfigStopped):
+            await b
+        await sleep(0.3)
+        assert config.state is ConfigState.STOPPED and config._watch is None
+        assert config.revision == int(txn["header"]["revision"])
+        assert config.snapshot() == await etcd_view(client, revision=config.revision)
+        assert [c.revision for c in changes] == [config.revision]
+    finally:
+        config.stop()
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_callback_removed_by_an_earlier_callback_of_the_same_change(pool_client):
+    config = ConfigWatcher(pool_client, P)
+    calls = []
+    removers = {}
+
+    def first(change):
+        calls.append("first")
+        removers["second"]()
+
+    config.on_change(first)
+    removers["second"] = config.on_change(lambda change: calls.append("second"))
+    config.on_change(lambda change: calls.append("third"))
+    await config.start(timeout=10)
+    try:
+        rev = (await pool_client.set(b"cfg/a", b"1")).revision
+        await config.wait_revision(rev, timeout=10)
+        assert calls == ["first", "third"]
+    finally:
+        config.stop()
+
+
 # -- revisions outside the prefix ---------------------------------------------------------------
 
 
@@ -253,7 +312,9 @@ async def test_waiter_cancelled_by_an_earlier_waiters_continuation(etcd_factory)
 async def test_revisions_outside_the_prefix(pool_client):
     """Only keys under the prefix count: a transaction touching both is one change with
     the inside keys only; a revision with outside keys only calls nothing and does not
-    move the view's revision.  Keys equal to the prefix, and of a longer prefix, count."""
+    move the view's revision by itself; wait_revision() of such a revision returns (the
+    view reflects it) without a change.  Keys equal to the prefix, and of a longer
+    prefix, count."""
     await pool_client.set(b"cfg", b"outside")  # shorter than the prefix: outside
     config = ConfigWatcher(pool_client, P)
     changes = []
@@ -274,12 +335,17 @@ async def test_revisions_outside_the_prefix(pool_client):
         await pool_client.delete(b"cfg/missing")  # deletes nothing: no event at all
         await sleep(0.3)
         assert len(changes) == 1
-        assert config.revision == rev < outside  # moves only with changes under the prefix
-        # wait_revision(revision of a change elsewhere) waits for the next change here.
-        waiting = config.wait_revision(outside, timeout=10)
-        assert not waiting.called
+        assert config.revision == rev < outside  # no change under the prefix: no move
+        # wait_revision(revision of a change elsewhere): once the watcher has confirmed
+        # that nothing under the prefix changed, the view (unchanged) reflects it.
+        before = config.snapshot()
+        snap = await config.wait_revision(outside, timeout=10)
+        assert snap.revision >= outside and config.revision == snap.revision
+        assert snap == before and len(changes) == 1
+        assert snap == await etcd_view(pool_client, revision=snap.revision)
         rev2 = (await pool_client.set(b"cfg/", b"again")).revision
-        assert (await waiting).revision == rev2
+        assert (await config.wait_revision(rev2, timeout=10)).revision == rev2
+        assert len(changes) == 2 and changes[1].previous.revision == snap.revision
         assert config.snapshot() == await etcd_view(pool_client)
         # A raw transaction that writes and deletes the same key: etcd refuses it whole.
         with pytest.raises(InvalidArgument):
@@ -301,7 +367,53 @@ async def test_wait_revision_of_an_update_that_deleted_nothing(pool_client):
         rev = await config.update(delete=[b"cfg/already-gone"])
         # The documented pattern: wait until the view shows the update.
         snap = await config.wait_revision(rev, timeout=3)
-        assert b"cfg/already-gone" not in snap
+        assert b"cfg/already-gone" not in snap and snap.revision >= rev
+        assert snap == await etcd_view(pool_client, revision=snap.revision)
+        # A key deleted by someone else, then "deleted" again by us: the view shows it
+        # gone once wait_revision(our revision) returns.
+        await pool_client.delete(b"cfg/a")
+        rev = await config.update(delete=[b"cfg/a"])
+        snap = await config.wait_revision(rev, timeout=3)
+        assert b"cfg/a" not in snap and snap == {}
+        # A revision in the future is waited for (checks back off), then reached.
+        future = config.wait_revision(rev + 3, timeout=10)
+        await sleep(0.3)
+        assert not future.called
+        for key in (b"x1", b"x2", b"x3"):
+            await pool_client.set(key, b"1")  # outside the prefix
+        assert (await future).revision >= rev + 3 and not config.snapshot()
+    finally:
+        config.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_progress_beyond_events_still_in_flight(pool_client):
+    """The view is confirmed at a revision H while the watch still holds a key created
+    and deleted before H (the state at H is the view's): those events are skipped, the
+    view stays etcd's state, and no change goes backwards."""
+    await pool_client.set(b"cfg/a", b"1")
+    config = ConfigWatcher(pool_client, P)
+    changes = []
+    config.on_change(changes.append)
+    await config.start(timeout=10)
+    try:
+        await config._watch.watcher.ready
+        config._watch.watcher.pause_reading(True)
+        await pool_client.set(b"cfg/tmp", b"x")
+        await pool_client.delete(b"cfg/tmp")
+        here = (await pool_client.set(b"elsewhere", b"1")).revision
+        snap = await config.wait_revision(here, timeout=10)
+        assert snap.revision >= here and snap == {b"cfg/a": b"1"}
+        config._watch.watcher.pause_reading(False)
+        last = (await pool_client.set(b"cfg/b", b"2")).revision
+        await config.wait_revision(last, timeout=10)
+        assert config.revision == last
+        assert config.snapshot() == await etcd_view(pool_client)
+        # The paused stream held the put and delete of cfg/tmp (at or before `here`):
+        # skipped, so the one change is cfg/b's, and it is etcd's state at its revision.
+        assert [c.revision for c in changes] == [last]
+        assert changes[0].previous.revision == snap.revision
+        assert changes[0].snapshot == await etcd_view(pool_client, revision=last)
     finally:
         config.stop()
 
@@ -422,6 +534,8 @@ async def test_resync_with_a_bad_value_and_a_deleted_then_recreated_key(etcd_fac
                                                   OpSet(b"cfg/gets-bad", b"2"),
                                                   OpSet(b"cfg/reborn", b"3")]))
         first = await config.start(timeout=10)
+        errors_view = config.decode_errors  # a live view: it follows the resync
+        assert not errors_view
         await config._watch.watcher.ready
         server.restart()
         server.post("/v3/kv/deleterange", {"key": _b64(b"cfg/reborn")})
@@ -436,7 +550,8 @@ async def test_resync_with_a_bad_value_and_a_deleted_then_recreated_key(etcd_fac
         assert not change.added and not change.removed
         assert config.snapshot() == {b"cfg/keep": 1, b"cfg/gets-bad": 2, b"cfg/reborn": 3}
         assert [e.key for e in errs] == [b"cfg/gets-bad"]
-        assert set(config.decode_errors) == {b"cfg/gets-bad"}
+        assert set(config.decode_errors) == set(errors_view) == {b"cfg/gets-bad"}
+        assert config.resyncs == 1
     finally:
         config.stop()
         await client.close()
@@ -470,6 +585,10 @@ async def test_decode_raising_base_exception_does_not_tear_the_view(pool_client)
         # Whatever it does with the BaseException, the view is one revision of etcd
         # (decoded; a key whose value cannot be decoded keeps its last good value).
         assert dict(snap) in ({**state, b"cfg/b": b"1"}, dict(first))
+        # What it does (docs/config.md): the view keeps the last whole revision, and
+        # the watcher stops (a BaseException is no bad value; it propagates).
+        assert snap == first and snap.revision == first.revision
+        assert config.state is ConfigState.STOPPED
     finally:
         config.stop()
 

@@ -832,11 +832,14 @@ class ConfigWatcher:
                 self._waiters.remove(entry)
                 ready.append((d, value))
         # Fire after the loop: continuations run with the waiter list consistent, and
-        # may cancel a waiter of this same round (it is then skipped) or stop().
+        # may cancel a waiter of this same round (it is then skipped) or stop() (the
+        # rest then fail with ConfigStopped, as stop() promises).
         for d, value in ready:
             if d.called:
                 continue
-            if isinstance(value, Failure):
+            if self.state is ConfigState.STOPPED:  # by an earlier continuation
+                d.errback(ConfigStopped(f"{self!r} was stopped"))
+            elif isinstance(value, Failure):
                 d.errback(value)
             else:
                 d.callback(value)
