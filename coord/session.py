@@ -106,6 +106,38 @@ class Session:
         d = client.lease(ttl)
         return d.addCallback(lambda lease: cls(client, lease, sent_at))
 
+    @classmethod
+    def resume(cls, client: Client, lease_id: int) -> defer.Deferred[Session]:
+        """A Session on an existing lease (say, of this program before a restart).
+
+        Go's ``NewSession(WithLease(id))``: save ``session.lease_id`` somewhere that
+        survives the restart (and close nothing on the way out), then resume within the
+        TTL.  Recipes find their keys again by the lease (``Election.resume``; a Lock of
+        the same name reuses its key).
+
+        Returns:
+            Deferred firing with the Session, once a keep-alive of the lease was answered.
+
+        Raises:
+            TypeError, InvalidArgument: ``lease_id`` is not a positive int.
+            SessionLost: the lease is gone (expired or revoked).
+        """
+        if isinstance(lease_id, bool) or not isinstance(lease_id, int):
+            raise TypeError(f"lease_id must be an int, not {type(lease_id).__name__}")
+        if lease_id <= 0:
+            raise errors.InvalidArgument(f"lease_id must be positive, not {lease_id}")
+        from coord.lease import Lease
+
+        async def go() -> Session:
+            sent_at = client._reactor.seconds()
+            try:
+                ttl = await Lease(client, lease_id).refresh()
+            except errors.LeaseNotFound as gone:
+                raise SessionLost(f"lease {lease_id:#x} has expired or was revoked ({gone})")
+            return cls(client, Lease(client, lease_id, ttl), sent_at)
+
+        return defer.Deferred.fromCoroutine(go())
+
     def __repr__(self) -> str:
         return f"<Session {self.lease_id:#x} ttl={self.ttl} {self._state.name}>"
 

@@ -47,7 +47,7 @@ from coord import (
     Timeout,
     Transaction,
 )
-from coord.recipes import Election, ElectionState, Leader, resume_session, run_as_leader
+from coord.recipes import Election, ElectionState, Leader, run_as_leader
 from coord.recipes.election import leader, observe
 from coord.server import find_etcdctl
 from coord.session import Session
@@ -214,9 +214,9 @@ async def test_bad_input_is_refused_and_leaves_nothing(pool_client, sessions):
     with pytest.raises(TypeError):
         run_as_leader(pool_client, b"bad", b"v", fn=None)
     with pytest.raises(TypeError):
-        resume_session(pool_client, "1")
+        Session.resume(pool_client, "1")
     with pytest.raises(InvalidArgument):
-        resume_session(pool_client, 0)
+        Session.resume(pool_client, 0)
     # one Election object per session and name; one campaign at a time
     await election.campaign(b"v")
     with pytest.raises(InvalidArgument):
@@ -535,7 +535,7 @@ async def test_resume_after_a_restart(etcd, pool_client, sessions):
     seen = []
     observation = observe(pool_client, b"resume", seen.append)
     await wait_until(lambda: count_is(pool_client, b"resume/", 2))
-    session = await resume_session(pool_client, lease_id)
+    session = await Session.resume(pool_client, lease_id)
     try:
         election = Election(session, b"resume")
         assert await election.resume(timeout=5) is election
@@ -559,7 +559,7 @@ async def test_resume_after_a_restart(etcd, pool_client, sessions):
         await session.close()
         await waiter.resign()
     with pytest.raises(SessionLost):
-        await resume_session(pool_client, lease_id)  # revoked by close()
+        await Session.resume(pool_client, lease_id)  # revoked by close()
 
 
 # -- run_as_leader ----------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from coord.recipes.election import (
     ElectionState,
     Leader,
     Observation,
-    resume_session,
     run_as_leader,
 )
 from coord.recipes.lock import (
@@ -52,6 +51,5 @@ __all__ = [
     "Semaphore",
     "WriteLock",
     "acquire_lock",
-    "resume_session",
     "run_as_leader",
 ]

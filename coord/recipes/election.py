@@ -46,7 +46,6 @@ from twisted.python.failure import Failure
 from coord import errors
 from coord.errors import LeadershipLost, NoLeader, NotLeader, SessionLost
 from coord.keyset import KeySet, as_bytes
-from coord.lease import Lease
 from coord.recipes._wait import Shared, check_timeout, detached, wait_deletes, with_timeout
 from coord.session import DEFAULT_TTL, Session
 from coord.txn import CompCreated, CompLease, OpDel, OpGet, OpSet, Transaction
@@ -59,7 +58,6 @@ __all__ = [
     "Observation",
     "leader",
     "observe",
-    "resume_session",
     "run_as_leader",
 ]
 
@@ -223,7 +221,7 @@ class Election:
         """Take up the candidacy our session's lease already has (Go's ResumeElection).
 
         For a process that restarted with the lease of its predecessor (see
-        :func:`resume_session`): if our key exists, it is adopted with its value and
+        :meth:`Session.resume`): if our key exists, it is adopted with its value and
         create revision -- a leader leads again at once, with the same ``token``; a
         queued candidate goes on waiting in its place.
 
@@ -813,36 +811,6 @@ class Observation:
 
 
 # process restarts ------------------------------------------------------------------------------
-
-
-def resume_session(client: Any, lease_id: int) -> defer.Deferred[Session]:
-    """A :class:`Session` on an existing lease (say, of this program before a restart).
-
-    With :meth:`Election.resume` it is Go's ``NewSession(WithLease(id))`` and
-    ``ResumeElection``: save ``session.lease_id`` somewhere that survives the restart
-    (and close nothing on the way out), then resume within the TTL.
-
-    Returns:
-        Deferred firing with the Session, once a keep-alive of the lease was answered.
-
-    Raises:
-        TypeError, InvalidArgument: ``lease_id`` is not a positive int.
-        SessionLost: the lease is gone (expired or revoked).
-    """
-    if isinstance(lease_id, bool) or not isinstance(lease_id, int):
-        raise TypeError(f"lease_id must be an int, not {type(lease_id).__name__}")
-    if lease_id <= 0:
-        raise errors.InvalidArgument(f"lease_id must be positive, not {lease_id}")
-
-    async def go() -> Session:
-        sent_at = client._reactor.seconds()
-        try:
-            ttl = await Lease(client, lease_id).refresh()
-        except errors.LeaseNotFound as gone:
-            raise SessionLost(f"lease {lease_id:#x} has expired or was revoked ({gone})")
-        return Session(client, Lease(client, lease_id, ttl), sent_at)
-
-    return defer.Deferred.fromCoroutine(go())
 
 
 # run_as_leader ---------------------------------------------------------------------------------
