@@ -390,8 +390,11 @@ async def test_guarded_update_refuses_a_change_it_did_not_see(pool_client):
         snap = config.snapshot()
         # Another writer changes a key we do not touch: refused (it may matter to us).
         await pool_client.set(b"cfg/b", b"2")
-        with pytest.raises(Failed):
+        with pytest.raises(Failed) as failed:
             await config.update({b"cfg/a": 5}, expect=snap)
+        # The view catches up with what the transaction saw.
+        seen = await config.wait_revision(failed.value.header.revision, timeout=10)
+        assert seen[b"cfg/b"] == 2
         # ... or creates one: refused.
         snap = await config.wait_revision(snap.revision + 1, timeout=10)
         await pool_client.set(b"cfg/new", b"0")
