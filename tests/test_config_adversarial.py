@@ -557,6 +557,35 @@ async def test_resync_with_a_bad_value_and_a_deleted_then_recreated_key(etcd_fac
         await client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_error_applying_a_revision_reads_afresh(pool_client):
+    """An Exception escaping the application of a revision (a bug) loses nothing: it is
+    logged, the rest of the response is dropped and the prefix read afresh."""
+
+    class Broken(ConfigWatcher):
+        broken = 1
+
+        def _apply(self, events):
+            if self.broken:
+                self.broken -= 1
+                raise RuntimeError("simulated bug")
+            super()._apply(events)
+
+    config = Broken(pool_client, P)
+    await config.start(timeout=10)
+    try:
+        await pool_client.submit(Transaction(success=[OpSet(b"cfg/a", b"1")]))
+        rev = (await pool_client.set(b"cfg/b", b"2")).revision
+        snap = await config.wait_revision(rev, timeout=10)
+        await wait_until(lambda: config.state is ConfigState.WATCHING)
+        assert config.resyncs == 1 and not config.broken
+        assert snap == await etcd_view(pool_client, revision=snap.revision)
+        rev = (await pool_client.set(b"cfg/c", b"3")).revision
+        assert await config.wait_revision(rev, timeout=10) == await etcd_view(pool_client)
+    finally:
+        config.stop()
+
+
 # -- decode and callbacks raising BaseException --------------------------------------------------
 
 

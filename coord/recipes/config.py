@@ -516,7 +516,7 @@ class ConfigWatcher:
             except Exception:
                 log.failure("config {prefix!r}: applying revision {rev} failed; reading "
                             "the prefix afresh", prefix=self.prefix, rev=revision)
-                self._restart("applying a revision failed")
+                self._restart()
                 return
             except BaseException:
                 log.failure("config {prefix!r}: decode or a callback raised on revision "
@@ -665,7 +665,7 @@ class ConfigWatcher:
             delay = 0.5
         self._start_resync(delay)
 
-    def _restart(self, why: str) -> None:
+    def _restart(self) -> None:
         """Drop the watch and what it buffered, and read the prefix afresh."""
         self._generation += 1
         watch, self._watch = self._watch, None
@@ -892,6 +892,7 @@ class ConfigWatcher:
         def answered(result: Any) -> None:
             self._progress_query = None
             if generation != self._generation or self.state is not ConfigState.WATCHING:
+                self._want_progress()  # a resync ended meanwhile: check with the new watch
                 return
             if self._revision == revision and not result.kvs and result.count == count:
                 self._advance(result.header.revision)
@@ -907,9 +908,8 @@ class ConfigWatcher:
                 return
             log.debug("config {prefix!r}: progress check failed: {error}",
                       prefix=self.prefix, error=failure.value)
-            if generation == self._generation:
-                self._progress_delay = min(self._progress_delay * 2, PROGRESS_MAX_DELAY)
-                self._want_progress()
+            self._progress_delay = min(self._progress_delay * 2, PROGRESS_MAX_DELAY)
+            self._want_progress()
 
         query.addCallbacks(answered, failed)
 
