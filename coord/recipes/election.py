@@ -46,7 +46,14 @@ from twisted.python.failure import Failure
 from coord import errors
 from coord.errors import LeadershipLost, NoLeader, NotLeader, SessionLost
 from coord.keyset import KeySet, as_bytes
-from coord.recipes._wait import Shared, check_timeout, detached, wait_deletes, with_timeout
+from coord.recipes._wait import (
+    CLEANUP_GRACE,
+    Shared,
+    check_timeout,
+    detached,
+    wait_deletes,
+    with_timeout,
+)
 from coord.session import DEFAULT_TTL, Session
 from coord.txn import CompCreated, CompLease, OpDel, OpGet, OpSet, Transaction
 from coord.types import EventType, KeyValue, Range
@@ -289,7 +296,9 @@ class Election:
                     mine = _kvs(failed.responses[0])[0]
                     token, first, header = (mine.create_revision, _kvs(failed.responses[1]),
                                             failed.header)
-                    if mine.value != value:
+                    if mine.value != value or mine.lease != self.session.lease_id:
+                        # (A key written there without our lease -- by hand, say -- is
+                        # attached to it, so it cannot outlive our session.)
                         header = (await client.submit(self._put(token, value))).header
             if not first or first[0].create_revision < token:
                 header = await self._wait(token)
@@ -742,6 +751,8 @@ class Observation:
         self.leader = state
         if not self._ready.called:
             self._ready.callback(state)
+            if self._closed:
+                return  # closed by code that awaited `ready`: nothing after close()
         if self._callback is not None:
             try:
                 self._callback(state)
@@ -846,6 +857,10 @@ def run_as_leader(client: Any, name: bytes | str, value: bytes | str,
     value = as_bytes(value, "value")
     if not callable(fn):
         raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+    pause = check_timeout(retry_pause)
+    if pause is None:
+        raise errors.InvalidArgument("retry_pause must be a finite number of seconds >= 0")
+    retry_pause = pause
     return defer.Deferred.fromCoroutine(
         _run_as_leader(client, prefix[:-1], value, fn, ttl, retry_pause))
 
@@ -929,9 +944,30 @@ async def _run_as_leader(client: Any, name: bytes, value: bytes,
             await detached(work.wait().addErrback(lambda _: None))
             await detached(election.resign())  # from LOST back to IDLE (deletes nothing new)
     finally:
-        if election is not None:
-            await detached(election.resign().addErrback(lambda _: None))
-        if session is not None:
-            await detached(session.close().addErrback(
-                lambda f: log.warn("closing {s}: {error}", s=session, error=f.value)))
+        # Resign and close, waiting at most CLEANUP_GRACE for them (etcd may hang): they
+        # go on in the background after that; the lease's TTL bounds them anyway.
+        await _bounded(reactor, _leave(election, session))
+
+
+async def _leave(election: Election | None, session: Session | None) -> None:
+    if election is not None:
+        await election.resign().addErrback(lambda _: None)
+    if session is not None:
+        await session.close().addErrback(
+            lambda f: log.warn("closing {s}: {error}", s=session, error=f.value))
+
+
+async def _bounded(reactor: Any, work: Any) -> None:
+    """Wait for the coroutine ``work`` at most CLEANUP_GRACE seconds; it goes on anyway."""
+    done = Shared(defer.Deferred.fromCoroutine(work))
+    waiting = done.wait()
+    timer = reactor.callLater(CLEANUP_GRACE, waiting.cancel)
+    try:
+        await detached(waiting)
+    except defer.CancelledError:
+        log.info("clean-up still running after {grace} s: left to finish in the background",
+                 grace=CLEANUP_GRACE)
+    finally:
+        if timer.active():
+            timer.cancel()
 
