@@ -68,5 +68,11 @@ def sessions(pool_client):
         return new
 
     yield make
-    for s in made:
-        pytest_twisted.blockon(s.close())
+    errors = []
+    for s in made:  # every one, even if closing an earlier one failed
+        try:
+            pytest_twisted.blockon(s.close())
+        except Exception as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]

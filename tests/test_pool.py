@@ -28,12 +28,13 @@ def dead_url():
 
 
 def ours(delayed_call) -> bool:
-    """Whether a reactor DelayedCall belongs to coord's transport or a socket it opened."""
+    """Whether a reactor DelayedCall belongs to coord's transport or a socket it opened
+    (not to a recipe's session another test may have left behind)."""
     func = delayed_call.func
     owner = getattr(func, "__self__", None)
     if isinstance(owner, (tcp.BaseClient, base.BaseConnector)):
         return True
-    return getattr(func, "__module__", "").startswith("coord.")
+    return getattr(func, "__module__", "").startswith("coord._twisted.")
 
 
 def sockets_of(transport: HttpTransport) -> list:
