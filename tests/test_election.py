@@ -751,6 +751,10 @@ async def test_five_candidate_processes(etcd, pool_client, tmp_path):
             assert elected_at - stopped_at < TTL + 1
         finally:
             os.kill(stopped, signal.SIGCONT)
+        # Its stdin stays open until it was refused: communicate() closes it, and a
+        # candidate reading EOF leaves before it tries its next write.
+        await wait_until(lambda: any(line[0] == "refused" for line in read_log(path)),
+                         timeout=10)
         _, err = await defer_to_exit(procs[stopped])
         assert procs[stopped].returncode == 0, err
         refused = [line for line in read_log(path) if line[0] == "refused"]
