@@ -39,6 +39,7 @@ running when the session ends.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -113,6 +114,9 @@ def etcd(etcd_server: EtcdServer) -> EtcdServer:
     if etcd_server.paused:
         etcd_server.resume()
     elif not etcd_server.running:
+        # A test stopped it on purpose, or etcd died: say so where a CI log shows it.
+        print(f"\ncoord.testing: {etcd_server!r} is not running; restarting it. "
+              f"Its log ends with:\n{etcd_server.log_tail(10)}", file=sys.__stderr__)
         etcd_server.restart()
     reset_keyspace(etcd_server)
     return etcd_server
