@@ -847,6 +847,7 @@ async def test_timeout_is_honoured_when_etcd_hangs(etcd_factory):
         finally:
             server.resume()
         assert elapsed < 2.0, elapsed
+        await s.close()
     finally:
         await client.close()
 
