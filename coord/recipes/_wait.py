@@ -23,12 +23,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import txaio
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from coord import errors
 from coord.keyset import KeySet
-from coord.txn import OpGet, Transaction
+from coord.txn import CompCreated, CompLease, OpDel, OpGet, Transaction
 from coord.types import EventType, Header, KeyValue
 
 log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
@@ -41,7 +41,9 @@ WATCH_AT_CURRENT_REVISION = True
 __all__ = [
     "Shared",
     "check_timeout",
+    "delete_own_key",
     "detached",
+    "remove_own_key",
     "wait_delete",
     "wait_deletes",
     "wait_fewer",
@@ -193,6 +195,57 @@ async def _until_fewer(client: Any, keys: KeySet, names: set[bytes], permits: in
         watcher.cancel()
         if check is not None and not check.called:
             check.cancel()
+
+
+async def remove_own_key(owner: Any, attempt: Shared, token: int | None) -> None:
+    """Remove a recipe's key after a failed, timed out or cancelled attempt to take it.
+
+    ``owner`` is the recipe (a Lock or an Election: its ``key``, ``session``,
+    ``_client``, ``_reactor``).  ``attempt`` is the transaction that writes the key: its
+    success branch creates it at the transaction's revision; its failure branch reads it
+    first.  ``token``, if known, is the key's create revision.
+    """
+    if token is None:
+        try:
+            token = (await attempt.wait()).header.revision
+        except errors.Failed as failed:
+            mine = failed.responses[0].kvs
+            if not mine:
+                return
+            token = mine[0].create_revision
+        except Exception:
+            token = None  # unknown outcome: delete whatever key our lease has there
+    await delete_own_key(owner, token)
+
+
+async def delete_own_key(owner: Any, token: int | None) -> None:
+    """Delete ``owner``'s key if it is still the one created at ``token`` (a late delete
+    never removes a newer key); with no token, if it carries the session's lease.
+    Guarded deletes are idempotent, so they are retried while the session lives (after
+    it, the lease's end deletes the key anyway)."""
+    key, session = owner.key, owner.session
+    if token is not None:
+        guard: Any = CompCreated(key, "==", token)
+    else:
+        guard = CompLease(key, "==", session.lease_id)
+    txn = Transaction(compare=[guard], success=[OpDel(key)])
+    pause = 0.05
+    while True:
+        try:
+            await owner._client.submit(txn)
+            return
+        except errors.Failed:
+            return  # already gone (or not ours)
+        except (errors.Unavailable, errors.Timeout) as exc:
+            if not session.alive:
+                return
+            log.warn("{owner}: deleting {key!r} failed ({error}); retrying", owner=owner,
+                     key=key, error=exc)
+            await task.deferLater(owner._reactor, pause, lambda: None)
+            pause = min(pause * 2, 1.0)
+        except Exception:
+            log.failure("{owner}: deleting {key!r} failed", owner=owner, key=key)
+            return
 
 
 def detached(d: defer.Deferred[Any]) -> defer.Deferred[Any]:

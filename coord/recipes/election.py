@@ -50,12 +50,14 @@ from coord.recipes._wait import (
     CLEANUP_GRACE,
     Shared,
     check_timeout,
+    delete_own_key,
     detached,
+    remove_own_key,
     wait_deletes,
     with_timeout,
 )
 from coord.session import DEFAULT_TTL, Session
-from coord.txn import CompCreated, CompLease, OpDel, OpGet, OpSet, Transaction
+from coord.txn import CompCreated, OpGet, OpSet, Transaction
 from coord.types import EventType, KeyValue, Range
 
 __all__ = [
@@ -307,7 +309,8 @@ class Election:
             self._state = ElectionState.IDLE
             self._campaigning = None
             if enqueue is not None:
-                self._busy = Shared(defer.Deferred.fromCoroutine(self._clean_up(enqueue, token)))
+                self._busy = Shared(defer.Deferred.fromCoroutine(
+                    remove_own_key(self, enqueue, token)))
                 await detached(self._busy.wait())
             if isinstance(exc, errors.Failed):
                 # A guard failed: our key is gone.  Say whether its lease went with it.
@@ -350,45 +353,6 @@ class Election:
             raise
         finally:
             ended.cancel()
-
-    async def _clean_up(self, attempt: Shared, token: int | None) -> None:
-        """Remove our key after a failed, timed out or cancelled campaign.  ``attempt``
-        is the transaction that wrote (or found) it."""
-        if token is None:
-            try:
-                token = (await attempt.wait()).header.revision
-            except errors.Failed as failed:
-                token = _kvs(failed.responses[0])[0].create_revision
-            except Exception:
-                token = None  # unknown outcome: delete whatever key our lease has there
-        await self._delete_key(token)
-
-    async def _delete_key(self, token: int | None) -> None:
-        """Delete our key if it is still the one created at ``token`` (with no token: if
-        it carries our lease).  Guarded deletes are idempotent, so they are retried while
-        the session lives; after it, the lease's end deletes the key anyway."""
-        if token is not None:
-            guard: Any = CompCreated(self.key, "==", token)
-        else:
-            guard = CompLease(self.key, "==", self.session.lease_id)
-        txn = Transaction(compare=[guard], success=[OpDel(self.key)])
-        pause = 0.05
-        while True:
-            try:
-                await self._client.submit(txn)
-                return
-            except errors.Failed:
-                return  # already gone (or not ours)
-            except (errors.Unavailable, errors.Timeout) as exc:
-                if not self.session.alive:
-                    return
-                log.warn("{e}: deleting {key!r} failed ({error}); retrying", e=self,
-                         key=self.key, error=exc)
-                await task.deferLater(self._reactor, pause, lambda: None)
-                pause = min(pause * 2, 1.0)
-            except Exception:
-                log.failure("{e}: deleting {key!r} failed", e=self, key=self.key)
-                return
 
     # leading --------------------------------------------------------------------------------
 
@@ -545,7 +509,7 @@ class Election:
             token = self.token
             self._stop_leading(ElectionState.IDLE)
             self._observers = []  # ended as asked: `lost` observers never fire
-            self._busy = Shared(defer.Deferred.fromCoroutine(self._delete_key(token)))
+            self._busy = Shared(defer.Deferred.fromCoroutine(delete_own_key(self, token)))
         if self._busy is not None:
             return self._busy.wait()
         return defer.succeed(None)

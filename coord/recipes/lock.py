@@ -27,14 +27,22 @@ import weakref
 from typing import Any
 
 import txaio
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 from coord import errors
 from coord.errors import LockLost, SessionLost
 from coord.keyset import KeySet, as_bytes
-from coord.recipes._wait import Shared, check_timeout, detached, wait_fewer, with_timeout
+from coord.recipes._wait import (
+    Shared,
+    check_timeout,
+    delete_own_key,
+    detached,
+    remove_own_key,
+    wait_fewer,
+    with_timeout,
+)
 from coord.session import DEFAULT_TTL, Session
-from coord.txn import CompCreated, CompLease, OpDel, OpGet, OpSet, Transaction
+from coord.txn import CompCreated, OpGet, OpSet, Transaction
 
 __all__ = [
     "Lock",
@@ -225,7 +233,8 @@ class Lock:
             self._state = LockState.UNLOCKED
             self._acquiring = None
             if enqueue is not None:
-                self._busy = Shared(defer.Deferred.fromCoroutine(self._clean_up(enqueue, token)))
+                self._busy = Shared(defer.Deferred.fromCoroutine(
+                    remove_own_key(self, enqueue, token)))
                 await detached(self._busy.wait())
             if isinstance(exc, errors.Failed):
                 # The guard failed: our key is gone.  Say whether its lease ended with it.
@@ -270,52 +279,6 @@ class Lock:
             raise
         finally:
             ended.cancel()
-
-    async def _clean_up(self, attempt: Shared, token: int | None) -> None:
-        """Remove our waiter key after a failed, timed out or cancelled acquire.
-
-        ``attempt`` is the transaction that writes our key (its success branch creates it
-        at the transaction's revision; its failure branch reads it first).
-        """
-        if token is None:
-            try:
-                token = (await attempt.wait()).header.revision
-            except errors.Failed as failed:
-                mine = failed.responses[0].kvs
-                if not mine:
-                    return
-                token = mine[0].create_revision
-            except Exception:
-                token = None  # unknown outcome: delete whatever key our lease has there
-        await self._delete_key(token)
-
-    async def _delete_key(self, token: int | None) -> None:
-        """Delete our key if it is still the one created at ``token`` (a late delete never
-        removes a newer key); with no token, if it carries our lease.  Guarded deletes are
-        idempotent, so they are retried while the session lives (after it, the lease's end
-        deletes the key anyway)."""
-        if token is not None:
-            guard: Any = CompCreated(self.key, "==", token)
-        else:
-            guard = CompLease(self.key, "==", self.session.lease_id)
-        txn = Transaction(compare=[guard], success=[OpDel(self.key)])
-        pause = 0.05
-        while True:
-            try:
-                await self._client.submit(txn)
-                return
-            except errors.Failed:
-                return  # already gone (or not ours)
-            except (errors.Unavailable, errors.Timeout) as exc:
-                if not self.session.alive:
-                    return
-                log.warn("{lock}: deleting {key!r} failed ({error}); retrying", lock=self,
-                         key=self.key, error=exc)
-                await task.deferLater(self._reactor, pause, lambda: None)
-                pause = min(pause * 2, 1.0)
-            except Exception:
-                log.failure("{lock}: deleting {key!r} failed", lock=self, key=self.key)
-                return
 
     def try_acquire(self) -> defer.Deferred[bool]:
         """Take the lock if nobody holds or waits for it; never wait.
@@ -364,7 +327,7 @@ class Lock:
                 token = mine[0].create_revision if mine else 0
             if not token or not self._free(first, token):
                 if token:  # ours, just written or left over from an earlier attempt
-                    await self._delete_key(token)
+                    await delete_own_key(self, token)
                 self._state = LockState.UNLOCKED
                 self._acquiring = None
                 return False
@@ -373,7 +336,8 @@ class Lock:
             self._state = LockState.UNLOCKED
             self._acquiring = None
             if attempt is not None:
-                self._busy = Shared(defer.Deferred.fromCoroutine(self._clean_up(attempt, None)))
+                self._busy = Shared(defer.Deferred.fromCoroutine(
+                    remove_own_key(self, attempt, None)))
                 await detached(self._busy.wait())
             if isinstance(exc, errors.LeaseNotFound) and not isinstance(exc, SessionLost):
                 raise self.session.lease_gone(exc)
@@ -508,7 +472,7 @@ class Lock:
                 # Revoking our lease deletes our key (and only ours) in one round trip.
                 d = self.session.close()
             else:
-                d = defer.Deferred.fromCoroutine(self._delete_key(token))
+                d = defer.Deferred.fromCoroutine(delete_own_key(self, token))
             self._busy = Shared(d)
         if self._busy is not None:
             return self._busy.wait()
