@@ -101,10 +101,27 @@ class Session:
 
         Raises:
             TypeError, InvalidArgument: ``ttl`` is not a positive int.
+
+        Cancelling the Deferred never leaves a lease behind: a grant already on its way
+        is waited for in the background and revoked.
         """
         sent_at = client._reactor.seconds()
-        d = client.lease(ttl)
-        return d.addCallback(lambda lease: cls(client, lease, sent_at))
+        granting = client.lease(ttl)
+        out: defer.Deferred[Session] = defer.Deferred()  # cancel(): CancelledError at once
+
+        def granted(result: Any) -> None:
+            if out.called:  # cancelled while the grant was on its way
+                if not isinstance(result, Failure):
+                    result.revoke().addErrback(lambda f: log.warn(
+                        "revoking lease {id:#x} granted after a cancel: {error}",
+                        id=result.lease_id, error=f.value))
+            elif isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(cls(client, result, sent_at))
+
+        granting.addBoth(granted)
+        return out
 
     @classmethod
     def resume(cls, client: Client, lease_id: int) -> defer.Deferred[Session]:

@@ -829,19 +829,6 @@ def run_as_leader(client: Any, name: bytes | str, value: bytes | str,
         _run_as_leader(client, prefix[:-1], value, fn, ttl, retry_pause))
 
 
-async def _new_session(client: Any, ttl: int) -> Session:
-    """Session.create, but cancelling it never leaves a lease behind: a grant already
-    sent is waited for and revoked."""
-    creating = Shared(Session.create(client, ttl))
-    try:
-        return await creating.wait()
-    except defer.CancelledError:
-        made = await detached(creating.wait().addErrback(lambda _: None))
-        if made is not None:
-            await detached(made.close().addErrback(lambda _: None))
-        raise
-
-
 def _call(fn: Callable[[Election], Any], election: Election) -> defer.Deferred[Any]:
     try:
         result = fn(election)
@@ -866,7 +853,7 @@ async def _run_as_leader(client: Any, name: bytes, value: bytes,
                     if session is not None:
                         await detached(session.close())
                     session = None
-                    session = await _new_session(client, ttl)
+                    session = await Session.create(client, ttl)  # a cancel leaks no lease
                     election = Election(session, name)
                 assert election is not None
                 await election.campaign(value)

@@ -567,14 +567,7 @@ def acquire_lock(client: Any, name: bytes | str, timeout: float | None = None,
     reactor = client._reactor
 
     async def go() -> Lock:
-        created = Shared(Session.create(client, ttl))
-        try:
-            session = await created.wait()
-        except defer.CancelledError:
-            # The grant may be on its way: revoke the lease once it is here.
-            created.wait().addCallback(lambda s: s.close()).addErrback(
-                lambda f: log.failure("closing a session nobody waits for", f))
-            raise
+        session = await Session.create(client, ttl)  # (a cancel here leaks no lease)
         try:
             lock = Lock(session, name)
             lock._owns_session = True
