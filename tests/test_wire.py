@@ -624,8 +624,17 @@ def parse(pieces, parser_out=None):
         else:
             events.append(("body", b))
 
-    parser = ResponseParser(lambda s: events.append(("head", s)), on_body,
-                            lambda: events.append(("complete", parser.keep_alive)))
+    class Recorder(ResponseParser):
+        def on_head(self, status):
+            events.append(("head", status))
+
+        def on_body(self, body):
+            on_body(body)
+
+        def on_complete(self):
+            events.append(("complete", self.keep_alive))
+
+    parser = Recorder()
     for piece in pieces:
         parser.feed(piece)
     if parser_out is not None:
@@ -809,7 +818,11 @@ def test_callback_errors_propagate_with_their_cause():
     def boom(body):
         raise KeyError("from the callback")
 
-    parser = ResponseParser(lambda s: None, boom, lambda: None)
+    class Boom(ResponseParser):
+        def on_body(self, body):
+            boom(body)
+
+    parser = Boom()
     with pytest.raises(Exception) as info:
         parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
     # Whatever the wrapper, the callback's own exception must be reachable.

@@ -197,12 +197,6 @@ class _Call:
         elif not self.sent and self.endpoint is not None:
             self.endpoint.forget(self)  # still queued for a connection
 
-    def succeed(self, result: Any) -> None:
-        if not self.done:
-            self.done = True
-            self._cleanup()
-            self.deferred.callback(result)
-
     def fail(self, exc: BaseException) -> None:
         if not self.done:
             self.done = True
@@ -211,10 +205,14 @@ class _Call:
 
 
 @implementer(IHandshakeListener)
-class _Connection(protocol.Protocol):
-    """One HTTP/1.1 connection: carries one call at a time, or one stream for good."""
+class _Connection(protocol.Protocol, ResponseParser):
+    """One HTTP/1.1 connection: carries one call at a time, or one stream for good.
+
+    It is its own response parser (the hooks below), so httptools calls straight into it.
+    """
 
     def __init__(self, pool: _EndpointPool) -> None:
+        ResponseParser.__init__(self)
         self.pool = pool
         # Over TLS, bytes written before the handshake completes wait in the TLS layer:
         # if the handshake fails, nothing reached etcd, whatever was "written".
@@ -222,7 +220,6 @@ class _Connection(protocol.Protocol):
         self.idle_since = 0.0
         self.call: _Call | None = None
         self.stream: _Stream | None = None
-        self.parser = ResponseParser(self._on_head, self._on_body, self._on_complete)
         self._chunks: list[bytes] = []
         self.connected = False
         self.closed = False
@@ -254,7 +251,10 @@ class _Connection(protocol.Protocol):
         except OSError:
             data = b""
         if data:
-            self.dataReceived(data)
+            try:
+                self.feed(data)
+            except ProtocolError as e:
+                self._bad_http(e)
         else:
             # End of stream or an error: Twisted's own read path tells which, and closes.
             self.pool.transport.reader.remove(self)
@@ -330,10 +330,13 @@ class _Connection(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         try:
-            self.parser.feed(data)
+            self.feed(data)
         except ProtocolError as e:
-            self._broken(errors.Unavailable(f"bad HTTP from {self.pool.endpoint.url}: {e}"))
-            self.abort()
+            self._bad_http(e)
+
+    def _bad_http(self, e: ProtocolError) -> None:
+        self._broken(errors.Unavailable(f"bad HTTP from {self.pool.endpoint.url}: {e}"))
+        self.abort()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.connected = False
@@ -358,35 +361,38 @@ class _Connection(protocol.Protocol):
         if stream is not None:
             stream.ended(exc)
 
-    # parser callbacks -------------------------------------------------------------------------
+    # ResponseParser hooks ----------------------------------------------------------------------
 
-    def _on_head(self, status: int) -> None:
+    def on_head(self, status: int) -> None:
         if self.stream is not None:
             self.stream.head(status)
 
-    def _on_body(self, data: bytes) -> None:
+    def on_body(self, body: bytes) -> None:
         if self.stream is not None:
-            self.stream.data(data)
+            self.stream.data(body)
         else:
-            self._chunks.append(data)
+            self._chunks.append(body)
 
-    def _on_complete(self) -> None:
-        stream, self.stream = self.stream, None
+    def on_complete(self) -> None:
+        stream = self.stream
         if stream is not None:
+            self.stream = None
             self.abort()
             stream.ended(None)
             return
-        call, self.call = self.call, None
-        body = b"".join(self._chunks)
+        call = self.call
+        self.call = None
+        chunks = self._chunks
         self._chunks = []
-        if not self.parser.keep_alive:
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if not self.keep_alive:
             self.abort()
         if call is None:
             return
         call.conn = None
         if not self.closed:
             self.pool.connection_ready(self)
-        self.pool.transport.call_answered(call, self.parser.status, body)
+        self.pool.transport.call_answered(call, self.status, body)
 
 
 class _Factory(protocol.ClientFactory):
@@ -557,7 +563,7 @@ class _Reader:
         if len(conns) == 1:
             # The one socket in the set is the readable one: no poll needed (one request
             # in flight is the latency case, where a system call more shows).
-            ready: Any = [(fd, 0) for fd in conns]
+            ready: Any = ((next(iter(conns)), 0),)
         else:
             ready = self._epoll.poll(0)
         for fd, _ in ready:
@@ -751,10 +757,14 @@ class HttpTransport:
         if timeout is not None:
             self._deadlines.add(call, timeout)
         call.pinned = endpoint
-        call.plan = self._plan(call)
         if self._credentials is not None and self._token is None and path != AUTH_PATH:
             self._wait_for_token(call)
+        elif endpoint is None:
+            # The first attempt goes to the preferred endpoint, as a fresh plan says: the
+            # plan itself is made only if a retry needs it (see _dispatch).
+            self._pools[self._preferred].submit(call)
         else:
+            call.plan = self._plan(call)
             self._dispatch(call)
         return call.deferred
 
@@ -769,7 +779,12 @@ class HttpTransport:
         if self.closed:
             call.fail(errors.Unavailable("client closed"))
             return
-        plan: Plan = call.plan  # type: ignore[assignment]
+        plan = call.plan
+        if plan is None:
+            # Only its first attempt was made, to the preferred endpoint of the time.
+            plan = call.plan = Plan(call.endpoint.index, len(self._pools),  # type: ignore[union-attr]
+                                    call.write)
+            plan.next_index()
         index = plan.next_index()
         if index is not None:
             self._pools[index].submit(call)
@@ -824,12 +839,16 @@ class HttpTransport:
         if status == 200:
             try:
                 result = codec.decode(body)
-                if call.decode is not None:
-                    result = call.decode(result)
+                decode = call.decode
+                if decode is not None:
+                    result = decode(result)
             except Exception as e:
                 call.fail(e)
-            else:
-                call.succeed(result)
+                return
+            # No clean-up (see _Call.fail): an answered call holds no connection and
+            # waits in no queue.
+            call.done = True
+            call.deferred.callback(result)
             return
         try:
             obj = codec.decode(body)

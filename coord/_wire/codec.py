@@ -13,6 +13,7 @@ Sans-IO: no reactor, no sockets.  Gateway rules (grpc-gateway's protobuf JSON ma
 from __future__ import annotations
 
 import json
+import json.scanner
 from binascii import a2b_base64, b2a_base64
 from typing import Any
 
@@ -47,22 +48,23 @@ def encode(body: dict) -> bytes:
     return _encoder.encode(body).encode("ascii")
 
 
-_raw_decode = json.JSONDecoder().raw_decode
+# The JSON scanner itself (C), without JSONDecoder.raw_decode's Python frame around it.
+_scan_once = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
 
 
 def decode(data: bytes) -> Any:
     """Parse a JSON body; a body that is not JSON becomes an :class:`errors.EtcdError`.
 
-    etcd's bodies start with their JSON value and may end with a newline (streams):
-    ``raw_decode`` skips json.loads' two whitespace scans, and what follows the value
-    must be whitespace only.
+    etcd's bodies start with their JSON value and may end with a newline (streams): the
+    scanner reads the value where it starts, skipping json.loads' two whitespace scans;
+    what follows the value must be whitespace only.
     """
     try:
         text = data.decode("utf-8")
         try:
-            value, end = _raw_decode(text)
-        except ValueError:
-            return json.loads(text)  # leading whitespace, or not JSON at all
+            value, end = _scan_once(text, 0)
+        except (StopIteration, ValueError):
+            return json.loads(text)  # leading whitespace, or not JSON at all (raises)
         if end != len(text) and not text[end:].isspace():
             raise ValueError("extra data after the JSON value")
         return value

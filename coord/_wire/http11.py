@@ -1,14 +1,13 @@
 """HTTP/1.1 framing for the etcd gateway: request bytes out, response events in.
 
 Sans-IO: :class:`ResponseParser` takes bytes with :meth:`~ResponseParser.feed` and reports
-what it parsed through three callbacks; :func:`request_head` / :func:`build_request`
-produce request bytes.  Parsing is done by httptools (llhttp), which also undoes chunked
-transfer-encoding -- the gateway streams watch and keep-alive answers chunked.
+what it parsed through three hooks that a subclass overrides; :func:`request_head` /
+:func:`build_request` produce request bytes.  Parsing is done by httptools (llhttp), which
+also undoes chunked transfer-encoding -- the gateway streams watch and keep-alive answers
+chunked.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import httptools
 
@@ -40,25 +39,24 @@ def build_request(head: bytes, body: bytes) -> bytes:
 
 
 class ResponseParser:
-    """Incremental HTTP/1.1 response parser for one keep-alive connection.
+    """Incremental HTTP/1.1 response parser for one keep-alive connection: a base class.
 
-    Args:
-        on_head: called with the status code once the headers are complete.
-        on_body: called with each piece of body (already de-chunked), in order.
-        on_complete: called when a whole response has arrived; ``keep_alive`` is then
-            whether the connection may carry another request.
+    A subclass overrides the hooks; httptools calls them directly (this runs once per
+    answer, so no adapter sits in between):
+
+    * :meth:`on_head` -- the headers are complete, with the status code (interim 1xx
+      answers are skipped: the real answer follows);
+    * :meth:`on_body` -- a piece of body (already de-chunked), in order;
+    * :meth:`on_complete` -- a whole response has arrived; :attr:`keep_alive` is then
+      whether the connection may carry another request.
+
+    :attr:`status` is the status code of the answer being parsed (or last parsed).
 
     Raises (from :meth:`feed`):
         ProtocolError: the bytes are not a valid response.
     """
 
-    __slots__ = ("_on_body", "_on_complete", "_on_head", "_parser", "keep_alive", "status")
-
-    def __init__(self, on_head: Callable[[int], None], on_body: Callable[[bytes], None],
-                 on_complete: Callable[[], None]) -> None:
-        self._on_head = on_head
-        self._on_body = on_body
-        self._on_complete = on_complete
+    def __init__(self) -> None:
         self.status = 0
         self.keep_alive = True
         self._parser = httptools.HttpResponseParser(self)
@@ -72,19 +70,27 @@ class ResponseParser:
         except httptools.HttpParserError as e:
             raise ProtocolError(str(e)) from e
 
+    # hooks ------------------------------------------------------------------------------------
+
+    def on_head(self, status: int) -> None:
+        """The headers of an answer are complete."""
+
+    def on_body(self, body: bytes) -> None:
+        """A piece of the answer's body (httptools' own callback)."""
+
+    def on_complete(self) -> None:
+        """The answer is complete."""
+
     # httptools callbacks -------------------------------------------------------------------
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
-        if 100 <= self.status < 200:
+        status = self.status = self._parser.get_status_code()
+        if 100 <= status < 200:
             return  # an interim answer (RFC 9110 15.2): the real one follows
-        self._on_head(self.status)
-
-    def on_body(self, body: bytes) -> None:
-        self._on_body(body)
+        self.on_head(status)
 
     def on_message_complete(self) -> None:
         if 100 <= self.status < 200:
             return
         self.keep_alive = self._parser.should_keep_alive()
-        self._on_complete()
+        self.on_complete()
