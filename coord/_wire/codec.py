@@ -49,7 +49,7 @@ def encode(body: dict) -> bytes:
 
 
 # The JSON scanner itself (C), without JSONDecoder.raw_decode's Python frame around it.
-_scan_once = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
+_scan_once = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 
 
 def decode(data: bytes) -> Any:
