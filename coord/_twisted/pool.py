@@ -211,7 +211,13 @@ class _Connection(protocol.Protocol, ResponseParser):
     It is its own response parser (the hooks below), so httptools calls straight into it.
     """
 
-    def __init__(self, pool: _EndpointPool) -> None:
+    def __init__(self, pool: _EndpointPool, stream: _Stream | None = None) -> None:
+        self.stream = stream
+        self._chunks: list[bytes] = []
+        if stream is None:
+            # An answer's body pieces go straight into the list: httptools calls this
+            # bound C method, no Python frame per piece.
+            self.on_body = self._chunks.append  # type: ignore[method-assign,assignment]
         ResponseParser.__init__(self)
         self.pool = pool
         # Over TLS, bytes written before the handshake completes wait in the TLS layer:
@@ -219,8 +225,6 @@ class _Connection(protocol.Protocol, ResponseParser):
         self.handshaking = pool.endpoint.tls
         self.idle_since = 0.0
         self.call: _Call | None = None
-        self.stream: _Stream | None = None
-        self._chunks: list[bytes] = []
         self.connected = False
         self.closed = False
         self._socket: Any = None
@@ -368,10 +372,9 @@ class _Connection(protocol.Protocol, ResponseParser):
             self.stream.head(status)
 
     def on_body(self, body: bytes) -> None:
+        # A stream's connection only: a call's connection appends to _chunks directly.
         if self.stream is not None:
             self.stream.data(body)
-        else:
-            self._chunks.append(body)
 
     def on_complete(self) -> None:
         stream = self.stream
@@ -383,8 +386,8 @@ class _Connection(protocol.Protocol, ResponseParser):
         call = self.call
         self.call = None
         chunks = self._chunks
-        self._chunks = []
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
         if not self.keep_alive:
             self.abort()
         if call is None:
@@ -599,13 +602,15 @@ class Deadlines:
 
     def __init__(self, reactor: Any, expire: Callable[[_Call, float], None]) -> None:
         self._reactor = reactor
+        self._seconds = reactor.seconds
         self._expire = expire
         self._fifos: dict[float, collections.deque[tuple[float, _Call]]] = {}
         self._timer: Any = None
+        self._timer_at = 0.0  # when self._timer fires
         self._firing = False
 
     def add(self, call: _Call, timeout: float) -> None:
-        deadline = self._reactor.seconds() + timeout
+        deadline = self._seconds() + timeout
         fifo = self._fifos.get(timeout)
         if fifo is None:
             fifo = self._fifos[timeout] = collections.deque()
@@ -618,11 +623,12 @@ class Deadlines:
         fifo.append((deadline, call))
         if self._firing:
             return  # _fire() sets the timer when it is done
-        timer = self._timer
-        if timer is None:
+        if self._timer is None:
             self._timer = self._reactor.callLater(timeout, self._fire)
-        elif deadline < timer.getTime():
-            timer.reset(timeout)
+            self._timer_at = deadline
+        elif deadline < self._timer_at:
+            self._timer.reset(timeout)
+            self._timer_at = deadline
 
     def _fire(self) -> None:
         # Expiring a call runs its errbacks, which may clear() (close the client) or add()
@@ -631,7 +637,7 @@ class Deadlines:
         self._timer = None
         self._firing = True
         try:
-            now = self._reactor.seconds()
+            now = self._seconds()
             for timeout, fifo in list(self._fifos.items()):
                 while fifo and self._fifos.get(timeout) is fifo and \
                         (fifo[0][1].done or fifo[0][0] <= now):
@@ -657,11 +663,12 @@ class Deadlines:
                 timer.cancel()
             self._timer = None
             return
-        delay = max(0.0, earliest - self._reactor.seconds())
+        delay = max(0.0, earliest - self._seconds())
         if timer is not None and timer.active():
             timer.reset(delay)
         else:
             self._timer = self._reactor.callLater(delay, self._fire)
+        self._timer_at = earliest
 
     def clear(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -1084,9 +1091,7 @@ class _StreamFactory(protocol.ClientFactory):
         self.stream = stream
 
     def buildProtocol(self, addr: Any) -> _Connection:
-        conn = _Connection(self.pool)
-        conn.stream = self.stream
-        return conn
+        return _Connection(self.pool, self.stream)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         self.stream.connect_failed(self.pool, reason)
