@@ -845,10 +845,7 @@ class HttpTransport:
             return
         if status == 200:
             try:
-                result = codec.decode(body)
-                decode = call.decode
-                if decode is not None:
-                    result = decode(result)
+                result = codec.answer(body, call.decode)
             except Exception as e:
                 call.fail(e)
                 return

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import json.scanner
+import re
 from binascii import a2b_base64, b2a_base64
 from typing import Any
 
@@ -137,6 +138,50 @@ def txn_response(obj: dict) -> TransactionResult:
             responses.append(_TXN_RESPONSES[name](value))
     return TransactionResult(bool(obj.get("succeeded", False)), responses,
                              header(obj.get("header")))
+
+
+# Direct parses of the two answers a busy client gets most, in the exact shape etcd's
+# gateway writes them (proto field order, zero values omitted, no whitespace): a put's
+# header-only answer, and a range answer with at most one key.  Anything else -- another
+# field, another order, an escape, a sign -- does not match and takes the JSON path, which
+# gives the same value (tests/test_wire.py checks the two against each other).
+_HEADER = (rb'\{"header":\{"cluster_id":"(\d+)","member_id":"(\d+)","revision":"(\d+)",'
+           rb'"raft_term":"(\d+)"\}')
+_HEADER_ONLY = re.compile(_HEADER + rb"\}")
+_ONE_KV = re.compile(
+    _HEADER + rb',"kvs":\[\{"key":"([A-Za-z0-9+/]+={0,2})"(?:,"create_revision":"(\d+)")?'
+    rb'(?:,"mod_revision":"(\d+)")?(?:,"version":"(\d+)")?'
+    rb'(?:,"value":"([A-Za-z0-9+/]*={0,2})")?(?:,"lease":"(\d+)")?\}\](,"more":true)?'
+    rb'(?:,"count":"(\d+)")?\}')
+
+
+def answer(body: bytes, convert: Any = None) -> Any:
+    """The value of a successful answer: ``convert(JSON of body)``, or the JSON itself.
+
+    For :func:`put_response` and :func:`range_response`, the common shapes are parsed
+    directly (a third of the decoding cost of a small answer).
+
+    Raises:
+        EtcdError: the body is not JSON.
+    """
+    if convert is put_response or convert is range_response:
+        m = _HEADER_ONLY.fullmatch(body)
+        if m is not None:
+            c, mm, r, t = m.groups()
+            h = Header(int(c), int(mm), int(r), int(t))
+            return Revision(h.revision, None, h) if convert is put_response else Range(header=h)
+        if convert is range_response:
+            m = _ONE_KV.fullmatch(body)
+            if m is not None:
+                c, mm, r, t, key, create, mod, version, value, lease, more, count = m.groups()
+                return Range(
+                    [KeyValue(a2b_base64(key), a2b_base64(value) if value else b"",
+                              int(create or 0), int(mod or 0), int(version or 0),
+                              int(lease or 0))],
+                    int(count or 0), more is not None,
+                    Header(int(c), int(mm), int(r), int(t)))
+    obj = decode(body)
+    return obj if convert is None else convert(obj)
 
 
 def status_response(obj: dict) -> Status:
