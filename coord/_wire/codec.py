@@ -58,7 +58,8 @@ def decode(data: bytes) -> Any:
 
     etcd's bodies start with their JSON value and may end with a newline (streams): the
     scanner reads the value where it starts, skipping json.loads' two whitespace scans;
-    what follows the value must be whitespace only.
+    what follows the value must be JSON whitespace only.  A value nested too deeply to
+    parse (RecursionError) is refused the same way.
     """
     try:
         text = data.decode("utf-8")
@@ -66,11 +67,12 @@ def decode(data: bytes) -> Any:
             value, end = _scan_once(text, 0)
         except (StopIteration, ValueError):
             return json.loads(text)  # leading whitespace, or not JSON at all (raises)
-        if end != len(text) and not text[end:].isspace():
+        if end != len(text) and text[end:].strip(" \t\n\r"):
             raise ValueError("extra data after the JSON value")
         return value
-    except ValueError:
-        raise errors.EtcdError(f"etcd gateway sent a body that is not JSON: {data[:200]!r}")
+    except (ValueError, RecursionError):
+        raise errors.EtcdError(
+            f"etcd gateway sent a body that is not JSON: {data[:200]!r}") from None
 
 
 def b64(value: str | None) -> bytes:
