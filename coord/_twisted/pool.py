@@ -843,7 +843,7 @@ class HttpTransport:
     def call_answered(self, call: _Call, status: int, body: bytes) -> None:
         if call.done:
             return
-        if status == 200:
+        if status == 200 and not body.startswith(codec.STREAM_ERROR):
             try:
                 result = codec.answer(body, call.decode)
             except Exception as e:

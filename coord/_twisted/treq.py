@@ -116,7 +116,7 @@ class TreqTransport:
                         f"{last}; the write was sent, so it may or may not have been applied; "
                         "it is not re-sent")
                 continue
-            if response.code == 200:
+            if response.code == 200 and not content.startswith(codec.STREAM_ERROR):
                 return codec.decode(content)
             try:
                 obj = codec.decode(content)

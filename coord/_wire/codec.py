@@ -157,6 +157,13 @@ _ONE_KV = re.compile(
     rb'(?:,"count":"(\d+)")?\}')
 
 
+# How a streaming endpoint's answer starts when etcd refused it: HTTP 200, then
+# {"error": {...}} instead of {"result": ...}.  The gateway serves a lease keep-alive as
+# a stream, so a keep-alive etcd refuses ("no leader", a stale token) looks like this.
+# No unary answer starts so (their first field is "header").
+STREAM_ERROR = b'{"error":'
+
+
 def answer(body: bytes, convert: Any = None) -> Any:
     """The value of a successful answer: ``convert(JSON of body)``, or the JSON itself.
 
