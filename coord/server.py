@@ -542,6 +542,7 @@ class EtcdServer:
         self._workdir: str | None = None  # temporary: etcd.log, and data/ unless data_dir
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
+        self._killed = False  # the process was ended on purpose (kill())
         self._version: str | None = None
         self._started_once = False
 
@@ -569,6 +570,14 @@ class EtcdServer:
     def running(self) -> bool:
         """True while the etcd process exists (also when paused)."""
         return self.state in (State.RUNNING, State.PAUSED)
+
+    @property
+    def died(self) -> int | None:
+        """The exit status of an etcd that ended on its own (not by `kill()` or `stop()`),
+        negative for the signal that ended it; None while it runs or after a kill/stop."""
+        if self._proc is None or self._killed:
+            return None
+        return self._proc.poll()
 
     @property
     def paused(self) -> bool:
@@ -698,6 +707,7 @@ class EtcdServer:
             assert self._proc is not None
             self._proc.kill()
             self._proc.wait()
+        self._killed = True
         self._paused = False
 
     def pause(self) -> None:
@@ -805,6 +815,7 @@ class EtcdServer:
                 preexec_fn=_die_with_parent_hook(),
             )
         self._paused = False
+        self._killed = False
         self._version = None
 
     def _wait_ready(self, deadline: float, poll_interval: float = 0.05) -> None:

@@ -115,8 +115,9 @@ def etcd(etcd_server: EtcdServer) -> EtcdServer:
         etcd_server.resume()
     elif not etcd_server.running:
         # A test stopped it on purpose, or etcd died: say so where a CI log shows it.
-        print(f"\ncoord.testing: {etcd_server!r} is not running; restarting it. "
-              f"Its log ends with:\n{etcd_server.log_tail(10)}", file=sys.__stderr__)
+        print(f"\ncoord.testing: {etcd_server!r} is not running (exit status "
+              f"{etcd_server.died}); restarting it. Its log ends with:\n"
+              f"{etcd_server.log_tail(10)}", file=sys.__stderr__)
         etcd_server.restart()
     reset_keyspace(etcd_server)
     return etcd_server
@@ -177,6 +178,13 @@ class EtcdFactory:
 
     def stop_all(self) -> None:
         for owned in reversed(self._owned):
+            for server in owned.members if isinstance(owned, EtcdCluster) else [owned]:
+                if server.died is not None:
+                    # Not the test's doing: say so where a CI log shows it (the log
+                    # goes with the server's temporary directory).
+                    print(f"\ncoord.testing: {server!r} ended on its own during the test "
+                          f"(exit status {server.died}). Its log ends with:\n"
+                          f"{server.log_tail(20)}", file=sys.__stderr__)
             owned.stop()
         self._owned.clear()
 

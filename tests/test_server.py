@@ -148,6 +148,25 @@ def test_kill_keeps_data_for_restart(binary: str) -> None:
         assert _get(srv, b"k") == b"v"
 
 
+def test_died_tells_an_exit_nobody_asked_for(
+        etcd_factory: EtcdFactory, capfd: pytest.CaptureFixture[str]) -> None:
+    srv = etcd_factory()
+    assert srv.died is None
+    srv.kill()
+    assert srv.died is None  # the test's own doing
+    srv.restart()
+    pid = srv.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # as the OOM killer, a crash or a stray signal would
+    deadline = time.monotonic() + 5
+    while srv.died is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv.died == -signal.SIGKILL
+    etcd_factory.stop_all()
+    assert srv.died is None
+    assert "ended on its own during the test (exit status -9)" in capfd.readouterr().err
+
+
 def test_pause_resume(binary: str) -> None:
     with EtcdServer(binary) as srv:
         srv.pause()
