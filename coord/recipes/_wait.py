@@ -248,6 +248,55 @@ async def delete_own_key(owner: Any, token: int | None) -> None:
             return
 
 
+def watch_own_key(owner: Any, holds: Callable[[], bool],
+                  lose: Callable[[errors.CoordError, int], None],
+                  lost: type[errors.CoordError]) -> None:
+    """Watch ``owner``'s key while ``holds()``: its deletion, or its re-creation under
+    another create revision, is a loss, reported as ``lose(reason, token)``.
+
+    ``owner`` is the recipe (a Lock or an Election): its ``key``, ``token`` (the key's
+    create revision), ``revision`` (watched from after it), ``session``, ``_client``,
+    and ``_watch``, set here to the running watch's Deferred (the owner cancels it when
+    it lets go).  The reason is a ``lost(...)``, or the session's own SessionLost when
+    the session is past its deadline (say the process was paused: the lease's expiry is
+    the reason, even if the deletion's event came before the session's timer).  A watch
+    that ends by itself (not cancelled: ``owner._watch`` is still this one) is followed
+    by a read, and a key still ours is watched again from that read's revision.
+    """
+    token = owner.token
+    assert owner.revision is not None
+
+    def on_change(event: Any) -> None:
+        if owner.token == token and (event.type is EventType.DELETE
+                                     or event.kv.create_revision != token):
+            reason = lost(f"{owner.key!r} was deleted at revision {event.revision}")
+            if not owner.session.alive:
+                try:
+                    owner.session.check()
+                except errors.SessionLost as ended:
+                    reason = ended
+            lose(reason, token)
+
+    def ended(result: Any) -> None:
+        if owner._watch is watch and holds() and owner.token == token:
+            owner._watch = None
+            owner._client.get(owner.key).addCallbacks(recheck, lambda f: lose(
+                lost(f"cannot watch {owner.key!r} any more: {f.value}"), token))
+
+    def recheck(result: Any) -> None:
+        if not holds() or owner.token != token:
+            return
+        if not result.kvs or result.kvs[0].create_revision != token:
+            lose(lost(f"{owner.key!r} was deleted"), token)
+        else:
+            owner.revision = result.header.revision
+            watch_own_key(owner, holds, lose, lost)
+
+    watch = owner._client.watch(KeySet(owner.key), on_change, start_revision=owner.revision + 1)
+    owner._watch = watch
+    watch.addBoth(ended)
+
+
 def detached(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
     """A Deferred that fires with ``d``'s result; cancelling it leaves ``d`` running.
 

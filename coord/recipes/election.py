@@ -54,6 +54,7 @@ from coord.recipes._wait import (
     detached,
     remove_own_key,
     wait_deletes,
+    watch_own_key,
     with_timeout,
 )
 from coord.session import DEFAULT_TTL, Session
@@ -431,43 +432,8 @@ class Election:
 
     def _watch_key(self) -> None:
         """Watch our key while we lead: its deletion (or re-creation) is a loss."""
-        token = self.token
-        assert self.revision is not None
-
-        def on_change(event: Any) -> None:
-            if self.token == token and (event.type is EventType.DELETE
-                                        or event.kv.create_revision != token):
-                reason: errors.CoordError = LeadershipLost(
-                    f"{self.key!r} was deleted at revision {event.revision}")
-                if not self.session.alive:
-                    # Past the deadline (say the process was paused): the lease expired,
-                    # and that is the reason, even if this event came before the timer.
-                    try:
-                        self.session.check()
-                    except SessionLost as ended:
-                        reason = ended
-                self._lose(reason, token)
-
-        def ended(result: Any) -> None:
-            if self._watch is watch and self._state is ElectionState.LEADER \
-                    and self.token == token:
-                # The watch failed (not cancelled by us): look, and watch again if ours.
-                self._watch = None
-                self._client.get(self.key).addCallbacks(recheck, lambda f: self._lose(
-                    LeadershipLost(f"cannot watch {self.key!r} any more: {f.value}"), token))
-
-        def recheck(result: Any) -> None:
-            if self._state is not ElectionState.LEADER or self.token != token:
-                return
-            if not result.kvs or result.kvs[0].create_revision != token:
-                self._lose(LeadershipLost(f"{self.key!r} was deleted"), token)
-            else:
-                self.revision = result.header.revision
-                self._watch_key()
-
-        watch = self._client.watch(KeySet(self.key), on_change, start_revision=self.revision + 1)
-        self._watch = watch
-        watch.addBoth(ended)
+        watch_own_key(self, lambda: self._state is ElectionState.LEADER, self._lose,
+                      LeadershipLost)
 
     def _lose(self, reason: Any, token: int | None = None) -> None:
         if self._state is not ElectionState.LEADER or (token is not None

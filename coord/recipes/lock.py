@@ -39,6 +39,7 @@ from coord.recipes._wait import (
     detached,
     remove_own_key,
     wait_fewer,
+    watch_own_key,
     with_timeout,
 )
 from coord.session import DEFAULT_TTL, Session
@@ -393,45 +394,10 @@ class Lock:
             self._observers.remove(d)
 
     def _watch_key(self) -> None:
-        token = self.token
-        assert self.revision is not None
+        watch_own_key(self, lambda: self._state is LockState.HELD, self._lose, LockLost)
 
-        def on_change(event: Any) -> None:
-            if self.token == token and (event.kv.create_revision != token
-                                        or event.type.name == "DELETE"):
-                reason: errors.CoordError = LockLost(
-                    f"{self.key!r} was deleted at revision {event.revision}")
-                if not self.session.alive:
-                    # Past the deadline (say the process was paused): the lease expired,
-                    # and that is the reason, even if this event came before the timer.
-                    try:
-                        self.session.check()
-                    except SessionLost as ended:
-                        reason = ended
-                self._lose(reason)
-
-        def ended(result: Any) -> None:
-            if self._watch is watch and self._state is LockState.HELD and self.token == token:
-                # The watch failed (not cancelled by us): look, and watch again if still ours.
-                self._watch = None
-                self._client.get(self.key).addCallbacks(recheck, lambda f: self._lose(
-                    LockLost(f"cannot watch {self.key!r} any more: {f.value}")))
-
-        def recheck(result: Any) -> None:
-            if self._state is not LockState.HELD or self.token != token:
-                return
-            if not result.kvs or result.kvs[0].create_revision != token:
-                self._lose(LockLost(f"{self.key!r} was deleted"))
-            else:
-                self.revision = result.header.revision
-                self._watch_key()
-
-        watch = self._client.watch(KeySet(self.key), on_change, start_revision=self.revision + 1)
-        self._watch = watch
-        watch.addBoth(ended)
-
-    def _lose(self, reason: Any) -> None:
-        if self._state is not LockState.HELD:
+    def _lose(self, reason: Any, token: int | None = None) -> None:
+        if self._state is not LockState.HELD or (token is not None and token != self.token):
             return
         self._stop_holding(LockState.LOST)
         self._lost_reason = reason
