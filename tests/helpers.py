@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,15 @@ from twisted.internet.threads import deferToThread
 from coord import KeySet
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def dead_url():
+    """A loopback URL where nothing listens."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"
 
 
 def sleep(seconds):

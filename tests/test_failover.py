@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import pytest_twisted
-from helpers import sleep
+from helpers import dead_url, sleep
 from twisted.internet import defer
 
 from coord import KeySet, OutcomeUnknown, Timeout, Unavailable, WriteTimeout
-
-
-def dead_url():
-    """A loopback URL where nothing listens."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
 
 
 @pytest_twisted.ensureDeferred

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import pytest_twisted
-from helpers import sleep, wait_until
+from helpers import dead_url, sleep, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, protocol, reactor, task
@@ -472,15 +472,6 @@ def test_stream_connection_hands_pieces_to_its_stream():
 # scripted gateways and a proxy that splits etcd's bytes
 # ============================================================================================
 
-
-def dead_url():
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
 
 
 class _Scripted(protocol.Protocol):

@@ -10,21 +10,12 @@ import socket
 
 import pytest
 import pytest_twisted
-from helpers import sleep, wait_until
+from helpers import dead_url, sleep, wait_until
 from twisted.internet import base, defer, protocol, reactor, task, tcp
 
 from coord import Client, errors
 from coord._twisted.pool import Deadlines, HttpTransport, Plan, _Call, parse_endpoint
 from coord._wire import codec
-
-
-def dead_url():
-    """A loopback URL where nothing listens."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
 
 
 def ours(delayed_call) -> bool:
