@@ -182,8 +182,7 @@ class Client:
                 and not (return_previous or ignore_value or ignore_lease):
             # The common case, without the general path's objects (measured: a third of
             # the client's CPU per put went to building the body).
-            if len(key) + len(value) > self.max_request_bytes:
-                self._check_size(len(key) + len(value))
+            self._check_size(len(key) + len(value))
             if value:
                 body = b'{"key":"%s","value":"%s"}' % (
                     b2a_base64(key, newline=False), b2a_base64(value, newline=False))

@@ -82,14 +82,9 @@ def b64(value: str | None) -> bytes:
 def header(obj: dict | None) -> Header:
     if not obj:
         return Header()
-    try:
-        # A running etcd sends all four (none is zero): the common case, without get().
-        return Header(int(obj["cluster_id"]), int(obj["member_id"]), int(obj["revision"]),
-                      int(obj["raft_term"]))
-    except KeyError:
-        g = obj.get
-        return Header(int(g("cluster_id", 0)), int(g("member_id", 0)),
-                      int(g("revision", 0)), int(g("raft_term", 0)))
+    g = obj.get
+    return Header(int(g("cluster_id", 0)), int(g("member_id", 0)), int(g("revision", 0)),
+                  int(g("raft_term", 0)))
 
 
 def kv(obj: dict) -> KeyValue:
