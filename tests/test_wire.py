@@ -610,10 +610,11 @@ def test_request_head_rejects_line_breaks(headers):
 # ============================================================================================
 
 
-def parse(pieces, parser_out=None):
+def parse(pieces, parser_out=None, heads=True, statuses=None):
     """Feed pieces to a fresh ResponseParser; return its events with body pieces merged.
 
-    Events: ("head", status), ("body", bytes), ("complete", keep_alive).
+    Events: ("head", status), ("body", bytes), ("complete", keep_alive).  ``heads`` is the
+    parser's argument; ``statuses`` (a list) gets the status seen by each on_complete.
     """
     events: list = []
 
@@ -633,8 +634,10 @@ def parse(pieces, parser_out=None):
 
         def on_complete(self):
             events.append(("complete", self.keep_alive))
+            if statuses is not None:
+                statuses.append(self.status)
 
-    parser = Recorder()
+    parser = Recorder(heads=heads)
     for piece in pieces:
         parser.feed(piece)
     if parser_out is not None:
@@ -764,6 +767,36 @@ def test_response_arbitrary_pieces(data):
         ("head", 404), ("body", ERROR_BODY), ("complete", True),
         ("head", 503), ("body", b"{}"), ("complete", False),
     ]
+
+
+def heads_and_completions(expected):
+    """The table's events without heads, and the status each completed answer had."""
+    status, statuses = None, []
+    for kind, value in expected:
+        if kind == "head":
+            status = value
+        elif kind == "complete":
+            statuses.append(status)
+    return [e for e in expected if e[0] != "head"], statuses
+
+
+@pytest.mark.parametrize(("pieces", "expected"), RESPONSE_TABLE)
+def test_response_table_without_heads(pieces, expected):
+    # heads=False (a call's connection): no on_head, and the status is set by the time
+    # on_complete runs -- whole or split, the same answers.
+    events, statuses = heads_and_completions(expected)
+    data = b"".join(pieces)
+    for split in (pieces, [data[i:i + 1] for i in range(len(data))]):
+        seen: list = []
+        assert parse(split, heads=False, statuses=seen) == events
+        assert seen == statuses
+
+
+def test_interim_100_continue_without_heads():
+    seen: list = []
+    assert parse([b"HTTP/1.1 100 Continue\r\n\r\n" + ERROR_404], heads=False,
+                 statuses=seen) == [("body", ERROR_BODY), ("complete", True)]
+    assert seen == [404]
 
 
 def test_status_and_keep_alive_attributes():

@@ -218,7 +218,8 @@ class _Connection(protocol.Protocol, ResponseParser):
             # An answer's body pieces go straight into the list: httptools calls this
             # bound C method, no Python frame per piece.
             self.on_body = self._chunks.append  # type: ignore[method-assign,assignment]
-        ResponseParser.__init__(self)
+        # A call's connection needs whole answers only (the status comes with on_complete).
+        ResponseParser.__init__(self, heads=stream is not None)
         self.pool = pool
         # Over TLS, bytes written before the handshake completes wait in the TLS layer:
         # if the handshake fails, nothing reached etcd, whatever was "written".

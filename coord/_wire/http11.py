@@ -45,7 +45,9 @@ class ResponseParser:
     answer, so no adapter sits in between):
 
     * :meth:`on_head` -- the headers are complete, with the status code (interim 1xx
-      answers are skipped: the real answer follows);
+      answers are skipped: the real answer follows); not called at all when made with
+      ``heads=False``, for a user who only needs whole answers (httptools then has one
+      Python callback less to make per answer);
     * :meth:`on_body` -- a piece of body (already de-chunked), in order;
     * :meth:`on_complete` -- a whole response has arrived; :attr:`keep_alive` is then
       whether the connection may carry another request.
@@ -56,9 +58,13 @@ class ResponseParser:
         ProtocolError: the bytes are not a valid response.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, heads: bool = True) -> None:
         self.status = 0
         self.keep_alive = True
+        if heads:
+            # httptools looks its callbacks up once, when the parser is made: without this
+            # attribute it makes no call at the end of the headers.
+            self.on_headers_complete = self._headers_complete
         self._parser = httptools.HttpResponseParser(self)
 
     def feed(self, data: bytes) -> None:
@@ -83,14 +89,16 @@ class ResponseParser:
 
     # httptools callbacks -------------------------------------------------------------------
 
-    def on_headers_complete(self) -> None:
+    def _headers_complete(self) -> None:
         status = self.status = self._parser.get_status_code()
         if 100 <= status < 200:
             return  # an interim answer (RFC 9110 15.2): the real one follows
         self.on_head(status)
 
     def on_message_complete(self) -> None:
-        if 100 <= self.status < 200:
+        parser = self._parser
+        status = self.status = parser.get_status_code()
+        if 100 <= status < 200:
             return
-        self.keep_alive = self._parser.should_keep_alive()
+        self.keep_alive = parser.should_keep_alive()
         self.on_complete()
