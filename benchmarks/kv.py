@@ -48,8 +48,11 @@ from urllib.parse import urlsplit
 KEY = b"coord-bench/key"
 OPS = ("put", "get")
 CONCURRENCY = (1, 32)
-PYTHON_CONTENDERS = ("coord", "etcd3", "aetcd")
+PYTHON_CONTENDERS = ("coord", "etcd3", "aetcd", "socket")
 GRPC = {"etcd3": "python-etcd3", "aetcd": "aetcd"}
+# Run only when asked for (--contenders): a reference for what Python itself costs, not an
+# etcd client, so not one of the targets' "other Python clients".
+REFERENCES = {"socket": "raw sockets and an epoll loop in Python, no HTTP library or JSON"}
 TARGET_RATIO = 0.85
 # Python workers run this long before the clock starts (imports are done before that):
 # connections are open and the interpreter's caches warm, as in a long-running program.
@@ -271,7 +274,71 @@ def worker_aetcd(op: str, inflight: int, url: str, duration: float, value: bytes
     return asyncio.run(main())
 
 
-WORKERS = {"coord": worker_coord, "etcd3": worker_etcd3, "aetcd": worker_aetcd}
+def worker_socket(op: str, inflight: int, url: str, duration: float, value: bytes,
+                  window: Window) -> dict:
+    """The floor for any Python client: raw sockets and an epoll loop, nothing else.
+
+    No HTTP library (the answer's end is found from its Content-Length, which etcd's
+    unary answers carry), no JSON, no result objects, no Deferred: what is left is the
+    interpreter's own cost of a wake-up, a recv and a send.  A reference, not an etcd
+    client -- it is not one of the "other Python clients" of the targets.
+    """
+    import select
+    import socket
+
+    parts = urlsplit(url)
+    body = gateway_body(op, value).encode()
+    request = (f"POST {gateway_path(op)} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               ).encode() + body
+    poller = select.epoll()
+    socks: dict[int, socket.socket] = {}
+    pending: dict[int, bytes] = {}
+    for _ in range(inflight):
+        sock = socket.create_connection((parts.hostname, parts.port or 2379))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        socks[sock.fileno()] = sock
+        pending[sock.fileno()] = b""
+        poller.register(sock.fileno(), select.EPOLLIN)
+        sock.send(request)
+    done = 0
+    start_at = time.perf_counter() + WARMUP
+    stop_at = start_at + duration
+    started = False
+    while True:
+        for fd, _ in poller.poll():
+            data = pending[fd] + socks[fd].recv(65536)
+            if not data:
+                return failure("etcd closed a connection")
+            end_of_head = data.find(b"\r\n\r\n")
+            if end_of_head < 0:
+                pending[fd] = data
+                continue
+            if not data.startswith(b"HTTP/1.1 200 "):
+                return failure(f"etcd answered {data[:40]!r}")
+            at = data.find(b"Content-Length: ", 0, end_of_head) + 16
+            end = end_of_head + 4 + int(data[at:data.index(b"\r\n", at)])
+            if len(data) < end:
+                pending[fd] = data
+                continue
+            pending[fd] = b""
+            done += 1
+            socks[fd].send(request)
+        now = time.perf_counter()
+        if not started and now >= start_at:
+            window.start(done)
+            started = True
+        elif started and now >= stop_at:
+            window.stop(done)
+            break
+    for sock in socks.values():
+        sock.close()
+    return window.result()
+
+
+WORKERS = {"coord": worker_coord, "etcd3": worker_etcd3, "aetcd": worker_aetcd,
+           "socket": worker_socket}
 
 
 def run_worker(argv: list[str], value_size: int, server_pid: int | None) -> int:
@@ -363,6 +430,8 @@ class PythonWorker(Contender):
         self.value_size = value_size
         if name in GRPC:
             self.note = f"{GRPC[name]} talks gRPC to the same port, not the JSON gateway"
+        elif name in REFERENCES:
+            self.note = f"a reference, not an etcd client: {REFERENCES[name]}"
 
     def measure(self, op: str, inflight: int) -> tuple[Sample | None, str | None]:
         command = [self.python, os.path.abspath(__file__), "--value-size",
@@ -436,7 +505,7 @@ def benchmark(args: argparse.Namespace, url: str, version: str,
         else:
             notes.append("wrk: not on PATH, skipped (apt-get install wrk); no coord/wrk ratio")
         pythons = {"coord": sys.executable, "etcd3": args.etcd3_python,
-                   "aetcd": args.aetcd_python}
+                   "aetcd": args.aetcd_python, "socket": sys.executable}
         for name in PYTHON_CONTENDERS:
             if name not in args.contenders:
                 continue
@@ -549,7 +618,8 @@ def render(report: dict) -> str:
     ratio_columns = "coord" in names and "wrk" in names
     headers = ["op", "in-flight"]
     for name in names:
-        headers.append(f"{name} (gRPC)" if name in GRPC else name)
+        headers.append(f"{name} (gRPC)" if name in GRPC else
+                       f"{name} (ref)" if name in REFERENCES else name)
         if name == "coord" and ratio_columns:
             headers += ["coord/wrk", "per round"]
     rows, cpu_rows = [], []
@@ -621,8 +691,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=parse_list(int), default=list(CONCURRENCY),
                         help="requests in flight, comma-separated (default 1,32)")
     parser.add_argument("--contenders", type=parse_list(str, ("wrk", *PYTHON_CONTENDERS)),
-                        default=["wrk", *PYTHON_CONTENDERS],
-                        help="which to run, of wrk,coord,etcd3,aetcd (default all available)")
+                        default=["wrk", *(n for n in PYTHON_CONTENDERS if n not in REFERENCES)],
+                        help="which to run, of wrk,coord,etcd3,aetcd,socket (default all "
+                        "available but the socket reference)")
     parser.add_argument("--etcd3-python", default=sys.executable, metavar="PYTHON",
                         help="interpreter that has python-etcd3 (it needs protobuf<4, which "
                         "aetcd does not accept); default this one")
