@@ -1351,3 +1351,8 @@ def test_answer_direct_parses_take_etcds_own_answers():
     assert codec._ONE_KV.fullmatch(RANGE_REAL)
     put = b'{"header":{"cluster_id":"1","member_id":"2","revision":"3","raft_term":"4"}}'
     assert codec._HEADER_ONLY.fullmatch(put)
+    # A get of a missing key, and a count-only get, in the same one match.
+    assert codec._ONE_KV.fullmatch(put)
+    assert codec._ONE_KV.fullmatch(put[:-1] + b',"count":"3"}')
+    assert codec.answer(put[:-1] + b',"more":true,"count":"3"}', codec.range_response) == \
+        Range([], 3, True, Header(1, 2, 3, 4))

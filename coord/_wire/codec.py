@@ -145,10 +145,11 @@ def txn_response(obj: dict) -> TransactionResult:
 _HEADER = (rb'\{"header":\{"cluster_id":"(\d+)","member_id":"(\d+)","revision":"(\d+)",'
            rb'"raft_term":"(\d+)"\}')
 _HEADER_ONLY = re.compile(_HEADER + rb"\}")
+# No key (a get of a missing key, a count-only get) or one key: one match either way.
 _ONE_KV = re.compile(
-    _HEADER + rb',"kvs":\[\{"key":"([A-Za-z0-9+/]+={0,2})"(?:,"create_revision":"(\d+)")?'
+    _HEADER + rb'(?:,"kvs":\[\{"key":"([A-Za-z0-9+/]+={0,2})"(?:,"create_revision":"(\d+)")?'
     rb'(?:,"mod_revision":"(\d+)")?(?:,"version":"(\d+)")?'
-    rb'(?:,"value":"([A-Za-z0-9+/]*={0,2})")?(?:,"lease":"(\d+)")?\}\](,"more":true)?'
+    rb'(?:,"value":"([A-Za-z0-9+/]*={0,2})")?(?:,"lease":"(\d+)")?\}\])?(,"more":true)?'
     rb'(?:,"count":"(\d+)")?\}')
 
 
@@ -168,22 +169,23 @@ def answer(body: bytes, convert: Any = None) -> Any:
     Raises:
         EtcdError: the body is not JSON.
     """
-    if convert is put_response or convert is range_response:
+    if convert is put_response:
         m = _HEADER_ONLY.fullmatch(body)
         if m is not None:
             c, mm, r, t = m.groups()
-            h = Header(int(c), int(mm), int(r), int(t))
-            return Revision(h.revision, None, h) if convert is put_response else Range(header=h)
-        if convert is range_response:
-            m = _ONE_KV.fullmatch(body)
-            if m is not None:
-                c, mm, r, t, key, create, mod, version, value, lease, more, count = m.groups()
-                return Range(
-                    [KeyValue(a2b_base64(key), a2b_base64(value) if value else b"",
-                              int(create or 0), int(mod or 0), int(version or 0),
-                              int(lease or 0))],
-                    int(count or 0), more is not None,
-                    Header(int(c), int(mm), int(r), int(t)))
+            revision = int(r)
+            return Revision(revision, None, Header(int(c), int(mm), revision, int(t)))
+    elif convert is range_response:
+        m = _ONE_KV.fullmatch(body)
+        if m is not None:
+            c, mm, r, t, key, create, mod, version, value, lease, more, count = m.groups()
+            return Range(
+                [] if key is None else
+                [KeyValue(a2b_base64(key), a2b_base64(value) if value else b"",
+                          int(create or 0), int(mod or 0), int(version or 0),
+                          int(lease or 0))],
+                int(count or 0), more is not None,
+                Header(int(c), int(mm), int(r), int(t)))
     obj = decode(body)
     return obj if convert is None else convert(obj)
 
