@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import pickle
 
+import attrs
 import httptools
 import pytest
 from hypothesis import given, settings
@@ -1356,3 +1358,56 @@ def test_answer_direct_parses_take_etcds_own_answers():
     assert codec._ONE_KV.fullmatch(put[:-1] + b',"count":"3"}')
     assert codec.answer(put[:-1] + b',"more":true,"count":"3"}', codec.range_response) == \
         Range([], 3, True, Header(1, 2, 3, 4))
+
+
+def test_answer_values_are_whole_attrs_objects():
+    # The direct parses build values without __init__: they must be the same objects in
+    # every way a user can tell -- equal, same hash and repr, frozen, picklable, evolvable.
+    put = b'{"header":{"cluster_id":"1","member_id":"2","revision":"3","raft_term":"4"}}'
+    for raw, convert in ((RANGE_REAL, codec.range_response), (put, codec.put_response),
+                         (put, codec.range_response)):
+        got = codec.answer(raw, convert)
+        expected = convert(json.loads(raw))
+        assert got == expected and repr(got) == repr(expected)
+        assert hash(got.header) == hash(expected.header)  # (a Range holds a list: no hash)
+        if convert is codec.put_response:
+            assert hash(got) == hash(expected)
+        assert pickle.loads(pickle.dumps(got)) == expected
+        assert attrs.evolve(got) == expected
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            got.header = None
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            got.header.revision = 0
+
+
+@pytest.mark.parametrize("field", [
+    attrs.field(default=0, converter=int),
+    attrs.field(default=0, validator=attrs.validators.instance_of(int)),
+])
+def test_answer_setters_refuse_a_class_init_would_do_more_for(field):
+    @attrs.frozen
+    class Changed:
+        a: int = 0
+        b: int = field
+
+    with pytest.raises(TypeError, match="no longer plain"):
+        codec._setters(Changed, "a b")
+
+    @attrs.frozen
+    class PostInit:
+        a: int = 0
+
+        def __attrs_post_init__(self):
+            pass
+
+    with pytest.raises(TypeError, match="no longer plain"):
+        codec._setters(PostInit, "a")
+
+    @attrs.frozen(cache_hash=True)
+    class CachedHash:
+        a: int = 0
+
+    with pytest.raises(TypeError, match="no longer plain"):
+        codec._setters(CachedHash, "a")
+    with pytest.raises(TypeError, match="no longer plain"):
+        codec._setters(Header, "member_id cluster_id revision raft_term")  # order
