@@ -274,12 +274,44 @@ def worker_aetcd(op: str, inflight: int, url: str, duration: float, value: bytes
     return asyncio.run(main())
 
 
+def answer_end(data: bytes) -> int | None:
+    """Where the HTTP answer at the start of ``data`` ends; None if it is not all there.
+
+    etcd's gateway sends a small answer with a Content-Length, a bigger one (more than
+    about 2 kB) chunked.  Raises ValueError for an answer other than 200 OK.
+    """
+    end_of_head = data.find(b"\r\n\r\n")
+    if end_of_head < 0:
+        return None
+    if not data.startswith(b"HTTP/1.1 200 "):
+        raise ValueError(f"etcd answered {data[:40]!r}")
+    head = data[:end_of_head].lower()
+    at = head.find(b"\r\ncontent-length:")
+    if at >= 0:
+        at += len(b"\r\ncontent-length:")
+        line_end = head.find(b"\r\n", at)
+        end = end_of_head + 4 + int(head[at:] if line_end < 0 else head[at:line_end])
+        return end if len(data) >= end else None
+    if b"\r\ntransfer-encoding: chunked" not in head:
+        raise ValueError("an answer with neither a Content-Length nor chunks")
+    at = end_of_head + 4
+    while True:  # chunks: a hex size line (maybe with extensions), data, CRLF; 0 ends them
+        line_end = data.find(b"\r\n", at)
+        if line_end < 0:
+            return None
+        size = int(data[at:line_end].split(b";")[0], 16)
+        if size == 0:  # then trailer lines, up to an empty one
+            end = data.find(b"\r\n\r\n", line_end - 2)
+            return None if end < 0 else end + 4
+        at = line_end + 2 + size + 2
+
+
 def worker_socket(op: str, inflight: int, url: str, duration: float, value: bytes,
                   window: Window) -> dict:
     """The floor for any Python client: raw sockets and an epoll loop, nothing else.
 
-    No HTTP library (the answer's end is found from its Content-Length, which etcd's
-    unary answers carry), no JSON, no result objects, no Deferred: what is left is the
+    No HTTP library (the answer's end is found from its Content-Length or its chunks, see
+    answer_end), no JSON, no result objects, no Deferred: what is left is the
     interpreter's own cost of a wake-up, a recv and a send.  A reference, not an etcd
     client -- it is not one of the "other Python clients" of the targets.
     """
@@ -306,35 +338,34 @@ def worker_socket(op: str, inflight: int, url: str, duration: float, value: byte
     start_at = time.perf_counter() + WARMUP
     stop_at = start_at + duration
     started = False
-    while True:
-        for fd, _ in poller.poll():
-            data = pending[fd] + socks[fd].recv(65536)
-            if not data:
-                return failure("etcd closed a connection")
-            end_of_head = data.find(b"\r\n\r\n")
-            if end_of_head < 0:
-                pending[fd] = data
-                continue
-            if not data.startswith(b"HTTP/1.1 200 "):
-                return failure(f"etcd answered {data[:40]!r}")
-            at = data.find(b"Content-Length: ", 0, end_of_head) + 16
-            end = end_of_head + 4 + int(data[at:data.index(b"\r\n", at)])
-            if len(data) < end:
-                pending[fd] = data
-                continue
-            pending[fd] = b""
-            done += 1
-            socks[fd].send(request)
-        now = time.perf_counter()
-        if not started and now >= start_at:
-            window.start(done)
-            started = True
-        elif started and now >= stop_at:
-            window.stop(done)
-            break
-    for sock in socks.values():
-        sock.close()
-    return window.result()
+    try:
+        while True:
+            for fd, _ in poller.poll(1.0):
+                received = socks[fd].recv(65536)
+                if not received:
+                    return failure("etcd closed a connection")
+                data = pending[fd] + received
+                try:
+                    end = answer_end(data)
+                except ValueError as e:
+                    return failure(str(e))
+                if end is None:
+                    pending[fd] = data
+                    continue
+                pending[fd] = data[end:]
+                done += 1
+                socks[fd].send(request)
+            now = time.perf_counter()
+            if not started and now >= start_at:
+                window.start(done)
+                started = True
+            elif started and now >= stop_at:
+                window.stop(done)
+                return window.result()
+    finally:
+        for sock in socks.values():
+            sock.close()
+        poller.close()
 
 
 WORKERS = {"coord": worker_coord, "etcd3": worker_etcd3, "aetcd": worker_aetcd,

@@ -6,6 +6,7 @@ gets figures and not a traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -55,3 +56,41 @@ def test_client_path():
     out = run(str(ROOT / "benchmarks" / "client_path.py"), "--count", "200", "--rounds", "1",
               "--inflight", "4").stdout
     assert "per request" in out
+
+
+def load_kv():
+    """benchmarks/kv.py as a module (it is a script, not part of the package)."""
+    module = sys.modules.get("kv_benchmark")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("kv_benchmark", KV)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kv_benchmark"] = module  # its dataclass looks itself up there
+        spec.loader.exec_module(module)
+    return module
+
+
+SIZED = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+TRAILERS = (b"HTTP/1.1 200 OK\r\nTrailer: Grpc-Trailer-Content-Type\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+            b"Grpc-Trailer-Content-Type: application/grpc\r\n\r\n")
+
+
+@pytest.mark.parametrize("answer", [SIZED, CHUNKED, TRAILERS,
+                                    SIZED.replace(b"Content-Length", b"content-length")])
+def test_socket_worker_answer_end(answer):
+    answer_end = load_kv().answer_end
+    assert answer_end(answer) == len(answer)
+    assert answer_end(answer + SIZED) == len(answer)  # the next answer is not this one's
+    for cut in range(len(answer)):
+        assert answer_end(answer[:cut]) is None, cut
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n\r\n",  # neither a length nor chunks
+])
+def test_socket_worker_answer_end_refuses(answer):
+    with pytest.raises(ValueError):
+        load_kv().answer_end(answer)

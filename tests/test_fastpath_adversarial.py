@@ -11,9 +11,18 @@ from __future__ import annotations
 
 import base64
 import collections
+import copy
 import json
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import weakref
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import attrs
 import pytest
 import pytest_twisted
 from helpers import dead_url, sleep, wait_until
@@ -32,8 +41,9 @@ from coord._twisted.pool import (
     parse_endpoint,
 )
 from coord._wire import codec
+from coord._wire.http11 import ProtocolError, ResponseParser
 from coord.lease import Lease
-from coord.types import Header
+from coord.types import Header, KeyValue
 
 # ============================================================================================
 # codec.answer == convert(decode(body)), value or exception type
@@ -1231,3 +1241,385 @@ async def test_keepalive_denied_in_a_200_answer_is_its_error(listen, new_client)
     with pytest.raises(errors.PermissionDenied):
         await Lease(client, 7).refresh()
     assert gw.requests == 1  # not retried
+
+
+# ############################################################################################
+# REVIEW (heads=False, the merged _ONE_KV, values built through slot descriptors, the
+# socket benchmark worker): adversarial tests added in review.
+# ############################################################################################
+
+# ============================================================================================
+# review: the merged _ONE_KV against the JSON path
+# ============================================================================================
+
+BIG = b"9" * 4301  # beyond int()'s digit limit: ValueError
+
+MERGED_EDGE_BODIES = [
+    (hdr() + b',"more":true}', True),  # more, no kvs, no count
+    (hdr() + b',"more":true,"more":true}', False),
+    (hdr() + b',"count":"3","more":true}', False),  # order
+    (hdr() + b',"count":2}', False),  # a JSON number
+    (hdr() + b',"count":""}', False),
+    (hdr() + b',"kvs":[{}]}', False),
+    (hdr() + b',"kvs":null}', False),
+    (hdr() + b',"kvs":[],"count":"2"}', False),
+    (hdr() + b',"kvs":[{"key":"Zm9v"}],"kvs":[{"key":"YmFy"}]}', False),
+    (hdr() + b',"kvs":[{"key":"Zm9v"}],"more":true,"count":"0"}', True),  # count < len(kvs)
+    (hdr() + b',"count":"' + b"1" * 300 + b'"}', True),  # a big int, the same both ways
+    (hdr() + b',"count":"' + BIG + b'"}', True),
+    (hdr(BIG) + b',"count":"2"}', True),
+    # Which error comes first: the key's base64 (binascii.Error), then count, then header.
+    (one_kv(b'"key":"Zg="', b',"count":"' + BIG + b'"'), True),
+    (one_kv(b'"key":"Zm9v","value":"Zg="', b',"count":"1"', rev=BIG), True),
+    (one_kv(b'"key":"Zm9v","lease":"' + BIG + b'"', b',"count":"' + BIG + b'"', rev=BIG), True),
+    (one_kv(b'"key":"Zg=","lease":"' + BIG + b'"'), True),
+    (one_kv(b'"key":"Zm9v","value":"YmFy","value":"YmFy"'), False),
+    (one_kv(b'"key":"Zm9v"', b',"more":true,"more":true'), False),
+    (one_kv(b'"key":"Zm9v"', b',"more":false,"count":"1"'), False),
+    (one_kv(b'"key":"Zm9v===="'), False),
+    (one_kv(b'"key":"Zm9v","value":"YmFy==="'), False),
+    (one_kv(b'"key":"+/+/","value":"////"'), True),
+    (one_kv(b'"key":"Zm9v","mod_revision":"3"', b',"more":true'), True),
+    (hdr()[:-1] + b',"extra":"1"},"count":"2"}', False),
+    (hdr() + b',"count":"2"}\x00', False),
+    (hdr() + b',"count":"2"}\n', False),
+    (hdr() + b',"count":"2"}{}', False),
+    (hdr() + b"}" + hdr() + b"}", False),
+    (b"{" + hdr()[1:] + b"}", True),  # (the same body: a sanity check of the table)
+]
+
+
+@pytest.mark.parametrize(("body", "fast"), MERGED_EDGE_BODIES)
+def test_review_merged_regex_equals_json_path(body, fast):
+    assert fast_hit(body) is fast
+    for convert in CONVERTERS:
+        assert_same(body, convert)
+
+
+# ============================================================================================
+# review: values built without __init__ are the same objects in every way a user can tell
+# ============================================================================================
+
+U64 = st.integers(0, 2**64 - 1)
+I64 = st.integers(0, 2**63 - 1)
+
+
+def b64str(data):
+    return base64.b64encode(data).decode()
+
+
+@st.composite
+def etcd_answers(draw):
+    """A put's or a range's answer in etcd's own shape (the direct parse takes it)."""
+    body: dict = {"header": {"cluster_id": str(draw(U64)), "member_id": str(draw(U64)),
+                             "revision": str(draw(I64)), "raft_term": str(draw(I64))}}
+    if draw(st.booleans()):
+        return json.dumps(body, separators=(",", ":")).encode(), codec.put_response
+    if draw(st.booleans()):
+        kv = {"key": b64str(draw(st.binary(min_size=1, max_size=30)))}
+        for name in ("create_revision", "mod_revision", "version", "value", "lease"):
+            if name == "value":
+                value = draw(st.binary(max_size=30))
+                if value:
+                    kv["value"] = b64str(value)
+            else:
+                n = draw(st.one_of(st.just(0), I64))
+                if n:
+                    kv[name] = str(n)
+        body["kvs"] = [kv]
+    if draw(st.booleans()):
+        body["more"] = True
+    count = draw(st.one_of(st.just(0), I64))
+    if count:
+        body["count"] = str(count)
+    return json.dumps(body, separators=(",", ":")).encode(), codec.range_response
+
+
+def assert_indistinguishable(got, expected):
+    assert type(got) is type(expected)
+    if isinstance(expected, list):
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected, strict=True):
+            assert_indistinguishable(g, e)
+        return
+    if not attrs.has(type(expected)):
+        assert got == expected
+        return
+    assert got == expected and expected == got and not got != expected
+    assert repr(got) == repr(expected)
+    assert attrs.asdict(got) == attrs.asdict(expected)
+    assert attrs.astuple(got) == attrs.astuple(expected)
+    assert outcome(hash, got) == outcome(hash, expected)  # (a Range holds a list: TypeError)
+    assert not hasattr(got, "__dict__") and weakref.ref(got)() is got
+    for proto in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert pickle.dumps(got, proto) == pickle.dumps(expected, proto)
+        again = pickle.loads(pickle.dumps(got, proto))
+        assert type(again) is type(expected) and again == expected
+    for other in (copy.copy(got), copy.deepcopy(got), attrs.evolve(got)):
+        assert type(other) is type(expected) and other == expected
+    for field in attrs.fields(type(expected)):
+        value = getattr(got, field.name)  # every slot is set (an unset one raises)
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            setattr(got, field.name, value)
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            delattr(got, field.name)
+        assert_indistinguishable(value, getattr(expected, field.name))
+        changed = attrs.evolve(got, **{field.name: value})
+        assert changed == expected and changed is not got
+
+
+@given(etcd_answers())
+@settings(max_examples=300, deadline=None)
+def test_review_direct_values_are_indistinguishable_from_init_built_ones(answer):
+    raw, convert = answer
+    assert fast_hit(raw)
+    assert_indistinguishable(codec.answer(raw, convert), convert(json.loads(raw)))
+
+
+@pytest.mark.parametrize("raw", [
+    hdr() + b"}",  # a missing key
+    hdr() + b',"count":"2"}',  # count only
+    one_kv(b'"key":"Zm9v","value":"YmFy"'),
+])
+def test_review_each_range_gets_its_own_kvs_list(raw):
+    # The JSON path makes a new list per answer: a user may append to r.kvs, and a list
+    # shared between answers would carry that into every later answer.
+    a = codec.answer(raw, codec.range_response)
+    b = codec.answer(raw, codec.range_response)
+    assert a.kvs is not b.kvs
+    a.kvs.append(KeyValue(b"junk"))
+    clean = codec.range_response(json.loads(raw))
+    assert b == clean and codec.answer(raw, codec.range_response) == clean
+
+
+# ============================================================================================
+# review: _setters must refuse every class whose construction does more than store fields
+# ============================================================================================
+
+
+@attrs.frozen
+class _PreInit:
+    a: int = 0
+
+    def __attrs_pre_init__(self):
+        pass
+
+
+@attrs.frozen(init=False)
+class _OwnInit:
+    a: int = 0
+
+    def __init__(self, a=0):
+        self.__attrs_init__(abs(a))  # __init__ does more than store: a direct build differs
+
+
+@attrs.frozen
+class _OwnNew:
+    a: int = 0
+
+    def __new__(cls, *args, **kwargs):  # e.g. interning: object.__new__ would bypass it
+        return super().__new__(cls)
+
+
+@pytest.mark.parametrize("cls", [_PreInit, _OwnInit, _OwnNew])
+def test_review_setters_refuse_classes_whose_construction_does_more(cls):
+    with pytest.raises(TypeError, match="no longer plain"):
+        codec._setters(cls, "a")
+
+
+# ============================================================================================
+# review: ResponseParser(heads=False) gives the same answers, without heads
+# ============================================================================================
+
+
+class _Recorder(ResponseParser):
+    def __init__(self, heads):
+        self.events = []
+        super().__init__(heads)
+
+    def on_head(self, status):
+        self.events.append(("head", status))
+
+    def on_body(self, body):
+        if self.events and self.events[-1][0] == "body":
+            self.events[-1] = ("body", self.events[-1][1] + body)
+        else:
+            self.events.append(("body", body))
+
+    def on_complete(self):
+        self.events.append(("complete", self.status, self.keep_alive))
+
+
+ODD_STREAM = [  # (bytes, the events with heads)
+    (b"HTTP/1.1 100 Continue\r\n\r\n"
+     b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
+     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+     [("head", 200), ("body", b"{}"), ("complete", 200, True)]),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", [("head", 204), ("complete", 204, True)]),
+    (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n",  # no body, whatever it says
+     [("head", 304), ("complete", 304, True)]),
+    (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+     [("head", 404), ("complete", 404, True)]),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Service Unavailable\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: 1\r\n\r\n",
+     [("head", 503), ("body", b"abcde"), ("complete", 503, True)]),
+    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nx",
+     [("head", 200), ("body", b"x"), ("complete", 200, True)]),
+    (b"HTTP/1.1 500 Internal\r\nConnection: close\r\nContent-Length: 1\r\n\r\n!",
+     [("head", 500), ("body", b"!"), ("complete", 500, False)]),
+]
+ODD_BYTES = b"".join(raw for raw, _ in ODD_STREAM)
+ODD_EVENTS = [e for _, events in ODD_STREAM for e in events]
+
+
+def _splits(data):
+    yield [data]
+    yield [data[i:i + 1] for i in range(len(data))]
+    yield [data[i:i + 7] for i in range(0, len(data), 7)]
+    for at in range(1, len(data)):
+        yield [data[:at], data[at:]]
+
+
+@pytest.mark.parametrize("heads", [True, False])
+def test_review_parser_odd_answers_back_to_back_at_every_split(heads):
+    expected = ODD_EVENTS if heads else [e for e in ODD_EVENTS if e[0] != "head"]
+    for pieces in _splits(ODD_BYTES):
+        parser = _Recorder(heads)
+        for piece in pieces:
+            parser.feed(piece)
+        assert parser.events == expected, pieces[0][-40:]
+
+
+@pytest.mark.parametrize("heads", [True, False])
+def test_review_parser_refuses_an_upgrade_and_garbage_after_an_answer(heads):
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    for bad in (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade"
+                b"\r\n\r\n", b"NOT HTTP\r\n\r\n"):
+        parser = _Recorder(heads)
+        with pytest.raises(ProtocolError):
+            parser.feed(ok + bad)
+        assert parser.events[-2:] == [("body", b"{}"), ("complete", 200, True)]
+        assert (("head", 200) in parser.events) is heads
+
+
+# ============================================================================================
+# review: a call's connection (heads=False) still hands each answer's own status over
+# ============================================================================================
+
+
+def test_review_call_connection_makes_no_head_call_a_stream_connection_does():
+    pool = _StubPool()
+    conn = _Connection(pool)
+    heads = []
+    conn.on_head = heads.append  # the hook _headers_complete would call
+    conn.call = call = _FakeCall()
+    conn.dataReceived(http_answer(404, b"{}", 1, interim=True))
+    assert heads == [] and pool.transport.answers == [(call, 404, b"{}")]
+    stream = _StubStream()
+    sconn = _Connection(_StubPool(), stream)
+    sconn.dataReceived(http_answer(503, b"{}", interim=True))
+    assert stream.events[0] == ("head", 503) and stream.events[-1] == ("ended", None)
+
+
+ODD_ANSWERS = [  # (bytes, status and body call_answered must get)
+    (b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + http_answer(200, b'{"a":1}'),
+     200, b'{"a":1}'),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", 204, b""),
+    (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", 404, b""),
+    (http_answer(503, NO_LEADER, 4, interim=True), 503, NO_LEADER),
+    (http_answer(200, hdr() + b"}", 2), 200, hdr() + b"}"),
+    (http_answer(429, b"{}"), 429, b"{}"),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 500 X\r\nConnection: close\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 500, b"{}"),
+]
+
+
+@pytest.mark.parametrize("piece", [1, 2, 5, 100000])
+def test_review_call_connection_hands_each_answers_own_status(piece):
+    pool = _StubPool()
+    conn = _Connection(pool)
+    calls = [_FakeCall() for _ in ODD_ANSWERS]
+    conn.call = calls[0]
+    pool.queue = calls[1:]
+    stream = b"".join(raw for raw, _, _ in ODD_ANSWERS)
+    for i in range(0, len(stream), piece):
+        conn.dataReceived(stream[i:i + piece])
+    assert pool.transport.answers == [(c, s, b) for c, (_, s, b)
+                                      in zip(calls, ODD_ANSWERS, strict=True)]
+    assert conn.closed and pool.gone == 1 and pool.ready == len(ODD_ANSWERS) - 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_review_error_status_with_an_answer_shaped_body_fails_the_call(listen):
+    # The body would parse as a fine answer: only the status tells it is not one.
+    ok = range_body(b"k", b"v")
+    gw = Scripted([http_answer(200, ok), http_answer(502, ok, 3, interim=True),
+                   http_answer(500, hdr() + b"}", interim=True), http_answer(200, ok, 1)])
+    t = transport_for(listen(gw), max_connections=1)
+    try:
+        r = await t.request("/v3/kv/range", b"{}", False, 5, codec.range_response)
+        assert r.kvs[0].value == b"v"
+        with pytest.raises(errors.EtcdError, match="HTTP 502"):
+            await t.request("/v3/kv/range", b"{}", False, 5, codec.range_response)
+        with pytest.raises(errors.CoordError, match="HTTP 500"):
+            await t.request("/v3/kv/put", b"{}", True, 5, codec.put_response)
+        r = await t.request("/v3/kv/range", b"{}", False, 5, codec.range_response)
+        assert r == codec.range_response(json.loads(ok))
+        assert gw.connections == 1 and gw.requests == 4
+    finally:
+        await t.close()
+
+
+# ============================================================================================
+# review: the socket reference worker of benchmarks/kv.py
+# ============================================================================================
+
+KV_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "kv.py"
+
+
+def kv_worker(*argv, timeout=60):
+    """Run ``kv.py *argv``: (exit code, its last stdout line as JSON, stderr)."""
+    proc = subprocess.run([sys.executable, str(KV_SCRIPT), *argv], capture_output=True,
+                          text=True, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    return proc.returncode, json.loads(lines[-1]) if lines else None, proc.stderr
+
+
+def test_review_socket_worker_reads_answers_etcd_sends_chunked(etcd):
+    # Go's net/http sends an answer of more than about 2 kB chunked, without a
+    # Content-Length: a get of a 3000-byte value is one.
+    for op in ("put", "get"):
+        rc, result, err = kv_worker("--value-size", "3000", "--worker", "socket", op, "1",
+                                    etcd.url, "0.2")
+        assert rc == 0 and result is not None and "error" not in result, (op, result, err)
+        assert result["requests"] > 0
+
+
+@pytest.mark.parametrize("partial", [
+    b"HTTP/1.1 200 OK\r\nContent-Len",  # the head cut short
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",  # no body
+    b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"header":',  # part of the body
+])
+def test_review_socket_worker_reports_a_connection_closed_mid_answer(partial):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(partial)  # then close
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        rc, result, err = kv_worker("--worker", "socket", "get", "1",
+                                    f"http://127.0.0.1:{server.getsockname()[1]}", "0.2",
+                                    timeout=30)
+    finally:
+        thread.join(5)
+        server.close()
+    # Not a measurement of 0 requests: the worker must say the connection was closed.
+    assert rc == 1 and result is not None and "closed" in result.get("error", ""), \
+        (result, err)

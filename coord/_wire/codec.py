@@ -164,13 +164,20 @@ _new = object.__new__
 
 def _setters(cls: type, names: str) -> list[Any]:
     """The slot setters of ``cls``'s fields ``names``, which must be all its fields, in
-    order, with nothing for __init__ to do but store them (no converter, validator or
-    post-init step, no other slot such as a cached hash)."""
+    order, with nothing for construction to do but store them: attrs' own __init__, no
+    __new__ of its own, no converter, validator, pre- or post-init step, and no slot but
+    the fields' (such as a cached hash)."""
     fields = attrs.fields(cls)
-    if names.split() != [f.name for f in fields] \
-            or any(f.converter is not None or f.validator is not None for f in fields) \
-            or hasattr(cls, "__attrs_post_init__") \
-            or set(cls.__slots__) - {"__weakref__"} != set(names.split()):  # type: ignore[attr-defined]
+    plain = (
+        names.split() == [f.name for f in fields]
+        and all(f.converter is None and f.validator is None for f in fields)
+        and cls.__new__ is object.__new__
+        and not any(hasattr(cls, hook) for hook in (
+            "__attrs_pre_init__", "__attrs_post_init__",
+            "__attrs_init__"))  # attrs makes __attrs_init__ when the class has its own __init__
+        and set(getattr(cls, "__slots__", ())) - {"__weakref__"} == set(names.split())
+    )
+    if not plain:
         raise TypeError(f"{cls.__name__} is no longer plain: build it with its __init__")
     return [cls.__dict__[name].__set__ for name in names.split()]
 

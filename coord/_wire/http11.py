@@ -52,7 +52,10 @@ class ResponseParser:
     * :meth:`on_complete` -- a whole response has arrived; :attr:`keep_alive` is then
       whether the connection may carry another request.
 
-    :attr:`status` is the status code of the answer being parsed (or last parsed).
+    :attr:`status` is the status code of the answer being parsed (or last parsed); with
+    ``heads=False`` it is set only when the answer is complete (in :meth:`on_body` it still
+    holds the previous answer's).  A subclass overrides the three hooks only: httptools'
+    own callbacks (``on_headers_complete``, ``on_message_complete``) belong to this class.
 
     Raises (from :meth:`feed`):
         ProtocolError: the bytes are not a valid response.
