@@ -655,6 +655,22 @@ class EtcdServer:
             text = log.read().decode(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
+    def crash_report(self, lines: int = 25) -> str:
+        """Why etcd's Go runtime stopped it, from its log: the last ``panic:`` or ``fatal
+        error:`` line and the `lines` lines after it (the failing goroutine's stack);
+        '' if the log has none.  A log tail alone shows only the last goroutine's stack."""
+        path = self.log_path
+        if path is None or not os.path.exists(path):
+            return ""
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - (4 << 20)))  # a goroutine dump can be long
+            text = log.read().decode(errors="replace").splitlines()
+        for i in range(len(text) - 1, -1, -1):
+            if text[i].startswith(("panic: ", "fatal error: ")):
+                return "\n".join(text[i:i + 1 + lines])
+        return ""
+
     # ---- lifecycle
 
     def start(self) -> EtcdServer:

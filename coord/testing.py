@@ -182,9 +182,12 @@ class EtcdFactory:
                 if server.died is not None:
                     # Not the test's doing: say so where a CI log shows it (the log
                     # goes with the server's temporary directory).
+                    crash = server.crash_report()
                     print(f"\ncoord.testing: {server!r} ended on its own during the test "
-                          f"(exit status {server.died}). Its log ends with:\n"
-                          f"{server.log_tail(20)}", file=sys.__stderr__)
+                          f"(exit status {server.died})."
+                          + (f" Its Go runtime reported:\n{crash}\n" if crash else "")
+                          + f" Its log ends with:\n{server.log_tail(20)}",
+                          file=sys.__stderr__)
             owned.stop()
         self._owned.clear()
 

@@ -476,3 +476,17 @@ def test_cli_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (args.url, args.handler) == (None, cli.run_demo)
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args([])
+
+
+def test_crash_report_finds_the_go_runtime_message(etcd_factory: EtcdFactory) -> None:
+    srv = etcd_factory()
+    assert srv.crash_report() == ""  # a healthy etcd's log has none
+    srv.kill()  # (stop() would remove the log with the temporary directory)
+    assert srv.log_path is not None
+    with open(srv.log_path, "a") as log:  # what a Go panic leaves: message, then stacks
+        log.write("panic: assignment to entry in nil map\n\ngoroutine 7 [running]:\n"
+                  "main.f()\n\t/x.go:1 +0x1\n" + "other goroutine line\n" * 100)
+    report = srv.crash_report(lines=3)
+    assert report.splitlines() == ["panic: assignment to entry in nil map", "",
+                                   "goroutine 7 [running]:", "main.f()"]
+    assert "panic:" not in srv.log_tail(20)  # why the tail alone is not enough
