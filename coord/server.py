@@ -1081,6 +1081,28 @@ class EtcdCluster:
             member._wait_ready(deadline)
         return self.wait_for_leader(max(1.0, deadline - time.monotonic()))
 
+    def revisions_agree(self, timeout: float = 5.0) -> bool:
+        """Whether the running members hold the same store: once all have applied the
+        same raft index, they must report the same revision.
+
+        etcd 3.5.0-3.5.2 can break this: a member killed under write load may apply some
+        entries a second time when it restarts, and from then on its revisions differ
+        from its peers' (etcd issue 13766, fixed in 3.5.3). Returns False when they
+        differ, or when the members did not settle on one applied index within
+        `timeout`.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = self._statuses(timeout=1.0)
+            applied = {int(status.get("raftAppliedIndex", 0)) for _, status in seen}
+            if len(applied) == 1:
+                revisions = {int(status.get("header", {}).get("revision", 0))
+                             for _, status in seen}
+                return len(revisions) == 1
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
     def _statuses(self, timeout: float) -> list[tuple[EtcdServer, dict[str, Any]]]:
         """(member, status) for every running, unpaused member that answers."""
         result = []

@@ -143,16 +143,21 @@ def etcd_cluster(etcd_cluster_session: EtcdCluster) -> EtcdCluster:
     Every member is running (paused ones resumed, killed or stopped ones
     restarted), a leader is elected, and keys and leases are gone. If the
     cluster cannot be restored (say a test removed a member through the
-    membership API), it is replaced by a new one.
+    membership API), or its members no longer agree on the store's revisions
+    (etcd 3.5.0-3.5.2 after a member was killed under load, see
+    `EtcdCluster.revisions_agree`), it is replaced by a new one.
     """
     cluster = etcd_cluster_session
     try:
         leader = cluster.restore()
-    except (RuntimeError, TimeoutError):
+        reset_keyspace(leader)
+        healthy = cluster.revisions_agree()
+    except (RuntimeError, TimeoutError, OSError, EtcdRequestError):
+        healthy = False
+    if not healthy:
         cluster.stop()
         cluster.start()
-        leader = cluster.wait_for_leader()
-    reset_keyspace(leader)
+        reset_keyspace(cluster.wait_for_leader())
     return cluster
 
 

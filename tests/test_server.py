@@ -17,6 +17,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -398,6 +399,29 @@ def test_etcd_cluster_fixture_second_is_healthy(etcd_cluster: EtcdCluster) -> No
     assert [m.state for m in etcd_cluster.members] == [State.RUNNING] * 3
     assert etcd_cluster.leader() is not None
     assert all(_get(m, b"left-behind") is None for m in etcd_cluster.members)
+
+
+def test_revisions_agree(etcd_cluster: EtcdCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert etcd_cluster.revisions_agree()
+    statuses = etcd_cluster._statuses(1.0)
+    assert len(statuses) == 3
+
+    def fake(applied: list[int], revisions: list[int]) -> list[tuple[Any, dict[str, Any]]]:
+        return [(m, {**s, "raftAppliedIndex": str(a), "header": {"revision": str(r)}})
+                for (m, s), a, r in zip(statuses, applied, revisions, strict=True)]
+
+    # One member applied the same entries as its peers but counts two revisions more:
+    # what etcd 3.5.0-3.5.2 does after applying entries twice (etcd issue 13766).
+    monkeypatch.setattr(etcd_cluster, "_statuses",
+                        lambda timeout: fake([90, 90, 90], [40, 42, 40]))
+    assert not etcd_cluster.revisions_agree(timeout=0.2)
+    # Members that never settle on one applied index: cannot tell, so no.
+    monkeypatch.setattr(etcd_cluster, "_statuses",
+                        lambda timeout: fake([90, 91, 90], [40, 40, 40]))
+    assert not etcd_cluster.revisions_agree(timeout=0.2)
+    monkeypatch.setattr(etcd_cluster, "_statuses",
+                        lambda timeout: fake([90, 90, 90], [40, 40, 40]))
+    assert etcd_cluster.revisions_agree(timeout=0.2)
 
 
 def test_session_fails_if_an_etcd_is_left_running(tmp_path: Path) -> None:
