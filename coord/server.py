@@ -644,28 +644,25 @@ class EtcdServer:
         result: dict[str, Any] = self.post("/v3/maintenance/status", {}, timeout)
         return result
 
-    def log_tail(self, lines: int = 30) -> str:
-        """The last `lines` lines of etcd's log ('' if there is none)."""
+    def _log_lines(self, last_bytes: int) -> list[str]:
+        """The lines of the last `last_bytes` bytes of etcd's log ([] if there is none)."""
         path = self.log_path
         if path is None or not os.path.exists(path):
-            return ""
+            return []
         with open(path, "rb") as log:
             log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - 16384))
-            text = log.read().decode(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+            log.seek(max(0, log.tell() - last_bytes))
+            return log.read().decode(errors="replace").splitlines()
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last `lines` lines of etcd's log ('' if there is none)."""
+        return "\n".join(self._log_lines(16384)[-lines:])
 
     def crash_report(self, lines: int = 25) -> str:
         """Why etcd's Go runtime stopped it, from its log: the last ``panic:`` or ``fatal
         error:`` line and the `lines` lines after it (the failing goroutine's stack);
         '' if the log has none.  A log tail alone shows only the last goroutine's stack."""
-        path = self.log_path
-        if path is None or not os.path.exists(path):
-            return ""
-        with open(path, "rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - (4 << 20)))  # a goroutine dump can be long
-            text = log.read().decode(errors="replace").splitlines()
+        text = self._log_lines(4 << 20)  # a goroutine dump can be long
         for i in range(len(text) - 1, -1, -1):
             if text[i].startswith(("panic: ", "fatal error: ")):
                 return "\n".join(text[i:i + 1 + lines])

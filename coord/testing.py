@@ -104,6 +104,15 @@ def etcd_server() -> Iterator[EtcdServer]:
         yield server
 
 
+def _report(server: EtcdServer, what: str, tail: int) -> None:
+    """Say on the real stderr (where a CI log shows it) that `server` `what`, with the Go
+    runtime's crash report if its log has one, and the log's last `tail` lines."""
+    crash = server.crash_report()
+    print(f"\ncoord.testing: {server!r} {what}"
+          + (f" Its Go runtime reported:\n{crash}\n" if crash else "")
+          + f" Its log ends with:\n{server.log_tail(tail)}", file=sys.__stderr__)
+
+
 @pytest.fixture
 def etcd(etcd_server: EtcdServer) -> EtcdServer:
     """The session's etcd server, with no keys and no leases at the start of the test.
@@ -115,9 +124,8 @@ def etcd(etcd_server: EtcdServer) -> EtcdServer:
         etcd_server.resume()
     elif not etcd_server.running:
         # A test stopped it on purpose, or etcd died: say so where a CI log shows it.
-        print(f"\ncoord.testing: {etcd_server!r} is not running (exit status "
-              f"{etcd_server.died}); restarting it. Its log ends with:\n"
-              f"{etcd_server.log_tail(10)}", file=sys.__stderr__)
+        _report(etcd_server, f"is not running (exit status {etcd_server.died}); "
+                             "restarting it.", tail=10)
         etcd_server.restart()
     reset_keyspace(etcd_server)
     return etcd_server
@@ -187,12 +195,8 @@ class EtcdFactory:
                 if server.died is not None:
                     # Not the test's doing: say so where a CI log shows it (the log
                     # goes with the server's temporary directory).
-                    crash = server.crash_report()
-                    print(f"\ncoord.testing: {server!r} ended on its own during the test "
-                          f"(exit status {server.died})."
-                          + (f" Its Go runtime reported:\n{crash}\n" if crash else "")
-                          + f" Its log ends with:\n{server.log_tail(20)}",
-                          file=sys.__stderr__)
+                    _report(server, f"ended on its own during the test (exit status "
+                                    f"{server.died}).", tail=20)
             owned.stop()
         self._owned.clear()
 
