@@ -168,18 +168,19 @@ def _setters(cls: type, names: str) -> list[Any]:
     __new__ of its own, no converter, validator, pre- or post-init step, and no slot but
     the fields' (such as a cached hash)."""
     fields = attrs.fields(cls)
+    wanted = names.split()
     plain = (
-        names.split() == [f.name for f in fields]
+        wanted == [f.name for f in fields]
         and all(f.converter is None and f.validator is None for f in fields)
         and cls.__new__ is object.__new__
         and not any(hasattr(cls, hook) for hook in (
             "__attrs_pre_init__", "__attrs_post_init__",
             "__attrs_init__"))  # attrs makes __attrs_init__ when the class has its own __init__
-        and set(getattr(cls, "__slots__", ())) - {"__weakref__"} == set(names.split())
+        and set(getattr(cls, "__slots__", ())) - {"__weakref__"} == set(wanted)
     )
     if not plain:
         raise TypeError(f"{cls.__name__} is no longer plain: build it with its __init__")
-    return [cls.__dict__[name].__set__ for name in names.split()]
+    return [cls.__dict__[name].__set__ for name in wanted]
 
 
 _H = _setters(Header, "cluster_id member_id revision raft_term")
