@@ -48,11 +48,12 @@ from urllib.parse import urlsplit
 KEY = b"coord-bench/key"
 OPS = ("put", "get")
 CONCURRENCY = (1, 32)
-PYTHON_CONTENDERS = ("coord", "etcd3", "aetcd", "socket")
+PYTHON_CONTENDERS = ("coord", "etcd3", "aetcd", "socket", "twisted")
 GRPC = {"etcd3": "python-etcd3", "aetcd": "aetcd"}
 # Run only when asked for (--contenders): a reference for what Python itself costs, not an
 # etcd client, so not one of the targets' "other Python clients".
-REFERENCES = {"socket": "raw sockets and an epoll loop in Python, no HTTP library or JSON"}
+REFERENCES = {"socket": "raw sockets and an epoll loop in Python, no HTTP library or JSON",
+              "twisted": "a bare Twisted protocol with httptools, no JSON, no Deferred"}
 TARGET_RATIO = 0.85
 # Python workers run this long before the clock starts (imports are done before that):
 # connections are open and the interpreter's caches warm, as in a long-running program.
@@ -368,8 +369,86 @@ def worker_socket(op: str, inflight: int, url: str, duration: float, value: byte
         poller.close()
 
 
+def worker_twisted(op: str, inflight: int, url: str, duration: float, value: bytes,
+                   window: Window) -> dict:
+    """The floor for a client built as coord is: Twisted's reactor and protocols, httptools.
+
+    One ``Protocol`` per request in flight, each its own httptools parser; the next request
+    is written (``transport.write``) as soon as an answer is complete.  No JSON, no result
+    objects, no Deferred, no pool: what is left is the reactor's dispatch and the HTTP
+    parser.  A reference, not an etcd client.
+    """
+    import httptools
+    from twisted.internet import protocol
+    from twisted.internet import reactor as the_reactor
+
+    reactor: Any = the_reactor
+    parts = urlsplit(url)
+    body = gateway_body(op, value).encode()
+    request = (f"POST {gateway_path(op)} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               ).encode() + body
+    state: dict[str, Any] = {"done": 0, "stopping": False, "error": None, "running": inflight}
+
+    def finished() -> None:
+        state["running"] -= 1
+        if state["running"] == 0 and reactor.running:
+            reactor.stop()
+
+    class Bare(protocol.Protocol):
+        def connectionMade(self) -> None:
+            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+            self.parser = httptools.HttpResponseParser(self)
+            self.transport.write(request)  # type: ignore[union-attr]
+
+        def dataReceived(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_complete(self) -> None:
+            if self.parser.get_status_code() != 200 and state["error"] is None:
+                state["error"] = f"etcd answered {self.parser.get_status_code()}"
+                state["stopping"] = True
+            state["done"] += 1
+            if state["stopping"]:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                finished()
+            else:
+                self.transport.write(request)  # type: ignore[union-attr]
+
+        def connectionLost(self, reason: Any = None) -> None:
+            if not state["stopping"]:  # etcd closed it: this one will not answer again
+                state["error"] = "etcd closed a connection"
+                state["stopping"] = True
+                finished()
+
+    def start_clock() -> None:
+        window.start(state["done"])
+        reactor.callLater(duration, stop_clock)
+
+    def stop_clock() -> None:
+        window.stop(state["done"])
+        state["stopping"] = True
+
+    class Connector(protocol.ClientFactory):
+        protocol = Bare
+
+        def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+            state["error"] = f"cannot connect: {reason.getErrorMessage()}"
+            state["stopping"] = True
+            finished()
+
+    def begin() -> None:
+        for _ in range(inflight):
+            reactor.connectTCP(parts.hostname, parts.port or 2379, Connector())
+        reactor.callLater(WARMUP, start_clock)
+
+    reactor.callWhenRunning(begin)
+    reactor.run()
+    return failure(state["error"]) if state["error"] else window.result()
+
+
 WORKERS = {"coord": worker_coord, "etcd3": worker_etcd3, "aetcd": worker_aetcd,
-           "socket": worker_socket}
+           "socket": worker_socket, "twisted": worker_twisted}
 
 
 def run_worker(argv: list[str], value_size: int, server_pid: int | None) -> int:
@@ -536,7 +615,8 @@ def benchmark(args: argparse.Namespace, url: str, version: str,
         else:
             notes.append("wrk: not on PATH, skipped (apt-get install wrk); no coord/wrk ratio")
         pythons = {"coord": sys.executable, "etcd3": args.etcd3_python,
-                   "aetcd": args.aetcd_python, "socket": sys.executable}
+                   "aetcd": args.aetcd_python, "socket": sys.executable,
+                   "twisted": sys.executable}
         for name in PYTHON_CONTENDERS:
             if name not in args.contenders:
                 continue

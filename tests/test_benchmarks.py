@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from coord.server import _free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 KV = ROOT / "benchmarks" / "kv.py"
 
@@ -25,7 +27,7 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-@pytest.mark.parametrize("worker", ["coord", "socket"])
+@pytest.mark.parametrize("worker", ["coord", "socket", "twisted"])
 @pytest.mark.parametrize(("op", "inflight"), [("put", 1), ("get", 4)])
 def test_kv_worker(etcd, worker, op, inflight):
     if op == "get":  # the key a get reads exists (the parent writes it before any worker)
@@ -36,6 +38,19 @@ def test_kv_worker(etcd, worker, op, inflight):
     assert result["requests"] > 0
     assert 0.25 < result["seconds"] < 1.0
     assert result["cpu"] >= 0
+
+
+@pytest.mark.parametrize("worker", ["coord", "socket", "twisted"])
+def test_kv_worker_reports_an_unreachable_etcd(worker):
+    (unused_port,) = _free_ports(1)  # free now, and nothing listens there
+    proc = subprocess.run([sys.executable, str(KV), "--worker", worker, "put", "2",
+                           f"http://127.0.0.1:{unused_port}", "0.3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "requests" not in result
+    assert "refused" in result["error"].lower() or "unavailable" in result["error"].lower(), \
+        result
 
 
 def test_kv_report_marks_the_reference(etcd):
