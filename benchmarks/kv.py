@@ -14,7 +14,10 @@ Contenders, each measured in a fresh process per (operation, in-flight) case:
 * ``coord``  -- ``coord.Client``; C "workers" each send the next request from the callback
   of the previous one (no coroutine per request), as wrk's event loop does;
 * ``etcd3``  -- python-etcd3 (blocking gRPC, one thread per in-flight request), if importable;
-* ``aetcd``  -- aetcd (asyncio gRPC, one task per in-flight request), if importable.
+* ``aetcd``  -- aetcd (asyncio gRPC, one task per in-flight request), if importable;
+* ``socket``, ``twisted`` -- references, run only when named in ``--contenders``: the same
+  requests from raw sockets and an epoll loop, or from a bare Twisted protocol with
+  httptools (no JSON, no Deferred), to show what Python itself and Twisted itself cost.
 
 The machine is assumed noisy (etcd and the client share the CPU), so the contenders are
 interleaved: every round measures every case with every contender, in an order rotated
@@ -396,13 +399,22 @@ def worker_twisted(op: str, inflight: int, url: str, duration: float, value: byt
             reactor.stop()
 
     class Bare(protocol.Protocol):
+        transport: Any  # a TCP connection (setTcpNoDelay), not just any ITransport
+
         def connectionMade(self) -> None:
-            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+            self.transport.setTcpNoDelay(True)
             self.parser = httptools.HttpResponseParser(self)
-            self.transport.write(request)  # type: ignore[union-attr]
+            self.transport.write(request)
 
         def dataReceived(self, data: bytes) -> None:
-            self.parser.feed_data(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as e:
+                if not state["stopping"]:
+                    state["error"] = f"bad HTTP from etcd: {e}"
+                    state["stopping"] = True
+                    self.transport.abortConnection()
+                    finished()
 
         def on_message_complete(self) -> None:
             if self.parser.get_status_code() != 200 and state["error"] is None:
@@ -410,10 +422,10 @@ def worker_twisted(op: str, inflight: int, url: str, duration: float, value: byt
                 state["stopping"] = True
             state["done"] += 1
             if state["stopping"]:
-                self.transport.loseConnection()  # type: ignore[union-attr]
+                self.transport.loseConnection()
                 finished()
             else:
-                self.transport.write(request)  # type: ignore[union-attr]
+                self.transport.write(request)
 
         def connectionLost(self, reason: Any = None) -> None:
             if not state["stopping"]:  # etcd closed it: this one will not answer again
