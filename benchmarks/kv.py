@@ -400,38 +400,44 @@ def worker_twisted(op: str, inflight: int, url: str, duration: float, value: byt
 
     class Bare(protocol.Protocol):
         transport: Any  # a TCP connection (setTcpNoDelay), not just any ITransport
+        ended = False
 
         def connectionMade(self) -> None:
             self.transport.setTcpNoDelay(True)
             self.parser = httptools.HttpResponseParser(self)
             self.transport.write(request)
 
+        def end(self, error: str | None = None) -> None:
+            """This connection's worker is done (once), with an error if it went wrong."""
+            if self.ended:
+                return
+            self.ended = True
+            if error is not None and state["error"] is None:
+                state["error"] = error
+            if error is not None:
+                state["stopping"] = True
+            self.transport.abortConnection()
+            finished()
+
         def dataReceived(self, data: bytes) -> None:
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as e:
-                if not state["stopping"]:
-                    state["error"] = f"bad HTTP from etcd: {e}"
-                    state["stopping"] = True
-                    self.transport.abortConnection()
-                    finished()
+                self.end(f"bad HTTP from etcd: {e}")
 
         def on_message_complete(self) -> None:
-            if self.parser.get_status_code() != 200 and state["error"] is None:
-                state["error"] = f"etcd answered {self.parser.get_status_code()}"
-                state["stopping"] = True
+            status = self.parser.get_status_code()
+            if status != 200:
+                self.end(f"etcd answered {status}")
+                return
             state["done"] += 1
             if state["stopping"]:
-                self.transport.loseConnection()
-                finished()
+                self.end()
             else:
                 self.transport.write(request)
 
         def connectionLost(self, reason: Any = None) -> None:
-            if not state["stopping"]:  # etcd closed it: this one will not answer again
-                state["error"] = "etcd closed a connection"
-                state["stopping"] = True
-                finished()
+            self.end(None if state["stopping"] else "etcd closed a connection")
 
     def start_clock() -> None:
         window.start(state["done"])
