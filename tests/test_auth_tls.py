@@ -45,14 +45,6 @@ from coord._twisted.tls import client_tls
 from coord.errors import AuthFailed
 from coord.server import EtcdRequestError, EtcdServer, EtcdStartError, ServerTLS
 
-# Twisted (26.10) hands pyOpenSSL (26.x) X509 and PKey objects for a client certificate,
-# which pyOpenSSL deprecates; under the suite's filterwarnings=error that warning is raised
-# in the middle of Twisted's TLS setup and the connection hangs. Not coord's doing.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Passing pyOpenSSL (X509|PKey) objects is deprecated:DeprecationWarning")
-
-
-
 
 def b64(data: bytes | str) -> str:
     if isinstance(data, str):
@@ -87,10 +79,15 @@ def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
         now + datetime.timedelta(days=1))
 
 
-def _make_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _make_ca(common_name: str,
+             parent: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+             ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A root CA, or with ``parent`` an intermediate CA signed by it."""
     key = ec.generate_private_key(ec.SECP256R1())
+    issuer, signer = (_name(common_name), key) if parent is None else (parent[0].subject,
+                                                                       parent[1])
     builder = _validity(x509.CertificateBuilder()).subject_name(_name(common_name)).issuer_name(
-        _name(common_name)).public_key(key.public_key()).serial_number(
+        issuer).public_key(key.public_key()).serial_number(
         x509.random_serial_number()).add_extension(
         x509.BasicConstraints(ca=True, path_length=None), critical=True).add_extension(
         x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
@@ -98,7 +95,7 @@ def _make_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivat
                       data_encipherment=False, key_agreement=False, encipher_only=False,
                       decipher_only=False), critical=True).add_extension(
         x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    return builder.sign(key, hashes.SHA256()), key
+    return builder.sign(signer, hashes.SHA256()), key
 
 
 def _make_leaf(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, subject: x509.Name,
@@ -140,8 +137,21 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
                                     [ExtendedKeyUsageOID.CLIENT_AUTH])
     client_cn, client_cn_key = _make_leaf(ca, ca_key, _name("root"),
                                           [ExtendedKeyUsageOID.CLIENT_AUTH])
+    # A client certificate issued by an intermediate CA, which the server does not know:
+    # it trusts the root only, so the client must present the intermediate with it.
+    intermediate, intermediate_key = _make_ca("coord test intermediate", (ca, ca_key))
+    chained, chained_key = _make_leaf(intermediate, intermediate_key,
+                                      _org("coord chained client"),
+                                      [ExtendedKeyUsageOID.CLIENT_AUTH])
     files = {
         "ca": _cert_pem(ca),
+        "ca_bundle": _cert_pem(other_ca) + _cert_pem(ca),  # the right CA comes second
+        "chained": _cert_pem(chained) + _cert_pem(intermediate),
+        "chained_leaf": _cert_pem(chained),
+        "chained_key": _key_pem(chained_key),
+        "encrypted_key": client_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret")),
         "other_ca": _cert_pem(other_ca),
         "server": _cert_pem(server),
         "server_key": _key_pem(server_key),
@@ -334,6 +344,45 @@ async def test_mtls_requires_the_client_certificate(etcd_factory, certs, tls_cli
     pem = tls_client(server.url, ca_cert=certs.ca_pem, cert=certs.client_pem,
                      key=certs.client_key_pem)
     assert (await pem.get(b"k")).kvs[0].value == b"v"
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_trusts_every_certificate_of_a_ca_bundle(etcd_factory, certs, tls_client):
+    server = etcd_factory(tls=server_tls(certs))
+    client = tls_client(server.url, ca_cert=certs.ca_bundle, timeout=20)
+    await client.set(b"k", b"v")
+    assert (await client.get(b"k")).kvs[0].value == b"v"
+
+
+@pytest_twisted.ensureDeferred
+async def test_mtls_presents_the_client_certificate_chain(etcd_factory, certs, tls_client):
+    server = etcd_factory(tls=server_tls(certs, mtls=True))
+    leaf_only = tls_client(server.url, ca_cert=certs.ca, cert=certs.chained_leaf,
+                           key=certs.chained_key, timeout=20)
+    with pytest.raises(Unavailable):  # etcd cannot link the leaf to the CA it trusts
+        await leaf_only.get(b"k")
+    client = tls_client(server.url, ca_cert=certs.ca, cert=certs.chained,
+                        key=certs.chained_key, timeout=20)
+    await client.set(b"k", b"v")
+    assert (await client.get(b"k")).kvs[0].value == b"v"
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("ca_cert", b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+     "ca_cert holds no readable PEM certificate"),
+    ("ca_cert", "client_key", "ca_cert holds no readable PEM certificate"),  # a key, no cert
+    ("ca_cert", "/nonexistent/ca.pem", "cannot read ca_cert from '/nonexistent/ca.pem'"),
+    ("cert", "client_key", "cert holds no readable PEM certificate"),
+    ("key", "client", "key is not a readable PEM private key"),
+    ("key", "encrypted_key", "key is encrypted"),
+    ("key", "client_cn_key", "key is not the private key of cert"),
+])
+def test_tls_files_are_checked_when_the_client_is_made(certs, field, value, message):
+    kwargs = {"ca_cert": certs.ca, "cert": certs.client, "key": certs.client_key}
+    kwargs[field] = getattr(certs, value) if hasattr(certs, str(value)) else value
+    with pytest.raises(InvalidArgument) as info:
+        Client(reactor, "https://127.0.0.1:2379", **kwargs)
+    assert message in str(info.value), info.value
 
 
 @pytest_twisted.ensureDeferred
