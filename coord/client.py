@@ -74,9 +74,10 @@ class Client:
         connect_timeout: seconds allowed to open a connection.
         user, password: authenticate as this user; the token is obtained on first use
             and obtained again when etcd says it expired.
-        ca_cert, cert, key: for https endpoints: the CA certificate to trust (PEM
-            bytes or a file path; default: the system's trust store), and a client
-            certificate and its key for mutual TLS.
+        ca_cert, cert, key: for https endpoints: the CA certificates to trust (a
+            bundle; default: the system's trust store), and a client certificate (with
+            its chain of intermediate CAs, if any, after it) and its unencrypted key
+            for mutual TLS.  Each is PEM bytes or text, or a PEM file's path.
         agent: a Twisted ``IAgent`` (proxy, custom TLS, ...) to send requests through
             instead of coord's own connection pool (via treq).
         max_connections: most connections per endpoint in the default transport.
@@ -84,7 +85,10 @@ class Client:
             this raises :class:`~coord.errors.RequestTooLarge` before it is sent.
 
     Raises:
-        InvalidArgument: a malformed endpoint URL, or an https one with TLS unavailable.
+        InvalidArgument: a malformed endpoint URL, or an https one with TLS unavailable;
+            with an https endpoint, a ``ca_cert``, ``cert`` or ``key`` that cannot be
+            read, holds no certificate or key, or a key that is encrypted or not
+            ``cert``'s.
     """
 
     def __init__(self, reactor: Any, url: str | bytes | Sequence[str], *,

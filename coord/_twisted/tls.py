@@ -11,16 +11,30 @@ from coord import errors
 __all__ = ["client_tls"]
 
 
-def _pem(value: bytes | str, what: str) -> bytes:
-    """PEM bytes as given, or read from a file path."""
-    if isinstance(value, bytes) and b"-----BEGIN" in value:
-        return value
-    path = os.fsdecode(value)
+def _pem(value: bytes | str | os.PathLike[str], what: str) -> bytes:
+    """PEM given as bytes or text, or read from a file path.
+
+    An error quotes a path only if it is printable and short, and never a key's.
+    """
+    if isinstance(value, (bytes, str)) and \
+            ("-----BEGIN" in value if isinstance(value, str) else b"-----BEGIN" in value):
+        return value.encode("ascii", "replace") if isinstance(value, str) else value
+    try:
+        path = os.fsdecode(value)
+    except TypeError:
+        raise errors.InvalidArgument(
+            f"{what} must be PEM bytes or text, or a file path, not {type(value).__name__}")
     try:
         with open(path, "rb") as f:
             return f.read()
-    except OSError as e:
-        raise errors.InvalidArgument(f"cannot read {what} from {path!r}: {e}")
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the "path" (DER bytes?)
+        # A key's "path" may be the key itself, mistyped: never quoted.
+        quote = what != "key" and len(path) < 256 and path.isprintable()
+        shown = repr(path) if quote else "the path given (not shown)"
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise errors.InvalidArgument(
+            f"cannot read {what} from {shown}: {why}; give PEM bytes or text, or a PEM "
+            "file's path") from None
 
 
 def _certificates(value: bytes | str, what: str) -> list[Any]:
@@ -53,6 +67,32 @@ def _public_der(key: Any) -> bytes:
                             serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+class _TrustAnchors:
+    """The certificates of ``ca_cert`` as trust anchors, each of them, root or not.
+
+    OpenSSL by default accepts a server's chain only when it ends at a self-signed root
+    among the trusted certificates; Go (etcd, etcdctl ``--cacert``) trusts any certificate
+    of the bundle, an intermediate CA too.  X509_V_FLAG_PARTIAL_CHAIN makes OpenSSL do
+    the same.  (``_addCACertsToContext`` is the one method of Twisted's IOpenSSLTrustRoot,
+    the interface of ``optionsForClientTLS``'s ``trustRoot``; Twisted calls it when it makes
+    a connection's TLS context.)
+    """
+
+    def __init__(self, certificates: list[Any]) -> None:
+        from OpenSSL.crypto import X509
+
+        # The store wants pyOpenSSL's certificates.
+        self._certificates = [X509.from_cryptography(c) for c in certificates]
+
+    def _addCACertsToContext(self, context: Any) -> None:
+        from OpenSSL.crypto import X509StoreFlags
+
+        store = context.get_cert_store()
+        for certificate in self._certificates:
+            store.add_cert(certificate)
+        store.set_flags(X509StoreFlags.PARTIAL_CHAIN)
+
+
 def client_tls(ca_cert: bytes | str | None, cert: bytes | str | None,
                key: bytes | str | None) -> Callable[[Any], Any]:
     """A callable giving, per endpoint, the client TLS options coord connects with.
@@ -68,17 +108,16 @@ def client_tls(ca_cert: bytes | str | None, cert: bytes | str | None,
             private key, or ``key`` is not the key of ``cert``'s (first) certificate.
     """
     try:
-        from OpenSSL.crypto import X509
         from twisted.internet import ssl
+        from twisted.internet._sslverify import IOpenSSLTrustRoot  # trustRoot's interface
+        from zope.interface import alsoProvides
     except ImportError as e:  # pragma: no cover - depends on the install
         raise errors.InvalidArgument(f"https endpoints need pip install 'coord[tls]': {e}")
     if (cert is None) != (key is None):
         raise errors.InvalidArgument("a client certificate needs its key, and the key its cert")
     if ca_cert is not None:
-        # Twisted's trust roots hold pyOpenSSL certificates (its X509Store wants them).
-        trust = ssl.trustRootFromCertificates(
-            [ssl.Certificate(X509.from_cryptography(c))
-             for c in _certificates(ca_cert, "ca_cert")])
+        trust: Any = _TrustAnchors(_certificates(ca_cert, "ca_cert"))
+        alsoProvides(trust, IOpenSSLTrustRoot)
     else:
         trust = ssl.platformTrust()
     # The client certificate goes to Twisted as cryptography objects, which pyOpenSSL
