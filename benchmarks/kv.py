@@ -87,6 +87,14 @@ def gateway_path(op: str) -> str:
     return "/v3/kv/put" if op == "put" else "/v3/kv/range"
 
 
+def gateway_request(op: str, value: bytes, netloc: str) -> bytes:
+    """The whole HTTP/1.1 request the references send, as wrk's script does."""
+    body = gateway_body(op, value).encode()
+    return (f"POST {gateway_path(op)} HTTP/1.1\r\nHost: {netloc}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
 # ------------------------------------------------------------------------------ workers
 #
 # Each worker runs WARMUP seconds, then counts the requests completed during ``duration``
@@ -323,10 +331,7 @@ def worker_socket(op: str, inflight: int, url: str, duration: float, value: byte
     import socket
 
     parts = urlsplit(url)
-    body = gateway_body(op, value).encode()
-    request = (f"POST {gateway_path(op)} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-               ).encode() + body
+    request = gateway_request(op, value, parts.netloc)
     poller = select.epoll()
     socks: dict[int, socket.socket] = {}
     pending: dict[int, bytes] = {}
@@ -387,10 +392,7 @@ def worker_twisted(op: str, inflight: int, url: str, duration: float, value: byt
 
     reactor: Any = the_reactor
     parts = urlsplit(url)
-    body = gateway_body(op, value).encode()
-    request = (f"POST {gateway_path(op)} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-               ).encode() + body
+    request = gateway_request(op, value, parts.netloc)
     state: dict[str, Any] = {"done": 0, "stopping": False, "error": None, "running": inflight}
 
     def finished() -> None:
@@ -821,8 +823,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests in flight, comma-separated (default 1,32)")
     parser.add_argument("--contenders", type=parse_list(str, ("wrk", *PYTHON_CONTENDERS)),
                         default=["wrk", *(n for n in PYTHON_CONTENDERS if n not in REFERENCES)],
-                        help="which to run, of wrk,coord,etcd3,aetcd,socket (default all "
-                        "available but the socket reference)")
+                        help="which to run, of wrk,coord,etcd3,aetcd,socket,twisted "
+                        "(default all available but the references, socket and twisted)")
     parser.add_argument("--etcd3-python", default=sys.executable, metavar="PYTHON",
                         help="interpreter that has python-etcd3 (it needs protobuf<4, which "
                         "aetcd does not accept); default this one")
