@@ -16,9 +16,10 @@ def _pem(value: bytes | str | os.PathLike[str], what: str) -> bytes:
 
     An error quotes a path only if it is printable and short, and never a key's.
     """
-    if isinstance(value, (bytes, str)) and \
-            ("-----BEGIN" in value if isinstance(value, str) else b"-----BEGIN" in value):
-        return value.encode("ascii", "replace") if isinstance(value, str) else value
+    if isinstance(value, bytes) and b"-----BEGIN" in value:
+        return value
+    if isinstance(value, str) and "-----BEGIN" in value:
+        return value.encode("ascii", "replace")
     try:
         path = os.fsdecode(value)
     except TypeError:
