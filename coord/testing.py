@@ -104,31 +104,49 @@ def etcd_server() -> Iterator[EtcdServer]:
         yield server
 
 
-def _report(server: EtcdServer, what: str, tail: int) -> None:
+_reports: list[str] = []  # every _report of the run, repeated in the terminal summary
+
+
+def _report(server: EtcdServer, what: str, tail: int) -> str:
     """Say on the real stderr (where a CI log shows it) that `server` `what`, with the Go
-    runtime's crash report if its log has one, and the log's last `tail` lines."""
+    runtime's crash report if its log has one, and the log's last `tail` lines.  The
+    report is also kept for the end of the run's output (`pytest_terminal_summary`),
+    which a truncated CI log still shows.  Returns it."""
     crash = server.crash_report()
-    print(f"\ncoord.testing: {server!r} {what}"
-          + (f" Its Go runtime reported:\n{crash}\n" if crash else "")
-          + f" Its log ends with:\n{server.log_tail(tail)}", file=sys.__stderr__)
+    log = server.log_tail(tail)  # etcd logs errors only (see coord.server)
+    report = (f"{server!r} {what}"
+              + (f" Its Go runtime reported:\n{crash}\n" if crash else "")
+              + (f" Its log ends with:\n{log}" if log else " Its log is empty."))
+    _reports.append(report)
+    print(f"\ncoord.testing: {report}", file=sys.__stderr__)
+    return report
 
 
 @pytest.fixture
-def etcd(etcd_server: EtcdServer) -> EtcdServer:
+def etcd(etcd_server: EtcdServer, request: pytest.FixtureRequest) -> Iterator[EtcdServer]:
     """The session's etcd server, with no keys and no leases at the start of the test.
 
     A server that a previous test paused or killed is resumed or restarted first.
-    Returns the `coord.server.EtcdServer`; its ``url`` is what a client connects to.
+    Yields the `coord.server.EtcdServer`; its ``url`` is what a client connects to.
+    If etcd ended on its own during the test (a crash, not the test's ``kill()`` or
+    ``stop()``), the test errors at teardown with etcd's crash report, and the next
+    test gets a restarted server.
     """
     if etcd_server.paused:
         etcd_server.resume()
     elif not etcd_server.running:
-        # A test stopped it on purpose, or etcd died: say so where a CI log shows it.
-        _report(etcd_server, f"is not running (exit status {etcd_server.died}); "
-                             "restarting it.", tail=10)
+        if etcd_server.died is not None:  # not a test's kill() or stop(): say so
+            _report(etcd_server, f"ended on its own between tests (exit status "
+                                 f"{etcd_server.died}); restarting it.", tail=20)
         etcd_server.restart()
     reset_keyspace(etcd_server)
-    return etcd_server
+    yield etcd_server
+    if etcd_server.died is not None:
+        report = _report(etcd_server, f"ended on its own during {request.node.nodeid} "
+                                      f"(exit status {etcd_server.died}); restarting it.",
+                         tail=20)
+        etcd_server.restart()
+        pytest.fail(f"etcd ended on its own during this test: {report}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -226,6 +244,15 @@ def pytest_report_header(config: pytest.Config) -> str:
     except (OSError, RuntimeError) as error:
         version = f"unknown version ({error})"
     return f"coord: etcd {version} ({binary})"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Repeat, at the end of the output, every etcd that ended on its own during the run."""
+    if not _reports:
+        return
+    terminalreporter.write_sep("=", "coord: etcd servers that ended on their own", red=True)
+    for report in _reports:
+        terminalreporter.write_line(report)
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's runner has torn down session fixtures

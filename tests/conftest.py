@@ -10,6 +10,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from coord import Client
 from coord.session import Session
 
+pytest_plugins = ["pytester"]  # for tests of coord.testing, the pytest plugin
+
 
 def make_client(url, transport="pool", **kwargs):
     """A Client through coord's own pool, or through treq with a plain Agent."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from coord import cli, server
+from coord import cli, server, testing
 from coord.server import (
     EtcdCluster,
     EtcdNotFound,
@@ -150,7 +150,10 @@ def test_kill_keeps_data_for_restart(binary: str) -> None:
 
 
 def test_died_tells_an_exit_nobody_asked_for(
-        etcd_factory: EtcdFactory, capfd: pytest.CaptureFixture[str]) -> None:
+        etcd_factory: EtcdFactory, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reports: list[str] = []
+    monkeypatch.setattr(testing, "_reports", reports)  # this run's summary stays clean
     srv = etcd_factory()
     assert srv.died is None
     srv.kill()
@@ -166,6 +169,37 @@ def test_died_tells_an_exit_nobody_asked_for(
     etcd_factory.stop_all()
     assert srv.died is None
     assert "ended on its own during the test (exit status -9)" in capfd.readouterr().err
+    assert len(reports) == 1 and "(exit status -9)" in reports[0]
+
+
+def test_etcd_fixture_fails_the_test_its_etcd_died_in(pytester: pytest.Pytester) -> None:
+    """A crash of the session's etcd is pinned on the test it happened in, with etcd's
+    log, repeated at the end of the output; the next test gets a restarted etcd."""
+    pytester.makepyfile(textwrap.dedent("""
+        import os, signal, time
+
+        def test_crash(etcd):
+            os.kill(etcd.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while etcd.died is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        def test_killed_on_purpose(etcd):
+            etcd.kill()  # the test's own doing: no report
+
+        def test_after(etcd):
+            assert etcd.running and etcd.status()
+    """))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines([
+        "*ERROR at teardown of test_crash*",
+        "*etcd ended on its own during this test: *EtcdServer* ended on its own during "
+        "test_etcd_fixture_fails_the_test_its_etcd_died_in.py::test_crash (exit status -9)*",
+        "*= coord: etcd servers that ended on their own =*",
+        "*::test_crash (exit status -9); restarting it. Its log is empty.",
+    ])
+    assert "killed_on_purpose (exit" not in result.stdout.str()
 
 
 def test_pause_resume(binary: str) -> None:
