@@ -450,7 +450,12 @@ class Client:
 
     def close(self) -> defer.Deferred[None]:
         """Close every connection; pending calls fail with Unavailable, watches end (their
-        Deferreds fire with None, as if cancelled), later calls fail at once."""
+        Deferreds fire with None, as if cancelled), later calls fail at once.
+
+        The Deferred fires once every connection is closed: at once, except that a
+        connection owing the answer of a read-only transaction waits up to 1 s for it
+        (closing it earlier can crash etcd 3.5.0-3.5.4; see "Timeouts and
+        cancellation" in docs/client.md)."""
         self._closed = True
         for watcher in list(self._watchers):
             watcher.cancel()

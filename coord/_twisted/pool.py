@@ -18,8 +18,14 @@ Failover and retry (decided by :class:`Plan`, which does no I/O):
 * a *pinned* request (``request(..., endpoint=i)``: member-specific maintenance such as
   status or defragment) goes to that endpoint only, never to another.
 
-After :meth:`HttpTransport.close` nothing is left: no connection (not even one still being
-made), no timer; later calls fail at once with ``Unavailable("client closed")``.
+After :meth:`HttpTransport.close` (once its Deferred fired) nothing is left: no connection
+(not even one still being made), no timer; later calls fail at once with
+``Unavailable("client closed")``.
+
+A read-only transaction dropped before its answer came (cancelled, timed out, or failed by
+close) keeps its connection until the answer comes, for at most `DRAIN_LIMIT` seconds:
+closing it would cancel the transaction inside etcd, which crashes etcd 3.5.0-3.5.4 (see
+:func:`drains`).
 
 This is the only module (with :mod:`coord._twisted.treq`) that touches sockets.
 """
@@ -56,6 +62,27 @@ _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 # open (a peek costs a system call per request).  A server that closed it sooner than
 # that, unseen, makes a write on it fail with OutcomeUnknown.
 STALE_CHECK_AFTER = 0.1
+
+TXN_PATH = "/v3/kv/txn"
+
+# How long a dropped read-only transaction's answer is awaited (see drains()) before its
+# connection is closed after all: on cancel or timeout, and on close().
+DRAIN_LIMIT = 10.0
+CLOSE_DRAIN_LIMIT = 1.0
+
+
+def drains(path: str, write: bool) -> bool:
+    """Whether a call dropped before its answer came (cancelled, timed out, or failed by
+    close()) keeps its connection open until the answer comes, instead of closing it.
+
+    True for a read-only transaction.  Closing the connection cancels the request inside
+    etcd, and etcd 3.5.0 to 3.5.4 panic, and exit, when a read-only transaction is
+    cancelled while it runs ("panic: unexpected error during txn", etcd issue 14110;
+    fixed in 3.5.5).  A Go client cancelling its context crashes those servers the same
+    way; a recipe that gives up waiting (a lock's timeout, a cancelled campaign) must
+    not.  Any other request is safe to cancel, and its connection is closed as before.
+    """
+    return path == TXN_PATH and not write
 
 
 @attrs.frozen
@@ -191,9 +218,13 @@ class _Call:
     def _cleanup(self) -> None:
         conn, self.conn = self.conn, None
         if conn is not None and conn.call is self:
-            # The answer is still owed on this connection: it cannot carry another request.
+            # The answer is still owed on this connection: it cannot carry another request
+            # before that answer is read (and thrown away), or the connection closed.
             conn.call = None
-            conn.abort()
+            if drains(self.path, self.write):
+                conn.drain(DRAIN_LIMIT)
+            else:
+                conn.abort()
         elif not self.sent and self.endpoint is not None:
             self.endpoint.forget(self)  # still queued for a connection
 
@@ -230,6 +261,11 @@ class _Connection(protocol.Protocol, ResponseParser):
         self.closed = False
         self._socket: Any = None
         self.fd: int | None = None
+        # While an answer nobody waits for is owed (see drain()): the timer that closes
+        # the connection if it does not come, and Deferreds fired when the connection is
+        # gone (for close()).
+        self.draining: Any = None
+        self._gone: list[defer.Deferred[None]] = []
 
     # wiring ---------------------------------------------------------------------------------
 
@@ -326,12 +362,37 @@ class _Connection(protocol.Protocol, ResponseParser):
         return True  # EOF (b"") or bytes nobody asked for: either way, unusable
 
     def abort(self) -> None:
+        self._stop_draining()
         if not self.closed:
             self.closed = True
             self.pool.transport.reader.remove(self)
             self.pool.connection_gone(self)
             if self.transport is not None:
                 self.transport.abortConnection()
+
+    def drain(self, limit: float) -> None:
+        """Read the owed answer of a dropped call, then serve the pool again; close the
+        connection if the answer does not come within `limit` seconds (see `drains`)."""
+        if self.closed:
+            return
+        if self.draining is None:
+            self.draining = self.pool.transport.reactor.callLater(limit, self.abort)
+        elif self.draining.getTime() - self.pool.transport.reactor.seconds() > limit:
+            self.draining.reset(limit)
+
+    def _stop_draining(self) -> None:
+        timer, self.draining = self.draining, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def gone(self) -> defer.Deferred[None]:
+        """A Deferred that fires once this connection is closed."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.connected:
+            self._gone.append(d)
+        else:
+            d.callback(None)
+        return d
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -345,6 +406,10 @@ class _Connection(protocol.Protocol, ResponseParser):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.connected = False
+        self._stop_draining()
+        gone, self._gone = self._gone, []
+        for d in gone:
+            d.callback(None)
         self.pool.transport.reader.remove(self)
         if not self.closed:
             self.closed = True
@@ -392,6 +457,12 @@ class _Connection(protocol.Protocol, ResponseParser):
         if not self.keep_alive:
             self.abort()
         if call is None:
+            if self.draining is not None:  # the answer of a dropped call: serve again
+                self._stop_draining()
+                if self.pool.transport.closed:
+                    self.abort()
+                elif not self.closed:
+                    self.pool.connection_ready(self)
             return
         call.conn = None
         if not self.closed:
@@ -505,13 +576,24 @@ class _EndpointPool:
             if not call.done:
                 self.transport.call_broken(call, exc)
 
-    def close(self) -> None:
+    def close(self) -> list[defer.Deferred[None]]:
+        """Close every connection but those draining (see `drains`), which get
+        `CLOSE_DRAIN_LIMIT` seconds at most; returns Deferreds firing when they are gone."""
         for factory in list(self.connectors):
             _stop_connecting(factory.connector)  # its calls were failed already
         self.connectors.clear()
+        gone = []
         for conn in list(self.all):
-            conn.abort()
+            if conn.draining is not None and not conn.closed:
+                conn.drain(CLOSE_DRAIN_LIMIT)
+                if conn.fd is not None:  # the transport's reader closes next: let
+                    self.transport.reader.remove(conn)  # Twisted read this one again
+                    conn.transport.startReading()  # type: ignore[union-attr]
+                gone.append(conn.gone())
+            else:
+                conn.abort()
         self.idle.clear()
+        return gone
 
 
 class _Reader:
@@ -953,7 +1035,11 @@ class HttpTransport:
 
     def close(self) -> defer.Deferred[None]:
         """Drop every connection (also those still connecting), stop every timer, and
-        fail pending calls with ``Unavailable("client closed")``; so do later calls."""
+        fail pending calls with ``Unavailable("client closed")``; so do later calls.
+
+        A connection that owes the answer of a read-only transaction is closed once that
+        answer came, or after `CLOSE_DRAIN_LIMIT` seconds (see `drains`); the Deferred
+        fires when every connection is closed."""
         self.closed = True
         self._deadlines.clear()
         pauses, self._pauses = self._pauses, {}
@@ -966,6 +1052,7 @@ class HttpTransport:
         waiters, self._auth_waiters = self._auth_waiters, []
         for _, fail in waiters:
             fail(errors.Unavailable("client closed"))
+        draining = []
         for pool in self._pools:
             waiting, pool.waiting = pool.waiting, collections.deque()
             for call in waiting:
@@ -973,9 +1060,11 @@ class HttpTransport:
             for conn in list(pool.all):
                 if conn.call is not None:
                     conn.call.fail(errors.Unavailable("client closed"))
-            pool.close()
+            draining += pool.close()
         self.reader.close()
-        return defer.succeed(None)
+        if not draining:
+            return defer.succeed(None)
+        return defer.gatherResults(draining).addCallback(lambda _: None)
 
 
 AUTH_PATH = "/v3/auth/authenticate"

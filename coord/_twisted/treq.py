@@ -25,7 +25,14 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from coord import errors
-from coord._twisted.pool import AUTH_PATH, Endpoint, Plan
+from coord._twisted.pool import (
+    AUTH_PATH,
+    CLOSE_DRAIN_LIMIT,
+    DRAIN_LIMIT,
+    Endpoint,
+    Plan,
+    drains,
+)
 from coord._wire import codec
 from coord._wire.stream import LineSplitter
 
@@ -45,6 +52,8 @@ class TreqTransport:
         self._token: str | None = None
         self._auth_lock = defer.DeferredLock()
         self._pending: set[defer.Deferred[Any]] = set()
+        # Requests whose caller gave up, left to finish (see drains): the timer ending each.
+        self._draining: dict[defer.Deferred[Any], Any] = {}
         self._streams: set[_TreqStream] = set()
         self._closed = False
 
@@ -62,6 +71,8 @@ class TreqTransport:
             return defer.fail(errors.Unavailable("the client is closed"))
         state = {"sent": False}
         d = defer.Deferred.fromCoroutine(self._request(path, body, write, state, endpoint))
+        if drains(path, write):
+            d = self._detached(d)
         self._pending.add(d)
         d.addBoth(self._forget, d)
         if timeout is not None:
@@ -74,6 +85,35 @@ class TreqTransport:
         if decode is not None:
             d.addCallback(decode)
         return d
+
+    def _detached(self, inner: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        """A Deferred with `inner`'s result, whose cancel (or timeout) leaves `inner` to
+        finish for `DRAIN_LIMIT` seconds at most (a read-only transaction: see drains)."""
+        outer: defer.Deferred[Any] = defer.Deferred(lambda _: self._drain(inner, DRAIN_LIMIT))
+
+        def done(result: Any) -> None:
+            if not outer.called:
+                if isinstance(result, Failure):
+                    outer.errback(result)
+                else:
+                    outer.callback(result)
+            # else nobody waits: whatever it was, it ends here
+
+        inner.addBoth(done)
+        return outer
+
+    def _drain(self, inner: defer.Deferred[Any], limit: float) -> None:
+        timer = self._draining.get(inner)
+        if timer is None:
+            self._draining[inner] = self.reactor.callLater(limit, inner.cancel)
+            inner.addBoth(self._drained, inner)
+        elif timer.getTime() - self.reactor.seconds() > limit:
+            timer.reset(limit)
+
+    def _drained(self, result: Any, inner: defer.Deferred[Any]) -> None:
+        timer = self._draining.pop(inner, None)
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _forget(self, result: Any, d: defer.Deferred[Any]) -> Any:
         self._pending.discard(d)
@@ -185,15 +225,32 @@ class TreqTransport:
         self._token = None
 
     def close(self) -> defer.Deferred[None]:
+        """Cancel every call and stream; a read-only transaction's request is given
+        `CLOSE_DRAIN_LIMIT` seconds to finish first (see drains).  Then close the Agent
+        pool's idle connections; the Deferred fires when that is done."""
         self._closed = True
         for stream in list(self._streams):
             stream.cancel()
         for d in list(self._pending):
             d.cancel()
+        waits = []
+        for inner in list(self._draining):
+            self._drain(inner, CLOSE_DRAIN_LIMIT)
+            finished: defer.Deferred[None] = defer.Deferred()
+            inner.addBoth(_fire, finished)
+            waits.append(finished)
         pool = getattr(self._http._agent, "_pool", None)
-        if pool is not None:
-            return pool.closeCachedConnections()
-        return defer.succeed(None)
+
+        def close_cached(_: Any = None) -> Any:
+            return pool.closeCachedConnections() if pool is not None else None
+
+        if waits:
+            return defer.gatherResults(waits).addCallback(close_cached)
+        return defer.maybeDeferred(close_cached).addCallback(lambda _: None)
+
+
+def _fire(_: object, d: defer.Deferred[None]) -> None:
+    d.callback(None)
 
 
 def _never_sent(e: BaseException) -> bool:
