@@ -18,10 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 import treq
-from twisted.internet import defer, error
+from twisted.internet import defer, error, protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import ResponseDone, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from coord import errors
@@ -72,7 +73,7 @@ class TreqTransport:
         state = {"sent": False}
         d = defer.Deferred.fromCoroutine(self._request(path, body, write, state, endpoint))
         if drains(path, write):
-            d = self._detached(d)
+            d = self._detached(d, state)
         self._pending.add(d)
         d.addBoth(self._forget, d)
         if timeout is not None:
@@ -86,10 +87,15 @@ class TreqTransport:
             d.addCallback(decode)
         return d
 
-    def _detached(self, inner: defer.Deferred[Any]) -> defer.Deferred[Any]:
-        """A Deferred with `inner`'s result, whose cancel (or timeout) leaves `inner` to
-        finish for `DRAIN_LIMIT` seconds at most (a read-only transaction: see drains)."""
-        outer: defer.Deferred[Any] = defer.Deferred(lambda _: self._drain(inner, DRAIN_LIMIT))
+    def _detached(self, inner: defer.Deferred[Any], state: dict) -> defer.Deferred[Any]:
+        """A Deferred with `inner`'s result, whose cancel (or timeout) leaves the request
+        on the wire to finish for `DRAIN_LIMIT` seconds at most, and never sent again (a
+        read-only transaction: see drains)."""
+        def give_up(_: Any) -> None:
+            state["dropped"] = True  # _request sends it nowhere else
+            self._drain(inner, DRAIN_LIMIT)
+
+        outer: defer.Deferred[Any] = defer.Deferred(give_up)
 
         def done(result: Any) -> None:
             if not outer.called:
@@ -133,6 +139,9 @@ class TreqTransport:
         plan = self._plan(write, pinned)
         last: errors.CoordError = errors.Unavailable("no endpoint")
         while True:
+            if state.get("dropped"):
+                # Its caller gave up; it was only left to finish where it was sent.
+                raise defer.CancelledError()
             index = plan.next_index()
             if index is None:
                 raise last
@@ -141,7 +150,7 @@ class TreqTransport:
             try:
                 response = await self._http.post(endpoint.url + path, data=body,
                                                  headers=self._headers())
-                content = await response.content()
+                content = await _read_body(response)
             except Exception as e:
                 if _cancelled(e):
                     # Agent reports a cancelled request as ResponseNeverReceived: stop here,
@@ -247,6 +256,37 @@ class TreqTransport:
         if waits:
             return defer.gatherResults(waits).addCallback(close_cached)
         return defer.maybeDeferred(close_cached).addCallback(lambda _: None)
+
+
+class _Body(protocol.Protocol):
+    """Collects a response's body into `done`; cancelling `done` closes the connection
+    (treq's ``content()`` cannot be cancelled: a body that stalls would keep its
+    connection open for good)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.done: defer.Deferred[bytes] = defer.Deferred(self._cancel)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):  # PotentialDataLoss: no length
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(reason)
+
+    def _cancel(self, d: defer.Deferred[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # IResponse.deliverBody: closes the connection
+
+
+def _read_body(response: Any) -> defer.Deferred[bytes]:
+    body = _Body()
+    response.deliverBody(body)
+    return body.done
 
 
 def _fire(_: object, d: defer.Deferred[None]) -> None:
