@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import pytest_twisted
 from helpers import sleep, wait_until
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 
 from coord import (
     Compacted,
@@ -18,6 +20,14 @@ from coord import (
     Transaction,
     Unavailable,
 )
+
+
+def sockets_to(url):
+    """The client sockets of this process still connected to ``url``'s port."""
+    port = int(url.rsplit(":", 1)[1])
+    return [o for o in gc.get_objects()
+            if isinstance(o, tcp.Client) and o.connected and not o.disconnected
+            and o.getPeer().port == port]
 
 
 def sig(event):
@@ -124,13 +134,16 @@ async def test_callback_exception_is_logged_and_watch_goes_on(client):
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancel_stops_delivery_and_closes_stream(client, transport):
+async def test_cancel_stops_delivery_and_closes_stream(etcd, client, transport):
     seen = []
     d = client.watch(b"k", seen.append)
     await d.watcher.ready
     await client.set(b"k", b"1")
     await wait_until(lambda: len(seen) == 1)
+    watching = len(sockets_to(etcd.url))
     d.cancel()
+    # Its connection is closed (through treq it was not: treq's collect() has no canceller).
+    await wait_until(lambda: len(sockets_to(etcd.url)) == watching - 1, timeout=2)
     assert d.called and await d is None
     assert d.watcher._stream is None
     assert not client._transport._streams
@@ -311,6 +324,7 @@ async def test_client_close_ends_its_watches(etcd, new_client):
         raise AssertionError("no event after close")
     assert not [c for c in reactor.getDelayedCalls()
                 if getattr(c.func, "__self__", None) in (d.watcher, stream.watcher)]
+    await wait_until(lambda: not sockets_to(etcd.url), timeout=2)  # the streams' too
     # A watch asked of a closed client ends at once, without a connection attempt.
     late = watching.watch(b"k", lambda e: None)
     assert late.called and await late is None

@@ -259,16 +259,26 @@ class TreqTransport:
 
 
 class _Body(protocol.Protocol):
-    """Collects a response's body into `done`; cancelling `done` closes the connection
-    (treq's ``content()`` cannot be cancelled: a body that stalls would keep its
-    connection open for good)."""
+    """Collects a response's body into `done` (or hands each piece to `on_data`, and
+    `done` fires with b""); cancelling `done` closes the connection.  (treq's
+    ``content()`` and ``collect()`` cannot be cancelled: a body that stalls, or a watch
+    stream, would keep its connection open for good.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, on_data: Callable[[bytes], None] | None = None) -> None:
         self.chunks: list[bytes] = []
+        self.on_data = on_data
         self.done: defer.Deferred[bytes] = defer.Deferred(self._cancel)
 
     def dataReceived(self, data: bytes) -> None:
-        self.chunks.append(data)
+        if self.on_data is None:
+            self.chunks.append(data)
+            return
+        try:
+            self.on_data(data)
+        except Exception:
+            if not self.done.called:
+                self.done.errback(Failure())
+            self.transport.stopProducing()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.done.called:
@@ -283,8 +293,9 @@ class _Body(protocol.Protocol):
             self.transport.stopProducing()  # IResponse.deliverBody: closes the connection
 
 
-def _read_body(response: Any) -> defer.Deferred[bytes]:
-    body = _Body()
+def _read_body(response: Any,
+               on_data: Callable[[bytes], None] | None = None) -> defer.Deferred[bytes]:
+    body = _Body(on_data)
     response.deliverBody(body)
     return body.done
 
@@ -332,7 +343,7 @@ class _TreqStream:
         def got_response(response: Any) -> Any:
             if response.code != 200:
                 return response.content().addCallback(self._error, response.code)
-            collected = treq.collect(response, self._data)
+            collected = _read_body(response, self._data)
             self._d = collected
             return collected.addCallback(lambda _: self._end(None))
 
