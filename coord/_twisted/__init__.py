@@ -1,0 +1,38 @@
+"""Twisted plumbing shared by the transports and the recipes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+__all__ = ["detached", "relay"]
+
+
+def detached(d: defer.Deferred[Any],
+             on_cancel: Callable[[], None] | None = None) -> defer.Deferred[Any]:
+    """A Deferred that fires with ``d``'s result; cancelling it leaves ``d`` running
+    (and calls ``on_cancel``, if given, first).
+
+    For work that must finish even if its caller stops waiting: ``d`` should handle (log)
+    its own failures, since once the caller has cancelled nobody sees them.
+    """
+    out: defer.Deferred[Any] = defer.Deferred(
+        None if on_cancel is None else lambda _: on_cancel())
+
+    def fire(result: Any) -> None:
+        if not out.called:
+            relay(result, out)
+
+    d.addBoth(fire)
+    return out
+
+
+def relay(result: Any, out: defer.Deferred[Any]) -> None:
+    """Fire ``out`` with ``result``: its errback for a Failure, else its callback."""
+    if isinstance(result, Failure):
+        out.errback(result)
+    else:
+        out.callback(result)

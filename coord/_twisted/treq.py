@@ -26,6 +26,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from coord import errors
+from coord._twisted import detached
 from coord._twisted.pool import (
     AUTH_PATH,
     CLOSE_DRAIN_LIMIT,
@@ -91,22 +92,11 @@ class TreqTransport:
         """A Deferred with `inner`'s result, whose cancel (or timeout) leaves the request
         on the wire to finish for `DRAIN_LIMIT` seconds at most, and never sent again (a
         read-only transaction: see drains)."""
-        def give_up(_: Any) -> None:
+        def give_up() -> None:
             state["dropped"] = True  # _request sends it nowhere else
             self._drain(inner, DRAIN_LIMIT)
 
-        outer: defer.Deferred[Any] = defer.Deferred(give_up)
-
-        def done(result: Any) -> None:
-            if not outer.called:
-                if isinstance(result, Failure):
-                    outer.errback(result)
-                else:
-                    outer.callback(result)
-            # else nobody waits: whatever it was, it ends here
-
-        inner.addBoth(done)
-        return outer
+        return detached(inner, give_up)
 
     def _drain(self, inner: defer.Deferred[Any], limit: float) -> None:
         timer = self._draining.get(inner)

@@ -27,6 +27,7 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from coord import errors
+from coord._twisted import detached, relay
 from coord.keyset import KeySet
 from coord.txn import CompCreated, CompLease, OpDel, OpGet, Transaction
 from coord.types import EventType, Header, KeyValue
@@ -297,25 +298,6 @@ def watch_own_key(owner: Any, holds: Callable[[], bool],
     watch.addBoth(ended)
 
 
-def detached(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
-    """A Deferred that fires with ``d``'s result; cancelling it leaves ``d`` running.
-
-    For clean-up work that must finish even if its caller stops waiting: ``d`` should
-    handle (log) its own failures, since once the caller has cancelled nobody sees them.
-    """
-    out: defer.Deferred[Any] = defer.Deferred()
-
-    def fire(result: Any) -> None:
-        if not out.called:
-            if isinstance(result, Failure):
-                out.errback(result)
-            else:
-                out.callback(result)
-
-    d.addBoth(fire)
-    return out
-
-
 class Shared:
     """One Deferred's outcome, for any number of waiters (none consumes it).
 
@@ -390,10 +372,8 @@ def with_timeout(d: defer.Deferred[Any], timeout: float | None, reactor: Any,
         if len(timers) > 1 and isinstance(result, Failure) and \
                 result.check(defer.CancelledError):
             out.errback(errors.Timeout(message))
-        elif isinstance(result, Failure):
-            out.errback(result)
         else:
-            out.callback(result)
+            relay(result, out)
 
     d.addBoth(done)
     return out
