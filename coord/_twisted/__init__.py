@@ -8,7 +8,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-__all__ = ["detached", "relay"]
+__all__ = ["at_most", "detached", "relay"]
 
 
 def detached(d: defer.Deferred[Any],
@@ -36,3 +36,13 @@ def relay(result: Any, out: defer.Deferred[Any]) -> None:
         out.errback(result)
     else:
         out.callback(result)
+
+
+def at_most(reactor: Any, timer: Any, limit: float, func: Callable[[], Any]) -> Any:
+    """A timer that fires within `limit` seconds: `timer` itself if it already does,
+    moved earlier if it would fire later, or (`timer` None) a new one calling `func`."""
+    if timer is None:
+        return reactor.callLater(limit, func)
+    if timer.getTime() - reactor.seconds() > limit:
+        timer.reset(limit)
+    return timer

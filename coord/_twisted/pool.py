@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from coord import errors
+from coord._twisted import at_most
 from coord._wire import codec
 from coord._wire.http11 import ProtocolError, ResponseParser, build_request, request_head
 from coord._wire.stream import LineSplitter
@@ -373,12 +374,9 @@ class _Connection(protocol.Protocol, ResponseParser):
     def drain(self, limit: float) -> None:
         """Read the owed answer of a dropped call, then serve the pool again; close the
         connection if the answer does not come within `limit` seconds (see `drains`)."""
-        if self.closed:
-            return
-        if self.draining is None:
-            self.draining = self.pool.transport.reactor.callLater(limit, self.abort)
-        elif self.draining.getTime() - self.pool.transport.reactor.seconds() > limit:
-            self.draining.reset(limit)
+        if not self.closed:
+            self.draining = at_most(self.pool.transport.reactor, self.draining, limit,
+                                    self.abort)
 
     def _stop_draining(self) -> None:
         timer, self.draining = self.draining, None

@@ -26,7 +26,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from coord import errors
-from coord._twisted import detached
+from coord._twisted import at_most, detached
 from coord._twisted.pool import (
     AUTH_PATH,
     CLOSE_DRAIN_LIMIT,
@@ -100,11 +100,9 @@ class TreqTransport:
 
     def _drain(self, inner: defer.Deferred[Any], limit: float) -> None:
         timer = self._draining.get(inner)
+        self._draining[inner] = at_most(self.reactor, timer, limit, inner.cancel)
         if timer is None:
-            self._draining[inner] = self.reactor.callLater(limit, inner.cancel)
             inner.addBoth(self._drained, inner)
-        elif timer.getTime() - self.reactor.seconds() > limit:
-            timer.reset(limit)
 
     def _drained(self, result: Any, inner: defer.Deferred[Any]) -> None:
         timer = self._draining.pop(inner, None)
