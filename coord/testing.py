@@ -134,19 +134,23 @@ def etcd(etcd_server: EtcdServer, request: pytest.FixtureRequest) -> Iterator[Et
     """
     if etcd_server.paused:
         etcd_server.resume()
+    elif etcd_server.died is not None:  # not a test's kill() or stop()
+        _restart_dead(etcd_server, "between tests")
     elif not etcd_server.running:
-        if etcd_server.died is not None:  # not a test's kill() or stop(): say so
-            _report(etcd_server, f"ended on its own between tests (exit status "
-                                 f"{etcd_server.died}); restarting it.", tail=20)
         etcd_server.restart()
     reset_keyspace(etcd_server)
     yield etcd_server
     if etcd_server.died is not None:
-        report = _report(etcd_server, f"ended on its own during {request.node.nodeid} "
-                                      f"(exit status {etcd_server.died}); restarting it.",
-                         tail=20)
-        etcd_server.restart()
+        report = _restart_dead(etcd_server, f"during {request.node.nodeid}")
         pytest.fail(f"etcd ended on its own during this test: {report}", pytrace=False)
+
+
+def _restart_dead(server: EtcdServer, when: str) -> str:
+    """Report `server`, which ended on its own `when`, restart it; returns the report."""
+    report = _report(server, f"ended on its own {when} (exit status {server.died}); "
+                             "restarting it.", tail=20)
+    server.restart()
+    return report
 
 
 @pytest.fixture(scope="session")
