@@ -330,7 +330,7 @@ class _TreqStream:
 
         def got_response(response: Any) -> Any:
             if response.code != 200:
-                return response.content().addCallback(self._error, response.code)
+                return _read_body(response).addCallback(self._error, response.code)
             collected = _read_body(response, self._data)
             self._d = collected
             return collected.addCallback(lambda _: self._end(None))
