@@ -83,6 +83,19 @@ class Client:
         max_connections: most connections per endpoint in the default transport.
         max_request_bytes: the server's ``--max-request-bytes``; a write bigger than
             this raises :class:`~coord.errors.RequestTooLarge` before it is sent.
+        attempt_timeout: with several endpoints, seconds one attempt of a call waits
+            for its answer before the member is presumed hung (a stopped process, a
+            full disk: it still accepts connections).  A read (range, read-only
+            transaction, status, lease keep-alive...) then moves on to the next
+            endpoint, within the call's ``timeout``; a write fails with
+            :class:`~coord.errors.WriteTimeout` (it may have been applied, so it is
+            never re-sent); either way the member is demoted and the next calls go
+            elsewhere until it answers a probe again.  ``None``: no attempt deadline.
+        health_check_interval: with several endpoints, seconds between checks (a
+            status request) of a member that serves watch streams; a member that does
+            not answer within 1 s (or ``attempt_timeout`` if shorter), or has no
+            leader, is demoted and its watches resume on another member.  ``None``:
+            no checks (a watch then notices a hung member after its ``idle_timeout``).
 
     Raises:
         InvalidArgument: a malformed endpoint URL, or an https one with TLS unavailable;
@@ -97,7 +110,9 @@ class Client:
                  ca_cert: bytes | str | None = None, cert: bytes | str | None = None,
                  key: bytes | str | None = None, agent: Any = None,
                  max_connections: int = 64,
-                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+                 max_request_bytes: int = MAX_REQUEST_BYTES,
+                 attempt_timeout: float | None = 2.0,
+                 health_check_interval: float | None = 1.0) -> None:
         urls = [url] if isinstance(url, (str, bytes)) else list(url)
         if not urls:
             raise errors.InvalidArgument("Client needs at least one endpoint URL")
@@ -109,6 +124,7 @@ class Client:
         self._closed = False
         self._watchers: set[Watcher] = set()
         self.timeout = timeout
+        self.attempt_timeout = attempt_timeout
         self.max_request_bytes = max_request_bytes
         if agent is not None:
             if ca_cert is not None or cert is not None or key is not None:
@@ -119,7 +135,9 @@ class Client:
             from coord._twisted.treq import TreqTransport
 
             self._transport: Any = TreqTransport(reactor, endpoints, agent,
-                                                 credentials=credentials)
+                                                 credentials=credentials,
+                                                 attempt_timeout=attempt_timeout,
+                                                 check_interval=health_check_interval)
         else:
             tls = None
             if any(ep.tls for ep in endpoints):
@@ -128,7 +146,9 @@ class Client:
                 tls = client_tls(ca_cert, cert, key)
             self._transport = HttpTransport(reactor, endpoints, connect_timeout=connect_timeout,
                                             max_connections=max_connections, tls=tls,
-                                            credentials=credentials)
+                                            credentials=credentials,
+                                            attempt_timeout=attempt_timeout,
+                                            check_interval=health_check_interval)
 
     def __repr__(self) -> str:
         urls = ", ".join(ep.url for ep in self._transport.endpoints)
@@ -138,13 +158,16 @@ class Client:
 
     def _request(self, path: str, body: dict, write: bool, timeout: Any = DEFAULT,
                  decode: Callable[[Any], Any] | None = None,
-                 endpoint: str | None = None) -> defer.Deferred[Any]:
+                 endpoint: str | None = None,
+                 attempt_timeout: float | None = None) -> defer.Deferred[Any]:
         if timeout is DEFAULT:
             timeout = self.timeout
-        if endpoint is None:
+        if endpoint is None and attempt_timeout is None:
             return self._transport.request(path, codec.encode(body), write, timeout, decode)
-        return self._transport.request(path, codec.encode(body), write, timeout, decode,
-                                       endpoint=self._endpoint_index(endpoint))
+        return self._transport.request(
+            path, codec.encode(body), write, timeout, decode,
+            endpoint=None if endpoint is None else self._endpoint_index(endpoint),
+            attempt_timeout=attempt_timeout)
 
     def _endpoint_index(self, url: str) -> int:
         urls = [ep.url for ep in self._transport.endpoints]

@@ -48,8 +48,14 @@ class Lease:
     def __hash__(self) -> int:
         return hash(self.lease_id)
 
-    def refresh(self, timeout: Any = DEFAULT) -> defer.Deferred[int]:
+    def refresh(self, timeout: Any = DEFAULT,
+                attempt_timeout: float | None = None) -> defer.Deferred[int]:
         """Keep the lease alive once (``LeaseKeepAlive``).
+
+        Args:
+            timeout: seconds for the call (default: the client's).
+            attempt_timeout: seconds before a member that has not answered is left for
+                the next one (default: the client's ``attempt_timeout``).
 
         Returns:
             Deferred firing with the TTL, in seconds, the lease has again.
@@ -59,7 +65,7 @@ class Lease:
                 keep-alive for such a lease with TTL 0.
         """
         return self._client._request("/v3/lease/keepalive", {"ID": self.lease_id}, False, timeout,
-                                     decode=self._refreshed)
+                                     decode=self._refreshed, attempt_timeout=attempt_timeout)
 
     def _refreshed(self, obj: Any) -> int:
         if "error" in obj:

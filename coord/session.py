@@ -207,7 +207,13 @@ class Session:
         self._next = None
         sent_at = self._reactor.seconds()
         # Bounded by the keep-alive interval: a hung request must not stop the next one.
-        d = self.lease.refresh(timeout=max(self.interval, 0.1))
+        # A member that does not answer within a third of it is left for the next one
+        # (with several endpoints), so one hung member cannot starve the lease.
+        attempt = self.interval / 3
+        if self.client.attempt_timeout is not None:
+            attempt = min(attempt, self.client.attempt_timeout)
+        d = self.lease.refresh(timeout=max(self.interval, 0.1),
+                               attempt_timeout=max(attempt, 0.05))
         self._inflight = d
         d.addCallbacks(self._refreshed, self._refresh_failed, callbackArgs=(sent_at,))
 

@@ -103,6 +103,7 @@ class Watcher:
         self._idle: Any = None
         self._backoff = 0.0
         self._auth_retried = False
+        self._unreached: set[str] = set()  # endpoints that failed before any answer
         self._paused = False
         self._probe: defer.Deferred[Any] | None = None
         self._last_message = self._reactor.seconds()
@@ -229,6 +230,7 @@ class Watcher:
     def _ended(self, reason: errors.CoordError | None, force: bool = False) -> None:
         if self._done:
             return
+        endpoint = getattr(self._stream, "endpoint", None)
         self._stream = None
         if self._client.closed:
             self._finish(None)
@@ -238,6 +240,8 @@ class Watcher:
             return
         if reason is not None and not isinstance(reason, errors.Unavailable) and not force:
             self._finish(reason)
+            return
+        if reason is not None and not force and self._unreachable(endpoint, reason):
             return
         # Broken, ended or quiet: create it again after a short, growing, jittered pause.
         self.reconnects += 1
@@ -249,6 +253,22 @@ class Watcher:
             self._idle.cancel()
         self._idle = None
         self._retry = self._reactor.callLater(delay, self._connect)
+
+    def _unreachable(self, endpoint: Any, reason: errors.CoordError) -> bool:
+        """Fail the watch, as a call fails, when no endpoint could serve it and the client
+        has never been answered by one (a wrong port, a wrong CA, a server that is not
+        etcd); returns whether it did.  Once the client has reached etcd, an unreachable
+        cluster is an outage, and the watch resumes when it is back."""
+        transport = self._client._transport
+        if transport.reached or self._created or endpoint is None:
+            return False
+        self._unreached.add(endpoint.url)
+        urls = [ep.url for ep in transport.endpoints]
+        if not all(url in self._unreached for url in urls):
+            return False
+        self._finish(errors.Unavailable(
+            f"watch: no endpoint could serve it (tried {', '.join(urls)}): {reason}"))
+        return True
 
     def _cancel_probe(self) -> None:
         probe, self._probe = self._probe, None

@@ -32,10 +32,10 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.protocols import portforward
 
 from coord import Client, KeySet, errors
+from coord._failover import Plan
 from coord._twisted.pool import (
     Deadlines,
     HttpTransport,
-    Plan,
     _Call,
     _Connection,
     parse_endpoint,

@@ -14,7 +14,8 @@ from helpers import dead_url, sleep, wait_until
 from twisted.internet import base, defer, protocol, reactor, task, tcp
 
 from coord import Client, errors
-from coord._twisted.pool import Deadlines, HttpTransport, Plan, _Call, parse_endpoint
+from coord._failover import Plan
+from coord._twisted.pool import Deadlines, HttpTransport, _Call, parse_endpoint
 from coord._wire import codec
 
 

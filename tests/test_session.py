@@ -145,7 +145,7 @@ class FakeLease:
         self.refreshes = []  # (sent_at, Deferred)
         self.revoked = 0
 
-    def refresh(self, timeout=None):
+    def refresh(self, timeout=None, attempt_timeout=None):
         d = defer.Deferred()
         self.refreshes.append((clock.seconds(), d))
         return d
@@ -156,6 +156,8 @@ class FakeLease:
 
 
 class FakeClient:
+    attempt_timeout = 2.0
+
     def __init__(self, clock):
         self._reactor = clock
 

@@ -5,18 +5,20 @@ connections, each carrying one request at a time (the gateway answers in order, 
 slow request would hold up everything pipelined behind it).  Requests beyond the pool's
 size wait in a queue.
 
-Failover and retry (decided by :class:`Plan`, which does no I/O):
+Failover and retry follow the rules of :mod:`coord._failover` (sans-IO, shared with the
+treq transport): a request never written moves on; a read whose connection broke after
+it was written is re-sent elsewhere, a write never is (``OutcomeUnknown``); an attempt
+that gets no answer within ``attempt_timeout`` moves a read on and fails a write with
+``WriteTimeout``, and demotes its endpoint; "no leader" is retried after a pause;
+"invalid auth token" makes the transport authenticate again and re-send once; a *pinned*
+request (``request(..., endpoint=i)``: member-specific maintenance such as status or
+defragment) goes to that endpoint only.  Demoted endpoints are probed in the background
+by a :class:`~coord._twisted.health.Monitor`, which also checks the endpoints that
+serve streams and moves their streams when one stops answering.
 
-* a request that was never written (connect refused, endpoint down, a send that failed
-  before its first byte left) moves on to the next endpoint -- always safe;
-* a *read* whose connection broke after it was written is sent again to the next endpoint;
-* a *write* whose connection broke after it was written, or that timed out, is never sent
-  again: it fails with :class:`~coord.errors.OutcomeUnknown` / ``WriteTimeout``;
-* an answer "etcdserver: no leader" is given before etcd proposes anything, so any request
-  that gets it is sent to the next endpoint;
-* "etcdserver: invalid auth token" makes the transport authenticate again and re-send once;
-* a *pinned* request (``request(..., endpoint=i)``: member-specific maintenance such as
-  status or defragment) goes to that endpoint only, never to another.
+The attempt deadlines cost no timer per request: each connection notes when it sent its
+request, and one watchdog timer, set for the oldest request's deadline, runs while
+requests are in flight.
 
 After :meth:`HttpTransport.close` (once its Deferred fired) nothing is left: no connection
 (not even one still being made), no timer; later calls fail at once with
@@ -33,6 +35,7 @@ This is the only module (with :mod:`coord._twisted.treq`) that touches sockets.
 from __future__ import annotations
 
 import collections
+import math
 import select
 import socket
 from collections.abc import Callable
@@ -48,12 +51,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from coord import errors
+from coord._failover import Expiry, Plan, expiry_demotes, on_attempt_expired
 from coord._twisted import at_most
+from coord._twisted.health import PROBE_TIMEOUT, Monitor
 from coord._wire import codec
 from coord._wire.http11 import ProtocolError, ResponseParser, build_request, request_head
 from coord._wire.stream import LineSplitter
 
-__all__ = ["Endpoint", "HttpTransport", "Plan", "parse_endpoint"]
+__all__ = ["Endpoint", "HttpTransport", "parse_endpoint"]
 
 log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
 
@@ -123,77 +128,12 @@ def parse_endpoint(url: object) -> Endpoint:
     return Endpoint(url.rstrip("/"), parts.scheme, parts.hostname, port)
 
 
-class Plan:
-    """Which endpoint a call tries next, and whether a failure may be retried.
-
-    Sans-IO bookkeeping for one call.  ``start`` is the index of the endpoint the client
-    currently prefers; each endpoint is tried at most once, except that the first one gets
-    one extra try (a kept-alive connection that the server had just closed is
-    indistinguishable from a dead server until we try again).  Only a call that may be
-    re-sent gets there (see :meth:`may_resend`), so the extra try is safe for a write too:
-    it was never sent.  A *pinned* plan tries endpoint ``start`` only (twice).
-    """
-
-    __slots__ = ("attempts", "budget", "count", "pinned", "start")
-
-    def __init__(self, start: int, count: int, write: bool, pinned: bool = False) -> None:
-        self.start = start
-        self.count = 1 if pinned else count
-        self.pinned = pinned
-        self.attempts = 0
-        self.budget = self.count + 1
-
-    def next_index(self) -> int | None:
-        """The endpoint index for the next attempt, or None when the budget is spent."""
-        if self.attempts >= self.budget:
-            return None
-        index = (self.start + self.attempts) % self.count if not self.pinned else self.start
-        self.attempts += 1
-        return index
-
-    def tried(self) -> list[int]:
-        """The endpoint indexes tried so far, each once, in order."""
-        if self.pinned:
-            return [self.start] if self.attempts else []
-        n = min(self.attempts, self.count)
-        return [(self.start + i) % self.count for i in range(n)]
-
-    @staticmethod
-    def may_resend(write: bool, sent: bool) -> bool:
-        """Whether a call that failed in transport may go to another endpoint."""
-        return not (write and sent)
-
-    # Pauses before re-sending a request that etcd refused as unavailable (an election
-    # is under way); about 3 s in all, within which a cluster elects a new leader.
-    UNAVAILABLE_PAUSES = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0)
-
-    @staticmethod
-    def may_retry_answer(write: bool, exc: errors.EtcdError) -> bool:
-        """Whether an error answer may be retried (after a pause, on the next endpoint).
-
-        "no leader" is refused before anything is proposed: safe for any request.  Other
-        unavailability ("leader changed", "request timed out") may come after a write was
-        proposed, so only reads retry them.
-        """
-        if exc.message == "etcdserver: no leader":
-            return True
-        return not write and isinstance(exc, errors.EtcdUnavailable)
-
-    @staticmethod
-    def answer_error(write: bool, exc: errors.EtcdError) -> errors.EtcdError:
-        """The error a call fails with after etcd answered ``exc`` (not retried, or the
-        retries ran out).  An answered call was sent, so for a write the question is
-        whether etcd may have applied it: :func:`errors.for_write` decides (an
-        unavailability after the proposal, a CANCELLED or DEADLINE_EXCEEDED gRPC status:
-        unknown; "no leader": known, nothing applied)."""
-        return errors.for_write(exc, write)
-
-
 class _Call:
     """One request in flight: its bytes, its Deferred, its deadline and its retry plan."""
 
-    __slots__ = ("auth_retried", "body", "conn", "decode", "deferred", "done", "endpoint",
-                 "path", "pinned", "plan", "sent", "unavailable_retries", "write")
+    __slots__ = ("attempt_timeout", "auth_retried", "body", "conn", "decode", "deferred",
+                 "done", "endpoint", "path", "pinned", "plan", "sent", "unavailable_retries",
+                 "write")
 
     def __init__(self, path: str, body: bytes, write: bool,
                  decode: Callable[[Any], Any] | None = None) -> None:
@@ -210,6 +150,7 @@ class _Call:
         self.auth_retried = False
         self.unavailable_retries = 0
         self.pinned: int | None = None
+        self.attempt_timeout: float | None = None  # None: the transport's
 
     def _cancel(self, d: defer.Deferred[Any]) -> None:
         # Deferred.cancel() errbacks with CancelledError after this returns.
@@ -257,6 +198,7 @@ class _Connection(protocol.Protocol, ResponseParser):
         # if the handshake fails, nothing reached etcd, whatever was "written".
         self.handshaking = pool.endpoint.tls
         self.idle_since = 0.0
+        self.deadline = 0.0  # the attempt deadline of `call`'s request (monotonic())
         self.call: _Call | None = None
         self.connected = False
         self.closed = False
@@ -307,6 +249,11 @@ class _Connection(protocol.Protocol, ResponseParser):
         self.call = call
         call.conn = self
         call.sent = True
+        transport = self.pool.transport
+        if transport.attempt_timeout is not None:
+            self.deadline = at = monotonic() + (call.attempt_timeout or transport.attempt_timeout)
+            if transport.watchdog is None or at < transport.watchdog_at:
+                transport.arm_watchdog(at)
         try:
             self.write(data)
         except OSError as e:
@@ -565,11 +512,11 @@ class _EndpointPool:
 
     def connect_failed(self, reason: Failure) -> None:
         self.connecting -= 1
-        self.transport.endpoint_down(self)
-        # The endpoint is unreachable: every call waiting for it moves on (none was sent).
-        waiting, self.waiting = self.waiting, collections.deque()
         exc = errors.Unavailable(f"cannot connect to {self.endpoint.url}: "
                                  f"{reason.getErrorMessage()}")
+        self.transport.endpoint_down(self, str(exc))
+        # The endpoint is unreachable: every call waiting for it moves on (none was sent).
+        waiting, self.waiting = self.waiting, collections.deque()
         for call in waiting:
             if not call.done:
                 self.transport.call_broken(call, exc)
@@ -768,17 +715,35 @@ class HttpTransport:
         max_connections: most connections per endpoint (requests beyond wait).
         tls: a callable ``(Endpoint) -> IOpenSSLClientConnectionCreator`` for https.
         credentials: ``(user, password)`` to authenticate with, or None.
+        attempt_timeout: seconds one attempt waits for its answer before the endpoint
+            is presumed hung (see :func:`coord._failover.on_attempt_expired`); None: no
+            attempt deadline.  It applies only with several endpoints.
+        check_interval: seconds between checks of an endpoint that serves streams
+            (None: never).
     """
 
     def __init__(self, reactor: Any, endpoints: list[Endpoint], connect_timeout: float = 5.0,
                  max_connections: int = 64, tls: Callable[[Endpoint], Any] | None = None,
-                 credentials: tuple[str, str] | None = None) -> None:
+                 credentials: tuple[str, str] | None = None,
+                 attempt_timeout: float | None = 2.0,
+                 check_interval: float | None = 1.0) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
         self._tls = tls
         self._pools = [_EndpointPool(self, ep, i) for i, ep in enumerate(endpoints)]
         self._preferred = 0
+        # With one endpoint there is nowhere else to go: no attempt deadline, no watchdog.
+        self.attempt_timeout = attempt_timeout if len(endpoints) > 1 else None
+        self.watchdog: Any = None
+        self.watchdog_at = math.inf
+        self.monitor = Monitor(self, len(endpoints), check_interval,
+                               min(PROBE_TIMEOUT, attempt_timeout or PROBE_TIMEOUT),
+                               self._preference_changed)
+        self.monitor.urls = [ep.url for ep in endpoints]
+        # Whether any call was answered yet: a watch that cannot reach any endpoint of a
+        # client that never reached one fails, as a call does (see coord.watch).
+        self.reached = False
         self._credentials = credentials
         self._token: str | None = None
         self._authenticating: defer.Deferred[None] | None = None
@@ -814,7 +779,8 @@ class HttpTransport:
 
     def request(self, path: str, body: bytes, write: bool, timeout: float | None,
                 decode: Callable[[Any], Any] | None = None,
-                endpoint: int | None = None) -> defer.Deferred[Any]:
+                endpoint: int | None = None,
+                attempt_timeout: float | None = None) -> defer.Deferred[Any]:
         """POST ``body`` to ``path``; the Deferred fires with the decoded JSON answer.
 
         Args:
@@ -826,6 +792,7 @@ class HttpTransport:
                 member-specific calls (status, defragment, alarms of *that* member):
                 never sent to another one; None (the default) for any endpoint, with
                 failover.
+            attempt_timeout: this call's attempt deadline, if not the transport's.
 
         Raises:
             InvalidArgument: ``endpoint`` is not an index of :attr:`endpoints` (raised
@@ -845,6 +812,7 @@ class HttpTransport:
         if timeout is not None:
             self._deadlines.add(call, timeout)
         call.pinned = endpoint
+        call.attempt_timeout = attempt_timeout
         if self._credentials is not None and self._token is None and path != AUTH_PATH:
             self._wait_for_token(call)
         elif endpoint is None:
@@ -859,7 +827,19 @@ class HttpTransport:
     def _plan(self, call: _Call) -> Plan:
         if call.pinned is not None:
             return Plan(call.pinned, len(self._pools), call.write, pinned=True)
-        return Plan(self._preferred, len(self._pools), call.write)
+        return Plan(self._preferred, len(self._pools), call.write,
+                    order=self.monitor.health.order(self._preferred))
+
+    def _plan_of(self, call: _Call) -> Plan:
+        """The call's plan; made now, if only its first attempt was made (see request)."""
+        plan = call.plan
+        if plan is None:
+            # Only its first attempt was made, to the preferred endpoint of the time.
+            start = call.endpoint.index  # type: ignore[union-attr]
+            plan = call.plan = Plan(start, len(self._pools), call.write,
+                                    order=self.monitor.health.order(start))
+            plan.next_index()
+        return plan
 
     def _dispatch(self, call: _Call, exc: errors.CoordError | None = None) -> None:
         """Send ``call`` to its plan's next endpoint; when none is left, fail it with
@@ -867,12 +847,7 @@ class HttpTransport:
         if self.closed:
             call.fail(errors.Unavailable("client closed"))
             return
-        plan = call.plan
-        if plan is None:
-            # Only its first attempt was made, to the preferred endpoint of the time.
-            plan = call.plan = Plan(call.endpoint.index, len(self._pools),  # type: ignore[union-attr]
-                                    call.write)
-            plan.next_index()
+        plan = self._plan_of(call)
         index = plan.next_index()
         if index is not None:
             self._pools[index].submit(call)
@@ -891,21 +866,88 @@ class HttpTransport:
             self._dispatch(call)
 
     def _timed_out(self, call: _Call, timeout: float) -> None:
+        # No demotion here: a call's own timeout says how long its caller waits, not that
+        # the member is hung (only an attempt deadline says that).
         what = f"{call.path} did not complete within {timeout} s"
         if call.write and call.sent:
             call.fail(errors.WriteTimeout(what + "; the write may or may not have been applied"))
         else:
             call.fail(errors.Timeout(what))
 
+    # attempt deadlines --------------------------------------------------------------------
+
+    def arm_watchdog(self, at: float) -> None:
+        """Set the watchdog for an attempt deadline at ``at`` (``monotonic()`` time): called
+        by a connection that sends while no watchdog is set, or one set for later."""
+        delay = max(0.0, at - monotonic())
+        if self.watchdog is not None and self.watchdog.active():
+            self.watchdog.reset(delay)
+        else:
+            self.watchdog = self.reactor.callLater(delay, self._watch_attempts)
+        self.watchdog_at = at
+
+    def _watch_attempts(self) -> None:
+        """Expire every attempt past its deadline; set the timer for the earliest one left."""
+        self.watchdog = None
+        if self.closed or self.attempt_timeout is None:
+            return
+        now = monotonic()
+        earliest = math.inf
+        for pool in self._pools:
+            for conn in list(pool.all):
+                call = conn.call
+                if call is None or call.done:
+                    continue
+                if conn.deadline <= now:
+                    self._attempt_expired(call, conn, call.attempt_timeout or self.attempt_timeout)
+                elif conn.deadline < earliest:
+                    earliest = conn.deadline
+        if earliest != math.inf and self.watchdog is None:
+            self.arm_watchdog(earliest)
+
+    def _attempt_expired(self, call: _Call, conn: _Connection, limit: float) -> None:
+        plan = self._plan_of(call)
+        url = conn.pool.endpoint.url
+        what = f"{url} did not answer {call.path} within {limit} s (attempt_timeout)"
+        decision = on_attempt_expired(call.path, call.write, plan)
+        if decision is Expiry.WAIT:
+            # No deadline for this attempt after all: wait for its answer, until the
+            # call's own timeout.  (Never looked at again by the watchdog.)
+            conn.deadline = math.inf
+        if expiry_demotes(call.path, call.write, plan):
+            self.endpoint_down(conn.pool, what)
+        if decision is Expiry.FAIL:
+            call.fail(errors.WriteTimeout(
+                f"{what}; the write may or may not have been applied; it is not re-sent"))
+        elif decision is Expiry.MOVE and not call.done:
+            # Let go of this attempt as a cancel would (a read-only transaction's
+            # connection drains: see drains()), then send it to the next endpoint.
+            call._cleanup()
+            call.sent = False
+            self._dispatch(call, errors.Unavailable(what))
+
+    # endpoint health --------------------------------------------------------------------------
+
     def demote(self, endpoint: Endpoint) -> None:
-        """Prefer the next endpoint if ``endpoint`` is the preferred one (it seems hung)."""
+        """Prefer other endpoints over ``endpoint`` (it seems hung) until it answers a
+        probe again."""
         for pool in self._pools:
             if pool.endpoint == endpoint:
-                self.endpoint_down(pool)
+                self.endpoint_down(pool, f"{endpoint.url} seems hung")
 
-    def endpoint_down(self, pool: _EndpointPool) -> None:
-        if self._preferred == pool.index:
-            self._preferred = (pool.index + 1) % len(self._pools)
+    def endpoint_down(self, pool: _EndpointPool, why: str = "") -> None:
+        self.monitor.demote(pool.index, why or f"{pool.endpoint.url} failed")
+
+    def _preference_changed(self) -> None:
+        self._preferred = self.monitor.health.preferred
+
+    def move_streams(self, index: int, exc: errors.CoordError) -> None:
+        """End every stream on endpoint ``index`` with ``exc`` (its owner creates it again,
+        on the endpoint preferred now)."""
+        for stream in list(self._streams):
+            if stream.index == index:
+                stream.cancel()
+                stream.on_end(exc)
 
     def call_broken(self, call: _Call, exc: errors.CoordError) -> None:
         """The call's connection failed (or never connected)."""
@@ -917,7 +959,7 @@ class HttpTransport:
                 "been applied; it is not re-sent"))
             return
         if call.sent:
-            self.endpoint_down(call.endpoint)  # type: ignore[arg-type]
+            self.endpoint_down(call.endpoint, str(exc))  # type: ignore[arg-type]
         call.sent = False
         self._dispatch(call, exc)
 
@@ -933,6 +975,7 @@ class HttpTransport:
             # No clean-up (see _Call.fail): an answered call holds no connection and
             # waits in no queue.
             call.done = True
+            self.reached = True
             call.deferred.callback(result)
             return
         try:
@@ -943,7 +986,7 @@ class HttpTransport:
         if Plan.may_retry_answer(call.write, exc) and \
                 call.unavailable_retries < len(Plan.UNAVAILABLE_PAUSES):
             # Another member may have a leader, or this one soon will: try again shortly.
-            self.endpoint_down(call.endpoint)  # type: ignore[arg-type]
+            self.endpoint_down(call.endpoint, str(exc))  # type: ignore[arg-type]
             call.sent = False
             pause = Plan.UNAVAILABLE_PAUSES[call.unavailable_retries]
             call.unavailable_retries += 1
@@ -1040,6 +1083,10 @@ class HttpTransport:
         fires when every connection is closed."""
         self.closed = True
         self._deadlines.clear()
+        self.monitor.close()
+        watchdog, self.watchdog = self.watchdog, None
+        if watchdog is not None and watchdog.active():
+            watchdog.cancel()
         pauses, self._pauses = self._pauses, {}
         for call, timer in pauses.items():
             if timer.active():
@@ -1091,13 +1138,22 @@ class _Stream:
         self.endpoint: Endpoint | None = None
         self.finished = False
         self.connector: Any = None
+        self.index = -1
         self._error_body: list[bytes] = []
 
     def open(self, index: int) -> None:
         pool = self.transport._pools[index]
         self.endpoint = pool.endpoint
+        self.index = index
         self.transport._streams.add(self)
+        self.transport.monitor.stream_opened(index)
         self.connector = self.transport.connect(pool.endpoint, _StreamFactory(pool, self))
+
+    def _forget(self) -> None:
+        self.finished = True
+        if self in self.transport._streams:
+            self.transport._streams.discard(self)
+            self.transport.monitor.stream_ended(self.index)
 
     def connected(self, conn: _Connection) -> None:
         if self.finished:
@@ -1114,12 +1170,15 @@ class _Stream:
     def connect_failed(self, pool: _EndpointPool, reason: Failure) -> None:
         if self.finished:
             return  # cancelled while connecting
-        self.transport.endpoint_down(pool)
-        self.ended(errors.Unavailable(
-            f"cannot connect to {pool.endpoint.url}: {reason.getErrorMessage()}"))
+        exc = errors.Unavailable(
+            f"cannot connect to {pool.endpoint.url}: {reason.getErrorMessage()}")
+        self.ended(exc)
+        self.transport.endpoint_down(pool, str(exc))
 
     def head(self, status: int) -> None:
         self.status = status
+        if status == 200:
+            self.transport.reached = True
 
     def data(self, data: bytes) -> None:
         if self.status != 200:
@@ -1145,8 +1204,7 @@ class _Stream:
     def ended(self, exc: errors.CoordError | None) -> None:
         if self.finished:
             return
-        self.finished = True
-        self.transport._streams.discard(self)
+        self._forget()
         if exc is None and self.status != 200:
             body = b"".join(self._error_body)
             try:
@@ -1160,8 +1218,7 @@ class _Stream:
         """Stop the stream now: close its connection; no more callbacks."""
         if self.finished:
             return
-        self.finished = True
-        self.transport._streams.discard(self)
+        self._forget()
         if self.conn is not None:
             self.conn.stream = None
             self.conn.abort()

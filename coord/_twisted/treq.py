@@ -26,13 +26,14 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from coord import errors
+from coord._failover import Expiry, Plan, expiry_demotes, on_attempt_expired
 from coord._twisted import at_most, detached
+from coord._twisted.health import PROBE_TIMEOUT, Monitor
 from coord._twisted.pool import (
     AUTH_PATH,
     CLOSE_DRAIN_LIMIT,
     DRAIN_LIMIT,
     Endpoint,
-    Plan,
     drains,
 )
 from coord._wire import codec
@@ -44,12 +45,23 @@ _NOT_SENT = (error.ConnectError, error.DNSLookupError)
 
 
 class TreqTransport:
+    """Requests through ``agent`` (see the module docstring); the arguments are
+    :class:`~coord._twisted.pool.HttpTransport`'s."""
+
     def __init__(self, reactor: Any, endpoints: list[Endpoint], agent: Any,
-                 credentials: tuple[str, str] | None = None) -> None:
+                 credentials: tuple[str, str] | None = None,
+                 attempt_timeout: float | None = 2.0,
+                 check_interval: float | None = 1.0) -> None:
         self.reactor = reactor
         self.endpoints = endpoints
         self._http = treq.client.HTTPClient(agent)
         self._preferred = 0
+        self.attempt_timeout = attempt_timeout if len(endpoints) > 1 else None
+        self.monitor = Monitor(self, len(endpoints), check_interval,
+                               min(PROBE_TIMEOUT, attempt_timeout or PROBE_TIMEOUT),
+                               self._preference_changed)
+        self.monitor.urls = [ep.url for ep in endpoints]
+        self.reached = False
         self._credentials = credentials
         self._token: str | None = None
         self._auth_lock = defer.DeferredLock()
@@ -57,7 +69,7 @@ class TreqTransport:
         # Requests whose caller gave up, left to finish (see drains): the timer ending each.
         self._draining: dict[defer.Deferred[Any], Any] = {}
         self._streams: set[_TreqStream] = set()
-        self._closed = False
+        self.closed = False
 
     def _headers(self) -> Headers:
         headers = Headers({b"Content-Type": [b"application/json"]})
@@ -67,12 +79,14 @@ class TreqTransport:
 
     def request(self, path: str, body: bytes, write: bool, timeout: float | None,
                 decode: Callable[[Any], Any] | None = None,
-                endpoint: int | None = None) -> defer.Deferred[Any]:
+                endpoint: int | None = None,
+                attempt_timeout: float | None = None) -> defer.Deferred[Any]:
         """As :meth:`HttpTransport.request`; ``endpoint`` pins the call to that endpoint."""
-        if self._closed:
+        if self.closed:
             return defer.fail(errors.Unavailable("the client is closed"))
-        state = {"sent": False}
-        d = defer.Deferred.fromCoroutine(self._request(path, body, write, state, endpoint))
+        state: dict[str, Any] = {"sent": False}
+        d = defer.Deferred.fromCoroutine(self._request(path, body, write, state, endpoint,
+                                                       attempt_timeout))
         if drains(path, write):
             d = self._detached(d, state)
         self._pending.add(d)
@@ -116,10 +130,54 @@ class TreqTransport:
     def _plan(self, write: bool, pinned: int | None) -> Plan:
         if pinned is not None:
             return Plan(pinned, len(self.endpoints), write, pinned=True)
-        return Plan(self._preferred, len(self.endpoints), write)
+        return Plan(self._preferred, len(self.endpoints), write,
+                    order=self.monitor.health.order(self._preferred))
+
+    def _attempt(self, url: str, body: bytes) -> defer.Deferred[tuple[int, bytes]]:
+        """One POST: fires with the answer's status and body; cancelling it closes its
+        connection."""
+        d = self._http.post(url, data=body, headers=self._headers())
+        return d.addCallback(
+            lambda response: _read_body(response).addCallback(
+                lambda content: (response.code, content)))
+
+    async def _answer(self, attempt: defer.Deferred[tuple[int, bytes]], path: str,
+                      write: bool, plan: Plan, index: int, limit: float | None,
+                      state: dict) -> tuple[int, bytes] | None:
+        """The attempt's answer; None if it moved on (see coord._failover).
+
+        Raises:
+            WriteTimeout: a write got no answer within ``limit`` seconds.
+        """
+        if limit is None:
+            return await attempt
+        outcome = await _within(attempt, limit, self.reactor)
+        if outcome is not _EXPIRED:
+            return outcome  # type: ignore[return-value]
+        url = self.endpoints[index].url
+        what = f"{url} did not answer {path} within {limit} s (attempt_timeout)"
+        decision = on_attempt_expired(path, write, plan)
+        if expiry_demotes(path, write, plan):
+            self._endpoint_down(index, what)
+        if decision is Expiry.WAIT or state.get("dropped"):
+            return await attempt
+        if decision is Expiry.FAIL:
+            attempt.cancel()
+            attempt.addErrback(lambda _: None)
+            raise errors.WriteTimeout(
+                f"{what}; the write may or may not have been applied; it is not re-sent")
+        # MOVE: let go of this attempt (a read-only transaction's finishes where it is:
+        # see drains) and try the next endpoint.
+        if drains(path, write):
+            self._drain(attempt, DRAIN_LIMIT)
+        else:
+            attempt.cancel()
+            attempt.addErrback(lambda _: None)
+        return None
 
     async def _request(self, path: str, body: bytes, write: bool, state: dict,
-                       pinned: int | None = None) -> Any:
+                       pinned: int | None = None,
+                       attempt_timeout: float | None = None) -> Any:
         if self._credentials is not None and self._token is None and path != AUTH_PATH:
             await self._authenticate()
         auth_retried = False
@@ -135,35 +193,50 @@ class TreqTransport:
                 raise last
             endpoint = self.endpoints[index]
             state["sent"] = True
+            limit = None
+            if self.attempt_timeout is not None:
+                limit = attempt_timeout or self.attempt_timeout
             try:
-                response = await self._http.post(endpoint.url + path, data=body,
-                                                 headers=self._headers())
-                content = await _read_body(response)
+                answer = await self._answer(self._attempt(endpoint.url + path, body), path,
+                                            write, plan, index, limit, state)
+            except errors.WriteTimeout:
+                raise
             except Exception as e:
                 if _cancelled(e):
                     # Agent reports a cancelled request as ResponseNeverReceived: stop here,
                     # never try another endpoint on behalf of a cancelled (or timed-out) call.
                     raise defer.CancelledError() from e
+                if state.get("dropped"):
+                    # Given up and left to finish (see drains): what became of it says
+                    # nothing to act on -- as the pool's drained connection.
+                    raise defer.CancelledError() from e
                 sent = not _never_sent(e)
                 state["sent"] = sent
                 last = errors.Unavailable(f"{endpoint.url}{path}: {e!r}")
-                self._endpoint_down(index)
+                self._endpoint_down(index, str(last))
                 if not Plan.may_resend(write, sent):
                     raise errors.OutcomeUnknown(
                         f"{last}; the write was sent, so it may or may not have been applied; "
                         "it is not re-sent")
                 continue
-            if response.code == 200 and not content.startswith(codec.STREAM_ERROR):
+            if answer is None:  # no answer in time: moved on
+                state["sent"] = False
+                last = errors.Unavailable(f"{endpoint.url} did not answer {path} within "
+                                          f"{limit} s (attempt_timeout)")
+                continue
+            code, content = answer
+            if code == 200 and not content.startswith(codec.STREAM_ERROR):
+                self.reached = True
                 return codec.decode(content)
             try:
                 obj = codec.decode(content)
             except errors.CoordError:
                 obj = content
-            exc = errors.from_gateway(obj, response.code)
+            exc = errors.from_gateway(obj, code)
             if Plan.may_retry_answer(write, exc) and \
                     unavailable_retries < len(Plan.UNAVAILABLE_PAUSES):
                 last = exc
-                self._endpoint_down(index)
+                self._endpoint_down(index, str(exc))
                 await deferLater(self.reactor, Plan.UNAVAILABLE_PAUSES[unavailable_retries],
                                  lambda: None)
                 unavailable_retries += 1
@@ -179,13 +252,23 @@ class TreqTransport:
             raise errors.for_write(exc, write)
 
     def demote(self, endpoint: Endpoint) -> None:
-        """Prefer the next endpoint if ``endpoint`` is the preferred one (it seems hung)."""
+        """Prefer other endpoints over ``endpoint`` (it seems hung) until it answers a
+        probe again."""
         if endpoint in self.endpoints:
-            self._endpoint_down(self.endpoints.index(endpoint))
+            self._endpoint_down(self.endpoints.index(endpoint), f"{endpoint.url} seems hung")
 
-    def _endpoint_down(self, index: int) -> None:
-        if self._preferred == index:
-            self._preferred = (index + 1) % len(self.endpoints)
+    def _endpoint_down(self, index: int, why: str = "") -> None:
+        self.monitor.demote(index, why or f"{self.endpoints[index].url} failed")
+
+    def _preference_changed(self) -> None:
+        self._preferred = self.monitor.health.preferred
+
+    def move_streams(self, index: int, exc: errors.CoordError) -> None:
+        """End every stream on endpoint ``index`` with ``exc`` (see HttpTransport)."""
+        for stream in list(self._streams):
+            if stream.index == index:
+                stream.cancel()
+                stream.on_end(exc)
 
     async def _authenticate(self) -> None:
         await self._auth_lock.acquire()
@@ -225,7 +308,8 @@ class TreqTransport:
         """Cancel every call and stream; a read-only transaction's request is given
         `CLOSE_DRAIN_LIMIT` seconds to finish first (see drains).  Then close the Agent
         pool's idle connections; the Deferred fires when that is done."""
-        self._closed = True
+        self.closed = True
+        self.monitor.close()
         for stream in list(self._streams):
             stream.cancel()
         for d in list(self._pending):
@@ -292,6 +376,27 @@ def _fire(_: object, d: defer.Deferred[None]) -> None:
     d.callback(None)
 
 
+_EXPIRED = object()
+
+
+def _within(d: defer.Deferred[Any], seconds: float, reactor: Any) -> defer.Deferred[Any]:
+    """A Deferred with ``d``'s result, or ``_EXPIRED`` after ``seconds`` -- leaving ``d``
+    running then.  Cancelling it cancels ``d``."""
+    out: defer.Deferred[Any] = defer.Deferred(lambda _: d.cancel())
+    timer = reactor.callLater(seconds, lambda: out.called or out.callback(_EXPIRED))
+
+    def fire(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if not out.called:
+            out.callback(result) if not isinstance(result, Failure) else out.errback(result)
+            return None
+        return result  # d outlived the deadline: its result is for whoever waits on it now
+
+    d.addBoth(fire)
+    return out
+
+
 def _never_sent(e: BaseException) -> bool:
     """Whether the request surely never reached etcd: no connection, or no TLS session
     (bytes written before a failed handshake never left the TLS layer)."""
@@ -319,11 +424,14 @@ class _TreqStream:
         self.splitter = LineSplitter()
         self.finished = False
         self.endpoint: Endpoint | None = None
+        self.index = -1
         self._d: defer.Deferred[Any] | None = None
 
     def open(self, url: str, body: bytes, index: int) -> None:
         self.endpoint = self.transport.endpoints[index]
+        self.index = index
         self.transport._streams.add(self)
+        self.transport.monitor.stream_opened(index)
         d = self.transport._http.post(url, data=body, headers=self.transport._headers(),
                                       unbuffered=True)
         self._d = d
@@ -331,6 +439,7 @@ class _TreqStream:
         def got_response(response: Any) -> Any:
             if response.code != 200:
                 return _read_body(response).addCallback(self._error, response.code)
+            self.transport.reached = True
             collected = _read_body(response, self._data)
             self._d = collected
             return collected.addCallback(lambda _: self._end(None))
@@ -338,9 +447,10 @@ class _TreqStream:
         def failed(f: Failure) -> None:
             if f.check(defer.CancelledError) or self.finished:
                 return
+            exc = errors.Unavailable(f"stream {url}: {f.getErrorMessage()}")
+            self._end(exc)
             if not f.check(ResponseNeverReceived):
-                self.transport._endpoint_down(index)
-            self._end(errors.Unavailable(f"stream {url}: {f.getErrorMessage()}"))
+                self.transport._endpoint_down(index, str(exc))
 
         d.addCallback(got_response).addErrback(failed)
 
@@ -362,15 +472,19 @@ class _TreqStream:
                 return
             self.on_message(obj.get("result", obj))
 
+    def _forget(self) -> None:
+        self.finished = True
+        if self in self.transport._streams:
+            self.transport._streams.discard(self)
+            self.transport.monitor.stream_ended(self.index)
+
     def _end(self, exc: errors.CoordError | None) -> None:
         if not self.finished:
-            self.finished = True
-            self.transport._streams.discard(self)
+            self._forget()
             self.on_end(exc)
 
     def cancel(self) -> None:
         if not self.finished:
-            self.finished = True
-            self.transport._streams.discard(self)
+            self._forget()
             if self._d is not None:
                 self._d.cancel()
