@@ -27,7 +27,7 @@ from twisted.web.http_headers import Headers
 
 from coord import errors
 from coord._failover import Expiry, Plan, expiry_demotes, on_attempt_expired
-from coord._twisted import at_most, detached
+from coord._twisted import at_most, detached, relay
 from coord._twisted.health import PROBE_TIMEOUT, Monitor
 from coord._twisted.pool import (
     AUTH_PATH,
@@ -153,7 +153,7 @@ class TreqTransport:
             return await attempt
         outcome = await _within(attempt, limit, self.reactor)
         if outcome is not _EXPIRED:
-            return outcome  # type: ignore[return-value]
+            return outcome
         url = self.endpoints[index].url
         what = f"{url} did not answer {path} within {limit} s (attempt_timeout)"
         decision = on_attempt_expired(path, write, plan)
@@ -383,13 +383,17 @@ def _within(d: defer.Deferred[Any], seconds: float, reactor: Any) -> defer.Defer
     """A Deferred with ``d``'s result, or ``_EXPIRED`` after ``seconds`` -- leaving ``d``
     running then.  Cancelling it cancels ``d``."""
     out: defer.Deferred[Any] = defer.Deferred(lambda _: d.cancel())
-    timer = reactor.callLater(seconds, lambda: out.called or out.callback(_EXPIRED))
+    def expire() -> None:
+        if not out.called:
+            out.callback(_EXPIRED)
+
+    timer = reactor.callLater(seconds, expire)
 
     def fire(result: Any) -> Any:
         if timer.active():
             timer.cancel()
         if not out.called:
-            out.callback(result) if not isinstance(result, Failure) else out.errback(result)
+            relay(result, out)
             return None
         return result  # d outlived the deadline: its result is for whoever waits on it now
 
