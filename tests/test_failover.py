@@ -1,4 +1,6 @@
-"""Failover, timeouts, cancellation and unknown outcomes against real, misbehaving etcds."""
+"""Failover (coord._failover, and both transports acting on it): its sans-IO rules as
+tables, then timeouts, cancellation, unknown outcomes and hung members against real,
+misbehaving etcds -- a 3-member cluster with a member stopped by SIGSTOP."""
 
 from __future__ import annotations
 
@@ -7,7 +9,230 @@ import pytest_twisted
 from helpers import dead_url, sleep
 from twisted.internet import defer
 
-from coord import KeySet, OutcomeUnknown, Timeout, Unavailable, WriteTimeout
+from coord import KeySet, OutcomeUnknown, Timeout, Unavailable, WriteTimeout, errors
+from coord._failover import REPEATABLE, Expiry, Health, Plan, expiry_demotes, on_attempt_expired
+
+# ============================================================================================
+# Plan: which endpoint next, and what an answer or a failure means (no I/O)
+# ============================================================================================
+
+
+@pytest.mark.parametrize(
+    ("start", "count", "write", "pinned", "expected"),
+    [
+        (0, 1, False, False, [0, 0]),  # a read: one extra try (a stale kept-alive socket)
+        (0, 1, True, False, [0, 0]),  # an unsent write is as safe to try again
+        (1, 3, False, False, [1, 2, 0, 1]),
+        (2, 3, True, False, [2, 0, 1, 2]),
+        (1, 3, False, True, [1, 1]),  # pinned: that endpoint only
+        (2, 3, True, True, [2, 2]),
+    ],
+)
+def test_plan_order(start, count, write, pinned, expected):
+    plan = Plan(start, count, write, pinned)
+    got = []
+    while (index := plan.next_index()) is not None:
+        got.append(index)
+    assert got == expected
+    assert plan.next_index() is None  # stays exhausted
+    assert plan.tried() == list(dict.fromkeys(expected))
+
+
+@pytest.mark.parametrize(
+    ("write", "sent", "may"),
+    [(False, False, True), (False, True, True), (True, False, True), (True, True, False)],
+)
+def test_plan_may_resend(write, sent, may):
+    assert Plan.may_resend(write, sent) is may
+
+
+def gateway_error(message, code):
+    return errors.from_gateway({"error": message, "message": message, "code": code})
+
+
+@pytest.mark.parametrize(
+    ("message", "code", "write", "retry", "cls", "unknown"),
+    [
+        # "no leader" is refused before anything is proposed: retried, and when the
+        # pauses run out it is EtcdUnavailable for a write too -- the outcome is known.
+        ("etcdserver: no leader", 14, True, True, errors.EtcdUnavailable, False),
+        ("etcdserver: no leader", 14, False, True, errors.EtcdUnavailable, False),
+        # may come after the write was proposed
+        ("etcdserver: request timed out", 14, True, False, errors.EtcdOutcomeUnknown, True),
+        ("etcdserver: request timed out", 14, False, True, errors.EtcdUnavailable, False),
+        ("etcdserver: leader changed", 14, True, False, errors.EtcdOutcomeUnknown, True),
+        # gRPC CANCELLED / DEADLINE_EXCEEDED: the gateway gave up waiting, etcd may not have
+        ("context canceled", 1, True, False, errors.OutcomeUnknown, True),
+        ("context deadline exceeded", 4, True, False, errors.OutcomeUnknown, True),
+        # ... and a read retries them like any unavailability
+        ("context canceled", 1, False, True, errors.EtcdError, False),
+        ("context deadline exceeded", 4, False, True, errors.EtcdError, False),
+        # refused: nothing applied
+        ("etcdserver: key is not provided", 3, True, False, errors.EtcdInvalidArgument, False),
+        ("etcdserver: requested lease not found", 5, True, False, errors.LeaseNotFound, False),
+    ],
+)
+def test_plan_answers(message, code, write, retry, cls, unknown):
+    exc = gateway_error(message, code)
+    assert Plan.may_retry_answer(write, exc) is retry
+    final = Plan.answer_error(write, exc)
+    assert isinstance(final, cls)
+    assert isinstance(final, errors.OutcomeUnknown) is unknown
+    assert final.message == message and final.code == code
+
+
+def run_plan(plan):
+    got = []
+    while (index := plan.next_index()) is not None:
+        got.append(index)
+    return got
+
+
+@pytest.mark.parametrize(
+    ("start", "order", "expected"),
+    [
+        # the first attempt's endpoint first, then the given order without it
+        (0, [0, 1, 2], [0, 1, 2, 0]),
+        (1, [2, 0, 1], [1, 2, 0, 1]),
+        (2, [0, 1, 2], [2, 0, 1, 2]),
+        (0, [1, 2, 0], [0, 1, 2, 0]),  # 0 is demoted (last in the order), but went first
+    ],
+)
+def test_plan_follows_the_given_order(start, order, expected):
+    plan = Plan(start, len(order), False, order=order)
+    assert run_plan(plan) == expected
+    assert plan.tried() == list(dict.fromkeys(expected))
+
+
+def test_plan_untried():
+    plan = Plan(0, 3, False)
+    seen = []
+    while plan.next_index() is not None:
+        seen.append(plan.untried())
+    # after the 1st and 2nd attempt one remains untried; after the 3rd and the extra, none
+    assert seen == [True, True, False, False]
+
+
+# -- what an attempt that got no answer in time does ---------------------------------------
+
+
+def plan_after(attempts, count=3, pinned=False):
+    plan = Plan(0, count, False, pinned=pinned)
+    for _ in range(attempts):
+        plan.next_index()
+    return plan
+
+
+@pytest.mark.parametrize(
+    ("path", "write", "attempts", "count", "pinned", "expected", "demotes"),
+    [
+        # a read moves on while an endpoint is left untried, and demotes the silent one
+        ("/v3/kv/range", False, 1, 3, False, Expiry.MOVE, True),
+        ("/v3/kv/range", False, 2, 3, False, Expiry.MOVE, True),
+        ("/v3/kv/txn", False, 1, 3, False, Expiry.MOVE, True),  # a read-only transaction
+        ("/v3/lease/keepalive", False, 1, 2, False, Expiry.MOVE, True),
+        ("/v3/maintenance/status", False, 1, 2, False, Expiry.MOVE, True),
+        # every endpoint had its try: the last one is left to answer (slow, not hung?)
+        ("/v3/kv/range", False, 3, 3, False, Expiry.WAIT, True),
+        # a write fails (outcome unknown, never re-sent) and demotes
+        ("/v3/kv/put", True, 1, 3, False, Expiry.FAIL, True),
+        ("/v3/kv/txn", True, 3, 3, False, Expiry.FAIL, True),
+        ("/v3/lease/grant", True, 1, 2, False, Expiry.FAIL, True),
+        # one endpoint: nowhere else to go, nothing to demote
+        ("/v3/kv/range", False, 1, 1, False, Expiry.WAIT, False),
+        ("/v3/kv/put", True, 1, 1, False, Expiry.WAIT, False),
+        # pinned to one member (status of that member, defragment): waits, never demotes
+        ("/v3/maintenance/status", False, 1, 3, True, Expiry.WAIT, False),
+        ("/v3/maintenance/defragment", False, 1, 3, True, Expiry.WAIT, False),
+        # a defragment blocks its member for as long as it takes: no deadline, no demotion
+        ("/v3/maintenance/defragment", False, 1, 3, False, Expiry.WAIT, False),
+    ],
+)
+def test_attempt_expired(path, write, attempts, count, pinned, expected, demotes):
+    plan = plan_after(attempts, count, pinned)
+    assert on_attempt_expired(path, write, plan) is expected
+    assert expiry_demotes(path, write, plan) is demotes
+
+
+def test_repeatable_requests_change_nothing():
+    # Every path on the list is one the client sends with write=False.
+    assert "/v3/kv/put" not in REPEATABLE and "/v3/kv/deleterange" not in REPEATABLE
+    assert "/v3/lease/grant" not in REPEATABLE and "/v3/lease/revoke" not in REPEATABLE
+    assert "/v3/maintenance/defragment" not in REPEATABLE
+
+
+# -- Health: demotion, order, probes and checks --------------------------------------------
+
+
+def test_health_demotes_and_orders_the_demoted_last():
+    h = Health(3)
+    assert h.preferred == 0 and h.order() == [0, 1, 2]
+    assert h.demote(0, now=10.0) is True
+    assert h.demote(0, now=11.0) is False  # already demoted: nothing changes
+    assert h.preferred == 1 and h.order() == [1, 2, 0]
+    assert h.order(2) == [2, 1, 0]  # a plan that started at 2 wraps round, demoted last
+    assert h.demote(1, now=12.0) is True
+    assert h.preferred == 2 and h.order() == [2, 0, 1]  # longest demoted first
+    assert h.demote(2, now=13.0) is True
+    assert h.preferred == 0 and h.order() == [0, 1, 2]  # all demoted: oldest first
+
+
+def test_health_probes_a_demoted_endpoint_with_a_growing_pause():
+    h = Health(2, check_interval=None, probe_after=0.25, probe_max=1.0)
+    h.demote(0, now=100.0)
+    assert h.next_wakeup() == 100.25
+    assert h.due(100.2) == []
+    assert h.due(100.25) == [0]
+    assert h.due(100.3) == [] and h.next_wakeup() is None  # being probed: not again
+    times = []
+    now = 100.25
+    for _ in range(4):
+        assert h.probed(0, ok=False, now=now) is False
+        now = h.next_wakeup()
+        times.append(round(now - 100.25, 2) if not times else round(now - prev, 2))
+        prev = now
+        assert h.due(now) == [0]
+    assert times[0] == 0.5 and times[1:] == [1.0, 1.0, 1.0]  # doubling, capped
+    assert h.probed(0, ok=True, now=now) is False
+    assert h.demoted == {} and h.preferred == 0 and h.next_wakeup() is None
+
+
+def test_health_comes_back_to_the_first_endpoint():
+    h = Health(3)
+    h.demote(0, now=0.0)
+    assert h.preferred == 1
+    h.due(1.0)
+    h.probed(0, ok=True, now=1.0)
+    assert h.preferred == 0  # back in the order the endpoints were given
+
+
+def test_health_checks_endpoints_that_serve_streams():
+    h = Health(3, check_interval=1.0)
+    h.watch(1, 1, now=0.0)
+    h.watch(1, 1, now=0.5)  # a second stream: the check stays where it was
+    assert h.next_wakeup() == 1.0
+    assert h.due(1.0) == [1]
+    assert h.probed(1, ok=True, now=1.01) is False
+    assert h.next_wakeup() == 2.01
+    h.due(2.01)
+    assert h.probed(1, ok=False, now=3.0) is True  # a failed check demotes: streams move
+    assert h.preferred == 0 and 1 in h.demoted
+    h.watch(1, -1, now=3.0)
+    h.watch(1, -1, now=3.0)
+    h.due(h.next_wakeup())
+    h.probed(1, ok=True, now=4.0)  # restored; no stream left, so no more checks
+    assert h.demoted == {} and h.next_wakeup() is None
+
+
+def test_health_without_checks_and_with_one_endpoint():
+    h = Health(2, check_interval=None)
+    h.watch(0, 1, now=0.0)
+    assert h.next_wakeup() is None  # streams are not checked
+    one = Health(1)
+    assert one.demote(0, now=0.0) is False  # nowhere else to go
+    one.watch(0, 1, now=0.0)
+    assert one.due(100.0) == [] and one.preferred == 0
+
 
 
 @pytest_twisted.ensureDeferred
