@@ -184,15 +184,15 @@ def test_health_probes_a_demoted_endpoint_with_a_growing_pause():
     assert h.due(100.2) == []
     assert h.due(100.25) == [0]
     assert h.due(100.3) == [] and h.next_wakeup() is None  # being probed: not again
-    times = []
+    pauses = []
     now = 100.25
     for _ in range(4):
         assert h.probed(0, ok=False, now=now) is False
-        now = h.next_wakeup()
-        times.append(round(now - 100.25, 2) if not times else round(now - prev, 2))
-        prev = now
+        at = h.next_wakeup()
+        pauses.append(round(at - now, 2))
+        now = at
         assert h.due(now) == [0]
-    assert times[0] == 0.5 and times[1:] == [1.0, 1.0, 1.0]  # doubling, capped
+    assert pauses == [0.5, 1.0, 1.0, 1.0]  # doubling, capped
     assert h.probed(0, ok=True, now=now) is False
     assert h.demoted == {} and h.preferred == 0 and h.next_wakeup() is None
 
