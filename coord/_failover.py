@@ -208,8 +208,14 @@ class Health:
 
         Returns:
             True if it was not demoted before (its streams should then move elsewhere).
+            A demoted endpoint that fails again goes to the back of the demoted ones
+            (when all are demoted, calls then take turns among them).
         """
-        if self.count == 1 or index in self.demoted:
+        if self.count == 1:
+            return False
+        if index in self.demoted:
+            self.demoted[index] = now
+            self._update()
             return False
         self.demoted[index] = now
         self._pause[index] = self.probe_after

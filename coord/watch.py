@@ -110,7 +110,8 @@ class Watcher:
         self._done = False
         self.deferred = WatchDeferred(lambda d: self._finish(None))
         self.deferred.watcher = self
-        self.ready: defer.Deferred[None] = defer.Deferred()
+        self._ready: list[defer.Deferred[None]] = []
+        self._ready_result: Any = None  # once fired: True, or the error that ended it
         client._watchers.add(self)
         self._connect()
 
@@ -118,6 +119,34 @@ class Watcher:
         state = "DONE" if self._done else ("WATCHING" if self._stream else "RECONNECTING")
         keys = ", ".join(repr(k.key) for k in self._keysets)
         return f"<Watcher [{keys}] {state} revisions={self.revisions}>"
+
+    @property
+    def ready(self) -> defer.Deferred[None]:
+        """A new Deferred that fires once etcd has created the watch (or it was cancelled
+        first), or fails with the error that ended the watch before that.
+
+        Each access gives a Deferred of its own, so a failure nobody asked about is not
+        logged as unhandled (it is reported on :attr:`deferred`).
+        """
+        result = self._ready_result
+        if result is True:
+            return defer.succeed(None)
+        if result is not None:
+            return defer.fail(result)
+        d: defer.Deferred[None] = defer.Deferred(self._ready.remove)
+        self._ready.append(d)
+        return d
+
+    def _fire_ready(self, result: Any) -> None:
+        if self._ready_result is not None:
+            return
+        self._ready_result = result
+        waiting, self._ready = self._ready, []
+        for d in waiting:
+            if result is True:
+                d.callback(None)
+            else:
+                d.errback(result)
 
     def cancel(self) -> None:
         """Stop now: no callback after this returns, and the stream's connection is closed."""
@@ -300,8 +329,7 @@ class Watcher:
             if self._created == len(self._keysets):
                 self._backoff = 0.0
                 self._auth_retried = False
-                if not self.ready.called:
-                    self.ready.callback(None)
+                self._fire_ready(True)
             return
         known = self._ids.get(watch_id)
         if known is None:
@@ -374,12 +402,7 @@ class Watcher:
         stream, self._stream = self._stream, None
         if stream is not None:
             stream.cancel()
-        if not self.ready.called:
-            if reason is None:
-                self.ready.callback(None)
-            else:
-                self.ready.errback(reason)
-                self.ready.addErrback(lambda _: None)  # reported on `deferred`
+        self._fire_ready(True if reason is None else reason)
         if not self.deferred.called:
             if reason is None:
                 self.deferred.callback(None)

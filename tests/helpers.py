@@ -77,3 +77,9 @@ def deferred_readline(proc):
 def defer_to_exit(proc, timeout=30):
     """A Deferred firing with ``(stdout, stderr)`` once ``proc`` exits."""
     return deferToThread(proc.communicate, timeout=timeout)
+
+
+def preferred_url(client):
+    """The URL of the endpoint ``client`` sends its next call to.  (Looks inside the
+    client's transport: no public API tells, and none should be needed.)"""
+    return client._transport.preferred.url

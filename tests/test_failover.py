@@ -6,11 +6,22 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from helpers import dead_url, sleep
-from twisted.internet import defer
+from helpers import dead_url, preferred_url, sleep, wait_until
+from twisted.internet import defer, reactor
 
-from coord import KeySet, OutcomeUnknown, Timeout, Unavailable, WriteTimeout, errors
+from coord import (
+    KeySet,
+    OpSet,
+    OutcomeUnknown,
+    Timeout,
+    Transaction,
+    Unavailable,
+    WriteTimeout,
+    errors,
+)
 from coord._failover import REPEATABLE, Expiry, Health, Plan, expiry_demotes, on_attempt_expired
+from coord.recipes import Lock
+from coord.session import Session, SessionState
 
 # ============================================================================================
 # Plan: which endpoint next, and what an answer or a failure means (no I/O)
@@ -175,6 +186,8 @@ def test_health_demotes_and_orders_the_demoted_last():
     assert h.preferred == 2 and h.order() == [2, 0, 1]  # longest demoted first
     assert h.demote(2, now=13.0) is True
     assert h.preferred == 0 and h.order() == [0, 1, 2]  # all demoted: oldest first
+    assert h.demote(0, now=14.0) is False  # failed again: to the back of the demoted
+    assert h.preferred == 1 and h.order() == [1, 2, 0]
 
 
 def test_health_probes_a_demoted_endpoint_with_a_growing_pause():
@@ -375,3 +388,157 @@ async def test_leader_killed_cluster_keeps_serving(etcd_cluster, new_client):
         assert (await client.get(KeySet(b"k"))).kvs[0].value == b"19"
     finally:
         pass
+
+
+# ============================================================================================
+# A hung member (SIGSTOP) in a 3-member cluster: calls, sessions and watches leave it
+# ============================================================================================
+
+ATTEMPT = 1.0  # the clients' attempt_timeout here (default 2 s), to keep the tests short
+
+
+def members_with_first(cluster, role):
+    """The cluster's members, the leader (or a follower) first: the client's preferred."""
+    leader = cluster.wait_for_leader()
+    if role == "leader":
+        first = leader
+    else:
+        first = next(m for m in cluster.members if m is not leader)
+    return [first] + [m for m in cluster.members if m is not first]
+
+
+async def read_for(client, seconds, key=b"k"):
+    """Read ``key`` one call after another for ``seconds``: (calls, failures, longest gap
+    between two successful calls, or from the start to the first)."""
+    start = last_ok = reactor.seconds()
+    calls, failures, gap = 0, [], 0.0
+    while reactor.seconds() - start < seconds:
+        calls += 1
+        try:
+            await client.get(key)
+        except Exception as e:
+            failures.append(e)
+            continue
+        now = reactor.seconds()
+        gap = max(gap, now - last_ok)
+        last_ok = now
+    return calls, failures, gap
+
+
+@pytest.mark.parametrize("role", ["follower", "leader"])
+@pytest_twisted.ensureDeferred
+async def test_reads_leave_a_hung_preferred_member(etcd_cluster, new_client, role):
+    members = members_with_first(etcd_cluster, role)
+    hung = members[0]
+    client = new_client([m.url for m in members], timeout=10, attempt_timeout=ATTEMPT)
+    await client.set(b"k", b"v")
+    hung.pause()
+    try:
+        calls, failures, gap = await read_for(client, 3.0)
+        assert failures == [], failures  # no read fails
+        # The first read waited one attempt deadline, then went elsewhere; the next ones
+        # go straight to a healthy member.
+        assert gap < ATTEMPT + 1.0, gap
+        assert calls > 10 and preferred_url(client) != hung.url
+    finally:
+        hung.resume()
+    # The hung member answers its probe again: it is preferred again.
+    await wait_until(lambda: preferred_url(client) == hung.url, timeout=15)
+    assert (await client.get(b"k")).kvs[0].value == b"v"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_to_a_hung_member_is_outcome_unknown_and_the_next_goes_elsewhere(
+        etcd_cluster, new_client):
+    members = members_with_first(etcd_cluster, "follower")
+    hung = members[0]
+    client = new_client([m.url for m in members], timeout=10, attempt_timeout=ATTEMPT)
+    await client.set(b"k", b"0")
+    hung.pause()
+    try:
+        started = reactor.seconds()
+        with pytest.raises(WriteTimeout) as info:
+            await client.set(b"k", b"1")
+        assert isinstance(info.value, OutcomeUnknown) and "not re-sent" in str(info.value)
+        assert reactor.seconds() - started < ATTEMPT + 1.0  # the attempt deadline, not 10 s
+        for i in range(2, 6):
+            await client.set(b"k", b"%d" % i)  # each goes to a healthy member
+        assert (await client.get(b"k")).kvs[0].value == b"5"
+    finally:
+        hung.resume()
+    # The write that timed out reached the hung member, which may apply it once it runs
+    # again -- after the writes made since: that is what "outcome unknown" means (guard
+    # writes with a comparison where that matters).  But it was never sent twice: six
+    # puts at most (version 6), five if it was not applied.
+    await wait_until(lambda: preferred_url(client) == hung.url, timeout=15)
+    await sleep(0.5)
+    kv = (await client.get(b"k")).kvs[0]
+    assert (kv.version, kv.value) in ((5, b"5"), (6, b"5"), (6, b"1")), kv
+
+
+@pytest.mark.parametrize("role", ["follower", "leader"])
+@pytest_twisted.ensureDeferred
+async def test_session_and_lock_survive_a_hung_preferred_member(etcd_cluster, new_client, role):
+    members = members_with_first(etcd_cluster, role)
+    hung = members[0]
+    client = new_client([m.url for m in members], timeout=10)  # default attempt_timeout
+    session = await Session.create(client, ttl=5)
+    lock = Lock(session, b"jobs/db")
+    await lock.acquire(timeout=5)
+    lost = lock.lost
+    hung.pause()
+    try:
+        await sleep(10.0)  # twice the TTL
+        assert session.state is SessionState.CONNECTED and session.alive
+        assert not lost.called
+        await client.submit(Transaction(compare=[lock.guard()],
+                                        success=[OpSet(b"jobs/db/last", b"ours")]))
+    finally:
+        hung.resume()
+    await lock.release()
+    await session.close()
+    assert (await client.get(b"jobs/db/last")).kvs[0].value == b"ours"
+
+
+@pytest.mark.parametrize("role", ["follower", "leader"])
+@pytest_twisted.ensureDeferred
+async def test_a_watch_moves_off_a_hung_member_exactly_once(etcd_cluster, new_client, role):
+    members = members_with_first(etcd_cluster, role)
+    hung = members[0]
+    client = new_client([m.url for m in members], attempt_timeout=ATTEMPT)
+    writer = new_client([m.url for m in members[1:]], attempt_timeout=ATTEMPT)
+    seen = []
+    d = client.watch(KeySet(b"w/", prefix=True), seen.append)
+    await d.watcher.ready
+    await writer.set(b"w/0", b"before")
+    await wait_until(lambda: len(seen) == 1)
+    hung.pause()
+    try:
+        # With the leader hung, writes fail until the others elect a new one; each try
+        # writes a key of its own, so whatever was applied shows once in the store.
+        written = await put_until_done(writer, b"w/1-")
+        await wait_until(lambda: any(e.kv.key.startswith(b"w/1-") for e in seen), timeout=10)
+        # health check interval (1 s) + the check's deadline (1 s) + a new stream
+        assert reactor.seconds() - written < 4.0
+        await put_until_done(writer, b"w/2-")
+    finally:
+        hung.resume()
+    await put_until_done(writer, b"w/3-")
+    await sleep(1.0)
+    stored = (await writer.get(KeySet(b"w/", prefix=True), sort_target="mod")).kvs
+    assert [(e.kv.key, e.kv.mod_revision) for e in seen] == \
+        [(kv.key, kv.mod_revision) for kv in stored]  # none lost, none twice, in order
+    assert d.watcher.reconnects >= 1
+    d.cancel()
+    await d
+
+
+async def put_until_done(client, prefix):
+    """Put ``prefix + n`` for n = 0, 1, ... until one put succeeds; when it succeeded."""
+    for n in range(30):
+        try:
+            await client.set(prefix + b"%d" % n, b"v")
+            return reactor.seconds()
+        except (OutcomeUnknown, Unavailable):
+            await sleep(0.1)
+    raise AssertionError(f"no put of {prefix!r} succeeded")

@@ -6,11 +6,12 @@ import gc
 
 import pytest
 import pytest_twisted
-from helpers import sleep, wait_until
-from twisted.internet import reactor, tcp
+from helpers import dead_url, sleep, wait_until
+from twisted.internet import defer, protocol, reactor, tcp
 
 from coord import (
     Compacted,
+    EtcdError,
     EventType,
     InvalidArgument,
     KeySet,
@@ -378,3 +379,96 @@ async def test_a_quiet_watch_on_a_live_member_is_kept(client):
     await client.set(b"quiet", b"now")
     await wait_until(lambda: len(seen) == 1)
     d.cancel()
+
+
+# -- a watch that cannot succeed says so; one of a client that reached etcd resumes -------
+
+
+class _NotEtcd(protocol.Protocol):
+    """Answers once the whole request (head and Content-Length body) has come."""
+
+    buffer = b""
+
+    def dataReceived(self, data):
+        self.buffer += data
+        head, sep, body = self.buffer.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(body) >= length:
+            self.transport.write(self.factory.answer)
+            self.transport.loseConnection()
+
+
+@pytest.fixture
+def not_etcd():
+    """``not_etcd(answer)``: the URL of a loopback server that answers every request with
+    the bytes ``answer`` and hangs up."""
+    ports = []
+
+    def start(answer):
+        factory = protocol.Factory.forProtocol(_NotEtcd)
+        factory.answer = answer
+        ports.append(reactor.listenTCP(0, factory, interface="127.0.0.1"))
+        return f"http://127.0.0.1:{ports[-1].getHost().port}"
+
+    yield start
+    for port in ports:
+        pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@pytest.mark.parametrize(
+    ("server", "error"),
+    [
+        ("refused", Unavailable),  # nothing listens
+        ("not HTTP", Unavailable),  # another protocol
+        ("HTML 404", EtcdError),  # a web server
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_watch_that_cannot_succeed_fails_as_a_call_does(new_client, not_etcd,
+                                                                server, error):
+    if server == "refused":
+        urls = [dead_url(), dead_url()]
+    elif server == "not HTTP":
+        urls = [not_etcd(b"SSH-2.0-OpenSSH_9.2\r\n")]
+    else:
+        urls = [not_etcd(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nConnection: close\r\n"
+                         b"Content-Length: 9\r\n\r\n<h1>?</h1")]
+    client = new_client(urls)
+    with pytest.raises(error) as call_error:
+        await client.get(b"k")
+    d = client.watch(b"k", lambda e: None)
+    started = reactor.seconds()
+    with pytest.raises(error) as info:
+        await d
+    assert reactor.seconds() - started < 5  # at once, not never
+    assert type(info.value) is type(call_error.value)
+    with pytest.raises(error):
+        await d.watcher.ready  # ready fails too: it never fires for a watch that failed
+    if server == "refused":
+        assert "no endpoint could serve it" in str(info.value)
+        assert all(url in str(info.value) for url in urls)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_watch_of_a_client_that_reached_etcd_waits_out_an_outage(etcd_factory,
+                                                                         new_client):
+    server = etcd_factory()
+    client = new_client(server.url, timeout=5)
+    await client.set(b"k", b"1")
+    server.stop()  # an outage: the watch is made while nothing answers
+    seen = []
+    d = client.watch(b"k", seen.append)
+    await sleep(1.5)
+    assert not d.called and d.watcher.reconnects >= 2  # still trying
+    server.restart()
+    await d.watcher.ready
+    await client.set(b"k", b"2")
+    await wait_until(lambda: [e.kv.value for e in seen] == [b"2"])
+    d.cancel()
+    await d

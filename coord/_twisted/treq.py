@@ -71,6 +71,11 @@ class TreqTransport:
         self._streams: set[_TreqStream] = set()
         self.closed = False
 
+    @property
+    def preferred(self) -> Endpoint:
+        """The endpoint the next call goes to first."""
+        return self.endpoints[self._preferred]
+
     def _headers(self) -> Headers:
         headers = Headers({b"Content-Type": [b"application/json"]})
         if self._token:
