@@ -437,8 +437,8 @@ async def test_a_watch_that_cannot_succeed_fails_as_a_call_does(new_client, not_
     elif server == "not HTTP":
         urls = [not_etcd(b"SSH-2.0-OpenSSH_9.2\r\n")]
     else:
-        urls = [not_etcd(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nConnection: close\r\n"
-                         b"Content-Length: 9\r\n\r\n<h1>?</h1")]
+        urls = [not_etcd(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\n"
+                         b"Connection: close\r\nContent-Length: 9\r\n\r\n<h1>?</h1")]
     client = new_client(urls)
     with pytest.raises(error) as call_error:
         await client.get(b"k")
