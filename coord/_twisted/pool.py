@@ -108,10 +108,16 @@ class Endpoint:
 def parse_endpoint(url: object) -> Endpoint:
     """Parse ``http://host:port`` or ``https://host:port`` (path, query not allowed)."""
     if isinstance(url, bytes):
-        url = url.decode("ascii")
+        try:
+            url = url.decode("ascii")
+        except UnicodeDecodeError:
+            raise errors.InvalidArgument(f"endpoint {url!r} is not an ASCII URL") from None
     if not isinstance(url, str):
-        raise TypeError(f"an endpoint must be a URL string, not {type(url).__name__}")
-    parts = urlsplit(url)
+        raise TypeError(f"url must be an endpoint URL string, not {type(url).__name__}")
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # "http://[::1": urllib's bare "Invalid IPv6 URL"
+        raise errors.InvalidArgument(f"endpoint {url!r} is not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise errors.InvalidArgument(f"endpoint must look like http://host:port, not {url!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:

@@ -84,8 +84,8 @@ class TreqTransport:
                     raise errors.WriteTimeout(what + "; the write may or may not have been applied")
                 raise errors.Timeout(what)
             d.addTimeout(timeout, self.reactor, onTimeoutCancel=timed_out)
-        if decode is not None:
-            d.addCallback(decode)
+        # Without a decode, the answer must still be etcd's (as the pool's codec.answer).
+        d.addCallback(codec.unary if decode is None else decode)
         return d
 
     def _detached(self, inner: defer.Deferred[Any], state: dict) -> defer.Deferred[Any]:
