@@ -49,6 +49,7 @@ from zope.interface import implementer
 
 from coord import errors
 from coord._twisted import at_most
+from coord._twisted._explain import connection_lost
 from coord._wire import codec
 from coord._wire.http11 import ProtocolError, ResponseParser, build_request, request_head
 from coord._wire.stream import LineSplitter
@@ -419,7 +420,7 @@ class _Connection(protocol.Protocol, ResponseParser):
             self.closed = True
             self.pool.connection_gone(self)
         self._broken(errors.Unavailable(
-            f"connection to {self.pool.endpoint.url} lost: {reason.getErrorMessage()}"))
+            f"connection to {self.pool.endpoint.url} lost: {connection_lost(self, reason)}"))
 
     def handshakeCompleted(self) -> None:
         self.handshaking = False

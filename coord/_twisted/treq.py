@@ -27,6 +27,7 @@ from twisted.web.http_headers import Headers
 
 from coord import errors
 from coord._twisted import at_most, detached
+from coord._twisted._explain import request_failed
 from coord._twisted.pool import (
     AUTH_PATH,
     CLOSE_DRAIN_LIMIT,
@@ -146,7 +147,7 @@ class TreqTransport:
                     raise defer.CancelledError() from e
                 sent = not _never_sent(e)
                 state["sent"] = sent
-                last = errors.Unavailable(f"{endpoint.url}{path}: {e!r}")
+                last = errors.Unavailable(f"{endpoint.url}{path}: {request_failed(e, endpoint)}")
                 self._endpoint_down(index)
                 if not Plan.may_resend(write, sent):
                     raise errors.OutcomeUnknown(
