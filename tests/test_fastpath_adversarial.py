@@ -25,10 +25,10 @@ from urllib.parse import urlsplit
 import attrs
 import pytest
 import pytest_twisted
-from helpers import dead_url, sleep, wait_until
+from helpers import Scripted, dead_url, http_answer, sleep, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.protocols import portforward
 
 from coord import Client, KeySet, errors
@@ -378,20 +378,6 @@ class _FakeCall:
     conn = None
 
 
-def http_answer(status, body, chunk=None, interim=False):
-    pre = b"HTTP/1.1 100 Continue\r\n\r\n" if interim else b""
-    if chunk is None:
-        return pre + (b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body))
-    out = [pre + b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
-           b"Transfer-Encoding: chunked\r\n\r\n" % status]
-    for i in range(0, len(body), chunk):
-        piece = body[i:i + chunk]
-        out.append(b"%x\r\n%s\r\n" % (len(piece), piece))
-    out.append(b"0\r\n\r\n")
-    return b"".join(out)
-
-
 def range_body(key, value, rev=5):
     return one_kv(b'"key":"%s","create_revision":"2","mod_revision":"%d","version":"1",'
                   b'"value":"%s"' % (base64.b64encode(key), rev, base64.b64encode(value)),
@@ -484,52 +470,6 @@ def test_stream_connection_hands_pieces_to_its_stream():
 
 
 
-class _Scripted(protocol.Protocol):
-    def connectionMade(self):
-        self.factory.connections += 1
-
-    def dataReceived(self, data):
-        self.factory.seen.append(data)
-        for _ in range(data.count(b"POST ")):
-            self.factory.requests += 1
-            action = self.factory.next_action()
-            if action == "close":
-                self.transport.abortConnection()
-                return
-            if action == "hold":
-                self.factory.held.append(self)
-            elif callable(action):
-                action(self)
-            else:
-                self.transport.write(action)
-
-
-class Scripted(protocol.Factory):
-    """Answers request n with script[n] (the last entry repeats): bytes to write, "close"
-    (drop the connection), "hold" (answer later with release()), or a callable."""
-
-    protocol = _Scripted
-    noisy = False
-
-    def __init__(self, script):
-        self.script = list(script)
-        self.requests = 0
-        self.connections = 0
-        self.held = []
-        self.seen = []
-
-    def next_action(self):
-        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
-
-    def release(self, data):
-        self.held.pop(0).transport.write(data)
-
-    def drop_held(self):
-        held, self.held = self.held, []
-        for proto in held:
-            proto.transport.abortConnection()
-
-
 class _SplitClient(portforward.ProxyClient):
     """etcd -> client bytes in pieces of ``factory.piece`` bytes, one piece per turn."""
 
@@ -576,20 +516,6 @@ class SplitProxy(portforward.ProxyFactory):
         self.piece = piece
         self.pieces = 0
         self.accepted = 0
-
-
-@pytest.fixture
-def listen():
-    ports = []
-
-    def start(factory):
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        ports.append(port)
-        return f"http://127.0.0.1:{port.getHost().port}"
-
-    yield start
-    for port in ports:
-        pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
 
 
 @pytest.fixture
