@@ -486,8 +486,15 @@ class Client:
         ``etcdctl lock``.  See :class:`coord.recipes.Lock` for fencing tokens and guards,
         and for several locks sharing one session.
 
+        ``timeout`` is seconds to wait at most (None or infinity: no limit); 0 means "do
+        not wait", as for ``Lock.acquire``: a free lock is taken, a held one raises
+        Timeout at once.
+
         Raises:
             Timeout: not held within ``timeout`` seconds (no key and no lease remain).
+            TypeError, InvalidArgument: a bad ``name``, ``timeout`` (not a number;
+                negative or NaN) or ``ttl`` (not an int from 1 to etcd's largest TTL);
+                raised at once, before a lease is granted.
         """
         from coord.recipes.lock import acquire_lock
 
