@@ -6,21 +6,26 @@ Usable with ``yield`` in ``inlineCallbacks`` and with ``await`` in ``async def``
     rev = yield etcd.set(b"k", b"v")
     res = yield etcd.get(KeySet(b"k", prefix=True))
 
-Every call takes ``timeout=`` (seconds; ``None`` for no limit), defaulting to the
-client's ``timeout``.  A read that times out raises :class:`~coord.errors.Timeout`; a
-write that times out after it was sent raises :class:`~coord.errors.WriteTimeout`, whose
-outcome is unknown.  Cancelling a call's Deferred abandons it.
+Every call takes ``timeout=`` (seconds, more than 0; ``None`` or infinity for no limit),
+defaulting to the client's ``timeout``.  A read that times out raises
+:class:`~coord.errors.Timeout`; a write that times out after it was sent raises
+:class:`~coord.errors.WriteTimeout`, whose outcome is unknown.  Cancelling a call's
+Deferred abandons it.  A ``timeout`` that is not a number raises ``TypeError``, one that
+is negative, NaN or 0 raises :class:`~coord.errors.InvalidArgument` -- at once, before
+anything is sent.  An answer that is not etcd's raises
+:class:`~coord.errors.MalformedAnswer`.
 """
 
 from __future__ import annotations
 
 from binascii import b2a_base64
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
+import txaio
 from twisted.internet import defer
 
-from coord import errors
+from coord import _checks, errors
 from coord._sentinel import DEFAULT
 from coord._twisted.pool import HttpTransport, parse_endpoint
 from coord._wire import codec
@@ -58,9 +63,14 @@ if TYPE_CHECKING:
 
 __all__ = ["Client"]
 
+log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
 
 # etcd's default --max-request-bytes (1.5 MiB).
 MAX_REQUEST_BYTES = 1536 * 1024
+
+# The longest TTL etcd grants (lease.MaxLeaseTTL, lease/lessor.go): a longer one is refused
+# with "etcdserver: too large lease TTL" (seen on 3.4.23 and 3.5.1).
+MAX_LEASE_TTL = 9_000_000_000
 
 
 class Client:
@@ -70,19 +80,21 @@ class Client:
         reactor: the Twisted reactor.
         url: one endpoint URL (``"http://127.0.0.1:2379"``) or a list of them, in order of
             preference.  With several, an unreachable endpoint is skipped.
-        timeout: default seconds per call (``None``: no limit).
-        connect_timeout: seconds allowed to open a connection.
-        user, password: authenticate as this user; the token is obtained on first use
-            and obtained again when etcd says it expired.
+        timeout: default seconds per call, more than 0 (``None`` or infinity: no limit).
+        connect_timeout: seconds allowed to open a connection: finite and more than 0.
+        user, password: authenticate as this user (both str); the token is obtained on
+            first use and obtained again when etcd says it expired.
         ca_cert, cert, key: for https endpoints: the CA certificates to trust (a
             bundle; default: the system's trust store), and a client certificate (with
             its chain of intermediate CAs, if any, after it) and its unencrypted key
             for mutual TLS.  Each is PEM bytes or text, or a PEM file's path.
         agent: a Twisted ``IAgent`` (proxy, custom TLS, ...) to send requests through
             instead of coord's own connection pool (via treq).
-        max_connections: most connections per endpoint in the default transport.
-        max_request_bytes: the server's ``--max-request-bytes``; a write bigger than
-            this raises :class:`~coord.errors.RequestTooLarge` before it is sent.
+        max_connections: most connections per endpoint in the default transport (an
+            int >= 1).
+        max_request_bytes: the server's ``--max-request-bytes`` (an int >= 1); a write
+            bigger than this raises :class:`~coord.errors.RequestTooLarge` before it is
+            sent.
         attempt_timeout: with several endpoints, seconds one attempt of a call waits
             for its answer before the member is presumed hung (a stopped process, a
             full disk: it still accepts connections).  A read (range, read-only
@@ -98,10 +110,16 @@ class Client:
             no checks (a watch then notices a hung member after its ``idle_timeout``).
 
     Raises:
+        TypeError: ``url`` not a URL string (or a list of them); ``timeout`` or
+            ``connect_timeout`` not a number (a str, a bool); ``user`` or ``password``
+            not a str; ``max_connections`` or ``max_request_bytes`` not an int;
+            ``attempt_timeout`` or ``health_check_interval`` not a number or None.
         InvalidArgument: a malformed endpoint URL, or an https one with TLS unavailable;
-            with an https endpoint, a ``ca_cert``, ``cert`` or ``key`` that cannot be
-            read, holds no certificate or key, or a key that is encrypted or not
-            ``cert``'s.
+            a negative or NaN ``timeout``, ``connect_timeout``, ``attempt_timeout`` or
+            ``health_check_interval``, any of them 0, an infinite ``connect_timeout``;
+            ``max_connections`` or ``max_request_bytes`` below 1; with an https endpoint, a ``ca_cert``, ``cert`` or ``key`` that
+            cannot be read, holds no certificate or key, or a key that is encrypted or
+            not ``cert``'s.
     """
 
     def __init__(self, reactor: Any, url: str | bytes | Sequence[str], *,
@@ -113,13 +131,32 @@ class Client:
                  max_request_bytes: int = MAX_REQUEST_BYTES,
                  attempt_timeout: float | None = 2.0,
                  health_check_interval: float | None = 1.0) -> None:
-        urls = [url] if isinstance(url, (str, bytes)) else list(url)
+        # Every option is checked here, before anything is made: a bad one would only
+        # fail later, inside a timer or a request (a negative connect timeout made
+        # Twisted's callLater assert, in a call queued for the first request).
+        if isinstance(url, (str, bytes)):
+            urls: list[Any] = [url]
+        else:
+            try:
+                urls = list(url)
+            except TypeError:  # None, a number...: say which argument, and what it takes
+                raise TypeError(f"url must be an endpoint URL (str) or a list of them, not "
+                                f"{type(url).__name__}") from None
         if not urls:
             raise errors.InvalidArgument("Client needs at least one endpoint URL")
         endpoints = [parse_endpoint(u) for u in urls]
         if (user is None) != (password is None):
             raise errors.InvalidArgument("user and password go together")
+        for name, text in (("user", user), ("password", password)):
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"{name} must be a str, not {type(text).__name__}")
         credentials = (user, password) if user is not None and password is not None else None
+        timeout = _checks.seconds("timeout", timeout)
+        connect_timeout = _checks.seconds("connect_timeout", connect_timeout, none_ok=False)
+        max_connections = _checks.positive_int("max_connections", max_connections)
+        max_request_bytes = _checks.positive_int("max_request_bytes", max_request_bytes)
+        attempt_timeout = _checks.seconds("attempt_timeout", attempt_timeout)
+        health_check_interval = _checks.seconds("health_check_interval", health_check_interval)
         self._reactor = reactor
         self._closed = False
         self._watchers: set[Watcher] = set()
@@ -162,6 +199,8 @@ class Client:
                  attempt_timeout: float | None = None) -> defer.Deferred[Any]:
         if timeout is DEFAULT:
             timeout = self.timeout
+        else:
+            timeout = _checks.seconds("timeout", timeout)
         if endpoint is None and attempt_timeout is None:
             return self._transport.request(path, codec.encode(body), write, timeout, decode)
         return self._transport.request(
@@ -216,7 +255,8 @@ class Client:
             else:
                 body = b'{"key":"%s"}' % b2a_base64(key, newline=False)
             return self._transport.request(
-                "/v3/kv/put", body, True, self.timeout if timeout is DEFAULT else timeout,
+                "/v3/kv/put", body, True,
+                self.timeout if timeout is DEFAULT else _checks.seconds("timeout", timeout),
                 codec.put_response)
         op = OpSet(key, value, lease, return_previous, ignore_value, ignore_lease)
         self._check_size(len(op.key) + len(op.value))
@@ -255,7 +295,8 @@ class Client:
             # The common case: one key, no options (see set()).
             return self._transport.request(
                 "/v3/kv/range", b'{"key":"%s"}' % b2a_base64(key, newline=False), False,
-                self.timeout if timeout is DEFAULT else timeout, codec.range_response)
+                self.timeout if timeout is DEFAULT else _checks.seconds("timeout", timeout),
+                codec.range_response)
         keys = KeySet.of(key)
         body = range_json(keys, range_options(
             limit, sort_order, sort_target, revision, keys_only, count_only, serializable,
@@ -311,8 +352,8 @@ class Client:
         body: dict[str, Any] = {"revision": revision}
         if physical:
             body["physical"] = True
-        d = self._request("/v3/kv/compaction", body, True, timeout)
-        return d.addCallback(lambda obj: codec.header(obj.get("header")))
+        return self._request("/v3/kv/compaction", body, True, timeout,
+                             decode=codec.header_response)
 
     # watches ----------------------------------------------------------------------------------
 
@@ -330,12 +371,17 @@ class Client:
             keys: a key, a :class:`KeySet`, or a list of them (one stream serves all;
                 order is per key set, and overlapping key sets see an event twice).
             on_change: called with each :class:`~coord.types.Event`.  If it raises, the
-                exception is logged with the event and the watch goes on.
+                exception is logged with the event and the watch goes on.  It may be an
+                ``async def`` function (or any callable returning a coroutine): each
+                event's coroutine is started when the event is delivered, in order, and
+                runs on its own -- it is *not* awaited before the next event is
+                delivered, nor cancelled with the watch; if it fails, its exception is
+                logged with the event, as a plain callback's.
             start_revision: deliver changes from this revision on (default: from now).
             return_previous: events carry ``prev_kv``, the key-value before the change.
             filters: ``["noput"]`` and/or ``["nodelete"]`` to leave such events out.
             idle_timeout: seconds without a message after which the stream is assumed
-                hung and created again (``None``: never).
+                hung and created again: more than 0 (``None`` or infinity: never).
 
         Returns:
             A Deferred (with ``.watcher``, a :class:`~coord.watch.Watcher`): it fires with
@@ -343,11 +389,19 @@ class Client:
             stream -- and fails with :class:`~coord.errors.Compacted` when the revision
             to deliver from has been compacted, or another error resuming cannot cure.
             ``d.watcher.ready`` fires once etcd has created the watch.
+
+        Raises:
+            TypeError: ``on_change`` not callable; a key, ``start_revision`` or
+                ``idle_timeout`` of the wrong type.
+            InvalidArgument: no key, an empty key, a negative ``start_revision``, an
+                unknown filter, a negative, NaN or 0 ``idle_timeout``.
         """
         keysets = keysets_of(keys)
         _check_revision(start_revision)
+        callback = _Callback(_checks.callback("on_change", on_change))
+        idle_timeout = _checks.seconds("idle_timeout", idle_timeout)
         watcher = Watcher(self, keysets, None, start_revision or None, bool(return_previous),
-                          filters_of(filters), idle_timeout, on_change=on_change)
+                          filters_of(filters), idle_timeout, on_change=callback)
         return watcher.deferred
 
     def events(self, keys: Any, start_revision: int | None = None,
@@ -355,11 +409,13 @@ class Client:
                idle_timeout: float | None = 60.0) -> EventStream:
         """The changes to ``keys`` as an async iterator (``async for event in ...``).
 
-        Same arguments and guarantees as :meth:`watch`; call ``close()`` (or use
-        ``async with``) to stop.  A Compacted start revision is raised from the loop.
+        Same arguments, guarantees and argument errors as :meth:`watch`; call ``close()``
+        (or use ``async with``) to stop.  A Compacted start revision is raised from the
+        loop.
         """
         keysets = keysets_of(keys)
         _check_revision(start_revision)
+        idle_timeout = _checks.seconds("idle_timeout", idle_timeout)
         return EventStream(self, keysets, start_revision or None, bool(return_previous),
                            filters_of(filters), idle_timeout)
 
@@ -377,10 +433,10 @@ class Client:
         Returns:
             Deferred firing with a :class:`~coord.lease.Lease`.
         """
-        if isinstance(time_to_live, bool) or not isinstance(time_to_live, int):
-            raise TypeError(f"time_to_live must be an int, not {type(time_to_live).__name__}")
-        if time_to_live <= 0:
-            raise errors.InvalidArgument(f"time_to_live must be positive, not {time_to_live}")
+        # etcd itself raises a TTL <= 0 to its minimum (2 s, seen on 3.4.23 and 3.5.1):
+        # refused here, as a computation gone wrong more likely than a wish for that.
+        time_to_live = _checks.positive_int("time_to_live", time_to_live,
+                                            maximum=MAX_LEASE_TTL)
         body: dict[str, Any] = {"TTL": time_to_live}
         if lease_id:
             if isinstance(lease_id, bool) or not isinstance(lease_id, int):
@@ -388,7 +444,7 @@ class Client:
             if lease_id < 0:
                 raise errors.InvalidArgument(f"lease_id must be positive, not {lease_id}")
             body["ID"] = lease_id
-        d = self._request("/v3/lease/grant", body, True, timeout)
+        d = self._request("/v3/lease/grant", body, True, timeout, decode=codec.unary)
 
         def granted(obj: dict) -> Lease:
             if obj.get("error"):
@@ -400,7 +456,7 @@ class Client:
 
     def leases(self, timeout: Any = DEFAULT) -> defer.Deferred[list[Lease]]:
         """Every lease the cluster holds (``LeaseLeases``), as :class:`Lease` handles."""
-        d = self._request("/v3/lease/leases", {}, False, timeout)
+        d = self._request("/v3/lease/leases", {}, False, timeout, decode=codec.unary)
         return d.addCallback(
             lambda obj: [Lease(self, int(x["ID"])) for x in obj.get("leases") or ()])
 
@@ -419,9 +475,8 @@ class Client:
 
     def alarms(self, timeout: Any = DEFAULT) -> defer.Deferred[list[Alarm]]:
         """The alarms raised in the cluster (NOSPACE, CORRUPT)."""
-        return self._request("/v3/maintenance/alarm", {"action": "GET"}, False,
-                          timeout,
-            decode=codec.alarms)
+        return self._request("/v3/maintenance/alarm", {"action": "GET"}, False, timeout,
+                             decode=codec.alarms)
 
     def disarm(self, alarm: Alarm, timeout: Any = DEFAULT) -> defer.Deferred[list[Alarm]]:
         """Deactivate ``alarm`` (after the cause was fixed, e.g. space freed)."""
@@ -439,12 +494,12 @@ class Client:
                 endpoints, name one: defragmenting is per member.
         """
         return self._request("/v3/maintenance/defragment", {}, False, timeout,
-                             decode=lambda _: None, endpoint=endpoint)
+                             decode=codec.defragment_response, endpoint=endpoint)
 
     def members(self, timeout: Any = DEFAULT) -> defer.Deferred[list[Member]]:
         """The cluster's members (``MemberList``)."""
         return self._request("/v3/cluster/member/list", {}, False, timeout,
-                             decode=lambda obj: [codec.member(m) for m in obj.get("members") or ()])
+                             decode=codec.members_response)
 
     # recipes ----------------------------------------------------------------------------------
 
@@ -457,8 +512,15 @@ class Client:
         ``etcdctl lock``.  See :class:`coord.recipes.Lock` for fencing tokens and guards,
         and for several locks sharing one session.
 
+        ``timeout`` is seconds to wait at most (None or infinity: no limit); 0 means "do
+        not wait", as for ``Lock.acquire``: a free lock is taken, a held one raises
+        Timeout at once.
+
         Raises:
             Timeout: not held within ``timeout`` seconds (no key and no lease remain).
+            TypeError, InvalidArgument: a bad ``name``, ``timeout`` (not a number;
+                negative or NaN) or ``ttl`` (not an int from 1 to etcd's largest TTL);
+                raised at once, before a lease is granted.
         """
         from coord.recipes.lock import acquire_lock
 
@@ -489,6 +551,36 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class _Callback:
+    """A watch's ``on_change``, run so that an ``async def`` one runs too.
+
+    A coroutine function called per event returns a coroutine that nobody would run (the
+    events were lost, with only a RuntimeWarning "never awaited"): it is started here,
+    with Deferred.fromCoroutine (which runs it up to its first wait at once, so the
+    coroutines start in event order), and its failure is logged as the Watcher logs a
+    plain callback's exception.  A plain callback's exception goes on to the Watcher,
+    which logs it.  (A Deferred a callback returns is left alone: it is the caller's.)
+    The repr is the callback's, for the Watcher's log line.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Event], Any]) -> None:
+        self.fn = fn
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
+
+    def __call__(self, event: Event) -> None:
+        result = self.fn(event)
+        if result is not None and isinstance(result, Coroutine):
+            defer.Deferred.fromCoroutine(result).addErrback(self._failed, event)
+
+    def _failed(self, failure: Any, event: Event) -> None:
+        log.failure("watch callback {cb!r} raised on {event!r}; the watch goes on",
+                    failure, cb=self.fn, event=event)
 
 
 def _check_revision(revision: Any) -> None:

@@ -14,6 +14,11 @@ Every failure a coord call can report is a :class:`CoordError`. Three families:
 * Local misuse -- :class:`InvalidArgument` (also a ``ValueError``) for values etcd would
   refuse, raised before anything is sent.  Wrong *types* raise the builtin ``TypeError``.
 
+:class:`MalformedAnswer` -- the server answered, but not as etcd's gateway does (a body
+that is not JSON, not a JSON object, or lacks the ``header`` every etcd answer carries):
+not transient, so not an :class:`Unavailable`, and not etcd's word, so not an
+:class:`EtcdError`.
+
 :class:`Timeout` and :class:`Failed` (a transaction whose comparisons did not hold) stand
 on their own.
 """
@@ -44,6 +49,7 @@ __all__ = [
     "LeaseExpired",
     "LeaseNotFound",
     "LockLost",
+    "MalformedAnswer",
     "NoLeader",
     "NoSpace",
     "NotLeader",
@@ -136,6 +142,24 @@ class WriteTimeout(Timeout, OutcomeUnknown):
     """A write timed out after it was sent: its outcome is unknown (see :class:`OutcomeUnknown`)."""
 
 
+class MalformedAnswer(CoordError):
+    """The server's successful (HTTP 200) answer is not an etcd gateway answer: not JSON,
+    not a JSON object, or without the ``header`` object etcd puts in every answer to the
+    calls that have one.
+
+    Something other than etcd's gateway answered (a proxy, another service on the port),
+    or a bug broke the answer.  Not an :class:`Unavailable`: trying again (coord does not)
+    would most likely get the same answer.  For a write, whether etcd applied it is
+    unknown -- the request reached *something*.  (Not to be confused with the HTTP
+    framing errors of ``coord._wire.http11``, which the transports report as Unavailable.)
+
+    Attributes:
+        body: the start of the answer's body (at most 200 bytes), or None.
+    """
+
+    def __init__(self, message: str, body: bytes | None = None) -> None:
+        super().__init__(message)
+        self.body = body
 
 
 class EtcdError(CoordError):

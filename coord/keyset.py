@@ -27,11 +27,25 @@ KeyLike = Union[bytes, str, "KeySet"]
 
 
 def as_bytes(value: object, name: str) -> bytes:
-    """Return ``value`` as bytes: bytes as is, str UTF-8 encoded, else ``TypeError`` naming it."""
+    """Return ``value`` as bytes: bytes as is, str UTF-8 encoded.
+
+    Raises:
+        TypeError: ``value`` is neither bytes (bytearray, memoryview) nor str; the
+            message names it (``name``).
+        InvalidArgument: a str that UTF-8 cannot encode (a lone surrogate such as
+            ``"\\ud800"``, as ``os.fsdecode`` makes of undecodable bytes); the message
+            names it.
+    """
     if type(value) is bytes:
         return value
     if isinstance(value, str):
-        return value.encode("utf-8")
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # Quote only the culprit: a value may be large, or secret.
+            raise InvalidArgument(
+                f"{name} cannot be encoded as UTF-8: {value[e.start:e.end]!r} at position "
+                f"{e.start} ({e.reason}); give bytes instead") from None
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"{name} must be bytes or str, not {type(value).__name__}")
@@ -61,7 +75,8 @@ class KeySet:
     Raises:
         TypeError: a key or range end that is not bytes or str.
         InvalidArgument: an empty single key or range start, both a range end and
-            ``prefix=True``, or a range end not after its start.
+            ``prefix=True``, a range end not after its start, or a str key or range
+            end that cannot be UTF-8 encoded.
     """
 
     key: bytes

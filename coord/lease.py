@@ -3,6 +3,10 @@
 Keys written with ``lease=`` are deleted when the lease expires or is revoked.  A lease
 expires ``ttl`` seconds after its last refresh; :meth:`Lease.refresh` is one keep-alive.
 (A :class:`coord.session.Session` keeps a lease alive for you.)
+
+Each method takes ``timeout=`` as every :class:`coord.Client` call does (default: the
+client's); one that is not a number raises ``TypeError``, a negative, NaN or 0 one
+:class:`~coord.errors.InvalidArgument`, at once and before anything is sent.
 """
 
 from __future__ import annotations
@@ -68,9 +72,9 @@ class Lease:
                                      decode=self._refreshed, attempt_timeout=attempt_timeout)
 
     def _refreshed(self, obj: Any) -> int:
-        if "error" in obj:
+        if isinstance(obj, dict) and "error" in obj:
             raise errors.from_gateway(obj["error"])
-        result = obj.get("result", obj)
+        result = codec.keepalive_response(obj)
         ttl = int(result.get("TTL", 0))
         if ttl <= 0:
             raise errors.LeaseExpired(f"lease {self.lease_id:#x} has expired or was revoked",
@@ -84,10 +88,11 @@ class Lease:
         return self._client._request("/v3/lease/timetolive", body, False, timeout,
                                      decode=self._check_alive)
 
-    def _check_alive(self, obj: dict) -> dict:
+    def _check_alive(self, obj: Any) -> dict:
         # The gateway answers an unknown or expired lease with HTTP 200 and TTL -1: that is
         # an error, not a remaining time.  An omitted TTL is 0 (proto3 JSON leaves zeros
         # out): a live lease in its last second.
+        obj = codec.unary(obj)
         if int(obj.get("TTL", 0)) < 0:
             raise errors.LeaseExpired(f"lease {self.lease_id:#x} has expired or was revoked",
                                       errors.NOT_FOUND)
@@ -119,5 +124,5 @@ class Lease:
         Raises:
             LeaseNotFound: the lease was already gone.
         """
-        d = self._client._request("/v3/lease/revoke", {"ID": self.lease_id}, True, timeout)
-        return d.addCallback(lambda obj: codec.header(obj.get("header")))
+        return self._client._request("/v3/lease/revoke", {"ID": self.lease_id}, True, timeout,
+                                     decode=codec.header_response)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from coord import Client
@@ -78,3 +78,19 @@ def sessions(pool_client):
             errors.append(e)
     if errors:
         raise errors[0]
+
+
+@pytest.fixture
+def listen():
+    """``listen(factory)``: serve ``factory`` on a free loopback port; its http:// URL.
+    Stopped after the test (see helpers.Scripted for a scripted gateway)."""
+    ports = []
+
+    def start(factory):
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        ports.append(port)
+        return f"http://127.0.0.1:{port.getHost().port}"
+
+    yield start
+    for port in ports:
+        pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))

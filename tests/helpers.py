@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from twisted.internet import reactor, task
+from twisted.internet import protocol, reactor, task
 from twisted.internet.threads import deferToThread
 
 from coord import KeySet
@@ -83,3 +83,66 @@ def preferred_url(client):
     """The URL of the endpoint ``client`` sends its next call to.  (Looks inside the
     client's transport: no public API tells, and none should be needed.)"""
     return client._transport.preferred.url
+
+
+# -- scripted gateways: HTTP answers written by hand ----------------------------------------
+
+
+def http_answer(status, body, chunk=None, interim=False):
+    pre = b"HTTP/1.1 100 Continue\r\n\r\n" if interim else b""
+    if chunk is None:
+        return pre + (b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body))
+    out = [pre + b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n" % status]
+    for i in range(0, len(body), chunk):
+        piece = body[i:i + chunk]
+        out.append(b"%x\r\n%s\r\n" % (len(piece), piece))
+    out.append(b"0\r\n\r\n")
+    return b"".join(out)
+
+
+class _Scripted(protocol.Protocol):
+    def connectionMade(self):
+        self.factory.connections += 1
+
+    def dataReceived(self, data):
+        self.factory.seen.append(data)
+        for _ in range(data.count(b"POST ")):
+            self.factory.requests += 1
+            action = self.factory.next_action()
+            if action == "close":
+                self.transport.abortConnection()
+                return
+            if action == "hold":
+                self.factory.held.append(self)
+            elif callable(action):
+                action(self)
+            else:
+                self.transport.write(action)
+
+
+class Scripted(protocol.Factory):
+    """Answers request n with script[n] (the last entry repeats): bytes to write, "close"
+    (drop the connection), "hold" (answer later with release()), or a callable."""
+
+    protocol = _Scripted
+    noisy = False
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.requests = 0
+        self.connections = 0
+        self.held = []
+        self.seen = []
+
+    def next_action(self):
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+    def release(self, data):
+        self.held.pop(0).transport.write(data)
+
+    def drop_held(self):
+        held, self.held = self.held, []
+        for proto in held:
+            proto.transport.abortConnection()

@@ -18,6 +18,7 @@ import ipaddress
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from helpers import sleep
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -98,12 +99,18 @@ def _make_ca(common_name: str,
     return builder.sign(signer, hashes.SHA256()), key
 
 
+def _expired(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return builder.not_valid_before(now - datetime.timedelta(days=10)).not_valid_after(
+        now - datetime.timedelta(days=1))
+
+
 def _make_leaf(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, subject: x509.Name,
                usages: list[x509.ObjectIdentifier],
-               sans: list[x509.GeneralName] | None = None,
+               sans: list[x509.GeneralName] | None = None, validity: Any = _validity,
                ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    builder = _validity(x509.CertificateBuilder()).subject_name(subject).issuer_name(
+    builder = validity(x509.CertificateBuilder()).subject_name(subject).issuer_name(
         ca.subject).public_key(key.public_key()).serial_number(
         x509.random_serial_number()).add_extension(
         x509.BasicConstraints(ca=False, path_length=None), critical=True).add_extension(
@@ -135,6 +142,10 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
     client, client_key = _make_leaf(ca, ca_key, _org("coord test client"),
                                     [ExtendedKeyUsageOID.CLIENT_AUTH])
+    # The server certificate, expired yesterday.
+    expired, expired_key = _make_leaf(
+        ca, ca_key, _name("coord expired server"), [ExtendedKeyUsageOID.SERVER_AUTH],
+        [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], validity=_expired)
     client_cn, client_cn_key = _make_leaf(ca, ca_key, _name("root"),
                                           [ExtendedKeyUsageOID.CLIENT_AUTH])
     # A client certificate issued by an intermediate CA, which the server does not know:
@@ -159,6 +170,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         "client_key": _key_pem(client_key),
         "client_cn": _cert_pem(client_cn),
         "client_cn_key": _key_pem(client_cn_key),
+        "expired": _cert_pem(expired),
+        "expired_key": _key_pem(expired_key),
     }
     result = SimpleNamespace()
     for name, data in files.items():
@@ -413,6 +426,60 @@ async def test_ca_cert_with_agent_is_honoured_or_refused(etcd_factory, certs):
         await client.set(b"k", b"v")  # ca_cert honoured
     finally:
         await client.close()
+
+
+# -- what a failed connection says ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_to_a_tls_only_etcd_hints_at_tls(etcd_factory, certs, new_client):
+    # etcd closes a plain-HTTP connection to its TLS port without a word; all the
+    # message said was "Connection was closed cleanly".
+    server = etcd_factory(tls=server_tls(certs))
+    plain = server.url.replace("https://", "http://")
+    client = new_client(plain, timeout=10)
+    with pytest.raises(Unavailable) as info:
+        await client.get(b"k")
+    assert "is it TLS-only? try " + server.url in str(info.value)
+    with pytest.raises(OutcomeUnknown) as written:  # a write was sent: outcome unknown
+        await client.set(b"k", b"v")
+    assert "TLS-only" in str(written.value)
+
+
+class _Silent(protocol.Protocol):
+    def dataReceived(self, data):
+        pass
+
+
+@pytest.fixture
+def expired_tls_server(certs):
+    """An https URL whose server presents a certificate (of the test CA) expired
+    yesterday; it never gets past the handshake, so it needs no etcd behind it."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from twisted.internet import ssl
+
+    options = ssl.CertificateOptions(
+        privateKey=load_pem_private_key(certs.expired_key_pem, None),
+        certificate=x509.load_pem_x509_certificate(certs.expired_pem))
+    port = reactor.listenSSL(0, protocol.Factory.forProtocol(_Silent), options,
+                             interface="127.0.0.1")
+    yield f"https://127.0.0.1:{port.getHost().port}"
+    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_server_certificate_says_so(expired_tls_server, certs, tls_client,
+                                                  transport):
+    client = tls_client(expired_tls_server, ca_cert=certs.ca, timeout=10)
+    for call in (lambda: client.get(b"k"), lambda: client.set(b"k", b"v")):
+        with pytest.raises(Unavailable) as info:  # (not sent: the handshake failed)
+            await call()
+        assert not isinstance(info.value, OutcomeUnknown)
+        assert "certificate verify failed" in str(info.value)
+        if transport == "pool":
+            # OpenSSL's reason, which its handshake error leaves out.
+            assert "certificate has expired" in str(info.value)
+        # (Through an Agent the TLS connection is out of coord's reach: OpenSSL's words.)
 
 
 # -- auth -----------------------------------------------------------------------------------------
@@ -701,3 +768,43 @@ async def test_auth_over_mutual_tls(etcd_factory, certs, tls_client):
                        key=certs.client_cn_key, user="alice", password=ALICE_PASSWORD)
     with pytest.raises(EtcdError, match="CommonName of client"):
         await named.get(b"app/k")
+
+
+# -- recipes refused by etcd's permissions --------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_lock_and_campaign_clean_up_quietly(auth_server, new_client):
+    """A lock or campaign on a prefix its user may not write is refused (PermissionDenied):
+    its transaction wrote nothing, so nothing is deleted -- before, the clean-up tried to
+    delete the key it never wrote, was refused again, and logged a traceback."""
+    from twisted.logger import globalLogPublisher
+
+    from coord.recipes import Election, Lock
+    from coord.session import Session
+
+    alice = new_client(auth_server.url, user="alice", password=ALICE_PASSWORD, timeout=10)
+    root = new_client(auth_server.url, user="root", password=ROOT_PASSWORD, timeout=10)
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        session = await Session.create(alice, ttl=10)
+        try:
+            with pytest.raises(PermissionDenied):
+                await Lock(session, b"locks/db").acquire(timeout=5)
+            with pytest.raises(PermissionDenied):
+                await Lock(session, b"locks/db2").try_acquire()
+            with pytest.raises(PermissionDenied):
+                await Election(session, b"leader").campaign(b"alice", timeout=5)
+            with pytest.raises(PermissionDenied):
+                await alice.lock(b"locks/db3", timeout=5)  # its own session: revoked
+            await sleep(0.2)  # a clean-up in the background would have run by now
+        finally:
+            await session.close()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    failures = [e for e in logged if e.get("log_failure") is not None]
+    assert failures == [], [e["log_failure"].getTraceback() for e in failures]
+    assert not [e for e in logged if "delet" in str(e.get("log_format", ""))]
+    assert (await root.get(KeySet(b"", prefix=True), count_only=True)).count == 0
+    assert await root.leases() == []

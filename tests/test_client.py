@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import pytest_twisted
-from helpers import sleep
+from helpers import Scripted, http_answer, sleep
+from twisted.internet import reactor
+from twisted.web.client import Agent
 
 from coord import (
+    Alarm,
+    AlarmType,
+    Client,
     Compacted,
     CompCreated,
     CompLease,
@@ -19,6 +26,7 @@ from coord import (
     KeySet,
     LeaseExpired,
     LeaseNotFound,
+    MalformedAnswer,
     OpDel,
     OpGet,
     OpSet,
@@ -31,6 +39,7 @@ from coord import (
     TransactionResult,
     Unavailable,
 )
+from coord.lease import Lease
 from coord.types import Deleted
 
 # -- KV ----------------------------------------------------------------------------------------
@@ -379,3 +388,204 @@ async def test_member_specific_maintenance_asks_that_member_only(etcd_cluster, n
     assert (await client.status()).header.member_id != 0  # another member answers
     with pytest.raises(InvalidArgument, match="not one of this client's endpoints"):
         client.status(endpoint="http://127.0.0.1:1")
+
+
+# -- bad options: refused when the client is made ----------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "named"), [
+    # timeout (per call, default): a number of seconds > 0, or None / infinity
+    ({"timeout": -1}, InvalidArgument, "timeout"),
+    ({"timeout": math.nan}, InvalidArgument, "timeout"),
+    ({"timeout": 0}, InvalidArgument, "timeout"),
+    ({"timeout": -math.inf}, InvalidArgument, "timeout"),
+    ({"timeout": "5"}, TypeError, "timeout"),
+    ({"timeout": True}, TypeError, "timeout"),
+    # connect_timeout: Twisted's callLater asserted on a negative one (gone under -O),
+    # 0 made every connect fail, None and infinity are no finite connect timeout
+    ({"connect_timeout": -1}, InvalidArgument, "connect_timeout"),
+    ({"connect_timeout": math.nan}, InvalidArgument, "connect_timeout"),
+    ({"connect_timeout": 0}, InvalidArgument, "connect_timeout"),
+    ({"connect_timeout": math.inf}, InvalidArgument, "connect_timeout"),
+    ({"connect_timeout": None}, TypeError, "connect_timeout"),
+    ({"connect_timeout": "5"}, TypeError, "connect_timeout"),
+    # max_connections <= 0: every call waited for a connection until its timeout
+    ({"max_connections": 0}, InvalidArgument, "max_connections"),
+    ({"max_connections": -1}, InvalidArgument, "max_connections"),
+    ({"max_connections": 1.5}, TypeError, "max_connections"),
+    ({"max_connections": "64"}, TypeError, "max_connections"),
+    ({"max_connections": None}, TypeError, "max_connections"),
+    ({"max_request_bytes": 0}, InvalidArgument, "max_request_bytes"),
+    ({"max_request_bytes": "1"}, TypeError, "max_request_bytes"),
+    # attempt_timeout / health_check_interval: None turns them off; 0 would expire every
+    # attempt at once (or check without pause)
+    ({"attempt_timeout": 0}, InvalidArgument, "attempt_timeout"),
+    ({"attempt_timeout": -2}, InvalidArgument, "attempt_timeout"),
+    ({"attempt_timeout": math.nan}, InvalidArgument, "attempt_timeout"),
+    ({"attempt_timeout": "2"}, TypeError, "attempt_timeout"),
+    ({"health_check_interval": 0}, InvalidArgument, "health_check_interval"),
+    ({"health_check_interval": -1}, InvalidArgument, "health_check_interval"),
+    ({"health_check_interval": "1"}, TypeError, "health_check_interval"),
+    ({"user": 5, "password": "x"}, TypeError, "user"),
+    ({"user": "u", "password": b"x"}, TypeError, "password"),
+    ({"user": "u"}, InvalidArgument, "password"),
+])
+@pytest.mark.parametrize("agent", [False, True], ids=["pool", "treq"])
+def test_bad_options_are_refused(kwargs, exc, named, agent):
+    if agent:
+        kwargs = {**kwargs, "agent": Agent(reactor)}
+    with pytest.raises(exc) as info:
+        Client(reactor, "http://127.0.0.1:2379", **kwargs)
+    assert type(info.value) is exc
+    assert named in str(info.value)
+
+
+@pytest.mark.parametrize(("url", "exc", "words"), [
+    (None, TypeError, "url must be"),
+    (5, TypeError, "url must be"),
+    ([None], TypeError, "url must be"),
+    ([], InvalidArgument, "at least one"),
+    ("http://[::1", InvalidArgument, "not a valid URL"),  # urllib's bare ValueError before
+    ("http://[::1]:2379/v3", InvalidArgument, "path"),
+    ("ftp://127.0.0.1", InvalidArgument, "http://host:port"),
+    ("127.0.0.1:2379", InvalidArgument, "http://host:port"),
+    ("http://127.0.0.1:99999", InvalidArgument, "port"),
+    (b"http://\xff", InvalidArgument, "ASCII"),
+])
+def test_bad_urls_are_refused(url, exc, words):
+    with pytest.raises(exc) as info:
+        Client(reactor, url)
+    assert type(info.value) is exc
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(("timeout", "expected"), [
+    (None, None), (math.inf, None), (2, 2.0), (0.5, 0.5)])
+@pytest_twisted.ensureDeferred
+async def test_no_limit_and_finite_timeouts_are_taken(timeout, expected):
+    client = Client(reactor, "http://[::1]:2379", timeout=timeout)
+    assert client.timeout == expected
+    await client.close()
+
+
+# -- bad per-call timeouts: refused before anything is sent ------------------------------------
+
+BAD_TIMEOUTS = [
+    (-1, InvalidArgument), (-0.001, InvalidArgument), (math.nan, InvalidArgument),
+    (0, InvalidArgument), (-math.inf, InvalidArgument),
+    ("5", TypeError), (True, TypeError), ([1], TypeError),
+]
+
+CALLS = {
+    # the fast paths (bytes key, no options) and the general ones
+    "set": lambda c, t: c.set(b"k", b"v", timeout=t),
+    "set(options)": lambda c, t: c.set("k", "v", return_previous=True, timeout=t),
+    "get": lambda c, t: c.get(b"k", timeout=t),
+    "get(range)": lambda c, t: c.get(KeySet(b"k", prefix=True), timeout=t),
+    "delete": lambda c, t: c.delete(b"k", timeout=t),
+    "submit": lambda c, t: c.submit(Transaction(success=[OpSet(b"k", b"v")]), timeout=t),
+    "compact": lambda c, t: c.compact(1, timeout=t),
+    "lease": lambda c, t: c.lease(10, timeout=t),
+    "leases": lambda c, t: c.leases(timeout=t),
+    "status": lambda c, t: c.status(timeout=t),
+    "alarms": lambda c, t: c.alarms(timeout=t),
+    "disarm": lambda c, t: c.disarm(Alarm(1, AlarmType.NOSPACE), timeout=t),
+    "defragment": lambda c, t: c.defragment(timeout=t),
+    "members": lambda c, t: c.members(timeout=t),
+}
+
+
+@pytest.mark.parametrize(("timeout", "exc"), BAD_TIMEOUTS)
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+@pytest_twisted.ensureDeferred
+async def test_bad_call_timeouts_are_refused_before_sending(pool_client, call, timeout, exc):
+    with pytest.raises(exc, match="timeout"):
+        call(pool_client, timeout)
+    # Nothing was written, no lease granted (and the client still works).
+    assert (await pool_client.get(KeySet(b"", prefix=True))).kvs == []
+    assert await pool_client.leases() == []
+
+
+LEASE_CALLS = {
+    "refresh": lambda lease, t: lease.refresh(timeout=t),
+    "remaining": lambda lease, t: lease.remaining(timeout=t),
+    "keys": lambda lease, t: lease.keys(timeout=t),
+    "revoke": lambda lease, t: lease.revoke(timeout=t),
+}
+
+
+@pytest.mark.parametrize("call", LEASE_CALLS.values(), ids=LEASE_CALLS.keys())
+@pytest_twisted.ensureDeferred
+async def test_bad_lease_call_timeouts_are_refused_before_sending(pool_client, call):
+    lease = await pool_client.lease(30)
+    try:
+        for timeout, exc in BAD_TIMEOUTS:
+            with pytest.raises(exc, match="timeout"):
+                call(lease, timeout)
+        assert lease in await pool_client.leases()  # not revoked
+    finally:
+        await lease.revoke()
+
+
+@pytest.mark.parametrize(("ttl", "exc"), [
+    (0, InvalidArgument), (-1, InvalidArgument), (9_000_000_001, InvalidArgument),
+    ("10", TypeError), (1.5, TypeError), (True, TypeError), (None, TypeError)])
+@pytest_twisted.ensureDeferred
+async def test_bad_lease_ttls_are_refused_before_sending(pool_client, ttl, exc):
+    with pytest.raises(exc, match="time_to_live"):
+        pool_client.lease(ttl)
+    assert await pool_client.leases() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_good_call_timeouts_are_taken(pool_client):
+    await pool_client.set(b"k", b"v", timeout=math.inf)
+    assert (await pool_client.get(b"k", timeout=None)).kvs[0].value == b"v"
+    assert (await pool_client.delete(b"k", timeout=2)).deleted == 1
+    lease = await pool_client.lease(9_000_000_000, timeout=5)  # etcd's longest TTL
+    assert lease.ttl == 9_000_000_000
+    await lease.revoke(timeout=math.inf)
+
+
+# -- answers that are not etcd's ---------------------------------------------------------------
+
+NOT_ETCD = [b"[]", b"null", b"{}", b'"ok"', b'{"header":null}', b"<html>ok</html>"]
+
+
+@pytest.mark.parametrize("body", NOT_ETCD)
+@pytest_twisted.ensureDeferred
+async def test_answers_that_are_not_etcds_are_malformed(listen, new_client, body):
+    # Whatever answers 200 with these is not etcd's gateway: every call says so, typed,
+    # and is not retried (a MalformedAnswer is no Unavailable).
+    gw = Scripted([http_answer(200, body)])
+    client = new_client(listen(gw), timeout=5)
+    calls = [
+        lambda: client.get(b"k"), lambda: client.get(KeySet(b"k", prefix=True)),
+        lambda: client.set(b"k", b"v"), lambda: client.delete(b"k"),
+        lambda: client.submit(Transaction(success=[OpGet(b"k")])),
+        lambda: client.compact(5), lambda: client.lease(10), lambda: client.leases(),
+        lambda: client.status(), lambda: client.members(),
+        lambda: Lease(client, 7).refresh(), lambda: Lease(client, 7).remaining(),
+        lambda: Lease(client, 7).revoke(),
+    ]
+    for call in calls:
+        with pytest.raises(MalformedAnswer) as info:
+            await call()
+        assert not isinstance(info.value, Unavailable)
+    assert gw.requests == len(calls)  # one request each: nothing re-sent
+
+
+@pytest.mark.parametrize("body", [b"[]", b"null", b'"ok"'])
+@pytest_twisted.ensureDeferred
+async def test_headerless_answers_must_still_be_objects(listen, new_client, body):
+    # etcd answers a defragment with {} (3.4 and 3.5) and 3.4 an alarm with no header:
+    # those are taken, but not what is no JSON object at all.
+    gw = Scripted([http_answer(200, b"{}"), http_answer(200, b"{}"), http_answer(200, body)])
+    client = new_client(listen(gw), timeout=5)
+    assert await client.defragment() is None
+    assert await client.alarms() == []
+    with pytest.raises(MalformedAnswer):
+        await client.alarms()
+    with pytest.raises(MalformedAnswer):
+        await client.defragment()
+

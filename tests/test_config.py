@@ -8,6 +8,7 @@ Run on both etcd versions:
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -153,6 +154,39 @@ async def test_paged_read_is_one_revision_while_writers_write(pool_client):
     finally:
         stop.append(True)
         await writer
+
+
+@pytest.mark.parametrize(("call", "exc", "named"), [
+    # start(): a read cannot be done in 0 s, so timeout=0 could only ever time out
+    (lambda c: c.start(timeout=0), InvalidArgument, "timeout"),
+    (lambda c: c.start(timeout=math.nan), InvalidArgument, "timeout"),
+    (lambda c: c.start(timeout=-math.inf), InvalidArgument, "timeout"),
+    (lambda c: c.start(timeout=True), TypeError, "timeout"),
+    # waits: 0 is "do not wait" there; the rest is refused
+    (lambda c: c.wait_for(b"cfg/x", timeout=-1), InvalidArgument, "timeout"),
+    (lambda c: c.wait_for(b"cfg/x", timeout=math.nan), InvalidArgument, "timeout"),
+    (lambda c: c.wait_revision(5, timeout="1"), TypeError, "timeout"),
+    # update(): the transaction's timeout, checked as every client call's
+    (lambda c: c.update({b"cfg/a": b"1"}, timeout=0), InvalidArgument, "timeout"),
+    (lambda c: c.update({b"cfg/a": b"1"}, timeout=-1), InvalidArgument, "timeout"),
+    (lambda c: c.update({b"cfg/a": b"1"}, timeout="5"), TypeError, "timeout"),
+    (lambda c: c.update({"cfg/\ud800": b"1"}), InvalidArgument, "key"),
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_timeouts_are_refused_and_write_nothing(pool_client, call, exc, named):
+    config = ConfigWatcher(pool_client, P)
+    with pytest.raises(exc, match=named):
+        call(config)
+    assert config.state is ConfigState.NEW
+    assert (await pool_client.get(KeySet(P, prefix=True))).kvs == []
+
+
+@pytest.mark.parametrize(("page_size", "exc"), [
+    (0, InvalidArgument), (-1, InvalidArgument), (1.5, TypeError), ("7", TypeError),
+    (True, TypeError)])
+def test_bad_page_sizes_are_refused(page_size, exc):
+    with pytest.raises(exc, match="page_size"):
+        ConfigWatcher(Client(reactor, "http://127.0.0.1:1"), P, page_size=page_size)
 
 
 @pytest_twisted.ensureDeferred

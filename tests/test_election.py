@@ -7,6 +7,7 @@ Run on both etcd versions:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -226,6 +227,68 @@ async def test_bad_input_is_refused_and_leaves_nothing(pool_client, sessions):
     await election.resign()
     assert await keys_under(pool_client, b"bad/") == []
     assert await lease_ids(pool_client) == before
+
+
+BAD_WAIT_TIMEOUTS = [
+    (-1, InvalidArgument), (-0.5, InvalidArgument), (math.nan, InvalidArgument),
+    (-math.inf, InvalidArgument), ("5", TypeError), (True, TypeError), ([5], TypeError),
+]
+
+
+@pytest.mark.parametrize(("timeout", "exc"), BAD_WAIT_TIMEOUTS)
+@pytest_twisted.ensureDeferred
+async def test_bad_campaign_timeouts_are_refused_and_leave_nothing(pool_client, sessions,
+                                                                   timeout, exc):
+    (s,) = await sessions()
+    election = Election(s, b"bt")
+    with pytest.raises(exc, match="timeout"):
+        election.campaign(b"v", timeout=timeout)
+    with pytest.raises(exc, match="timeout"):
+        election.resume(timeout=timeout)
+    assert election.state is ElectionState.IDLE
+    assert await keys_under(pool_client, b"bt/") == []
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "named"), [
+    ({"ttl": 0}, InvalidArgument, "ttl"), ({"ttl": -5}, InvalidArgument, "ttl"),
+    ({"ttl": 9_000_000_001}, InvalidArgument, "ttl"), ({"ttl": "10"}, TypeError, "ttl"),
+    ({"ttl": 2.5}, TypeError, "ttl"),
+    ({"retry_pause": -1}, InvalidArgument, "retry_pause"),
+    ({"retry_pause": math.nan}, InvalidArgument, "retry_pause"),
+    ({"retry_pause": math.inf}, InvalidArgument, "retry_pause"),
+    ({"retry_pause": None}, TypeError, "retry_pause"),
+    ({"retry_pause": "1"}, TypeError, "retry_pause"),
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_run_as_leader_options_are_refused_at_once(pool_client, kwargs, exc, named):
+    before = await lease_ids(pool_client)
+    with pytest.raises(exc, match=named):  # raised by the call: nothing started
+        run_as_leader(pool_client, b"bt", b"v", lambda e: None, **kwargs)
+    assert await lease_ids(pool_client) == before
+    assert await keys_under(pool_client, b"bt/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_campaign_with_timeout_zero_leads_a_free_election(pool_client, sessions):
+    """timeout=0 means "do not wait", as Lock.acquire(timeout=0): elected at once if no
+    candidate came before us (a 0 s timer cancelled even that before), else Timeout at
+    once, our key removed."""
+    a, b = await sessions(2)
+    first = Election(a, b"z0")
+    await first.campaign(b"a", timeout=0)
+    assert first.is_leader and await keys_under(pool_client, b"z0/") == [first.key]
+    second = Election(b, b"z0")
+    started = time.monotonic()
+    with pytest.raises(Timeout, match="timeout=0"):
+        await second.campaign(b"b", timeout=0)
+    assert time.monotonic() - started < 2.0
+    assert second.state is ElectionState.IDLE
+    assert await keys_under(pool_client, b"z0/") == [first.key]
+    await first.resign()
+    await second.campaign(b"b", timeout=0)  # free now
+    assert second.is_leader
+    await second.resign()
+    assert await keys_under(pool_client, b"z0/") == []
 
 
 @pytest_twisted.ensureDeferred

@@ -62,11 +62,13 @@ def test_for_write(message, code, write, cls):
 
 
 @pytest.mark.parametrize(("answer", "alive"), [
-    ({"ID": "7", "TTL": "5", "grantedTTL": "10"}, True),
-    ({"ID": "7", "grantedTTL": "10"}, True),  # TTL 0 is left out of the JSON: last second
-    ({"ID": "7", "TTL": "0", "grantedTTL": "10"}, True),
-    ({"ID": "7", "TTL": "-1"}, False),  # the gateway's answer for a lease that is gone
-    ({"ID": "7", "TTL": -1}, False),
+    ({"header": {}, "ID": "7", "TTL": "5", "grantedTTL": "10"}, True),
+    # TTL 0 is left out of the JSON: last second
+    ({"header": {}, "ID": "7", "grantedTTL": "10"}, True),
+    ({"header": {}, "ID": "7", "TTL": "0", "grantedTTL": "10"}, True),
+    # the gateway's answer for a lease that is gone
+    ({"header": {}, "ID": "7", "TTL": "-1"}, False),
+    ({"header": {}, "ID": "7", "TTL": -1}, False),
 ])
 def test_time_to_live_answer(answer, alive):
     lease = Lease(None, 7)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
 
+from coord import Client, CompValue, OpSet
 from coord.errors import InvalidArgument
 from coord.keyset import KeySet, as_bytes, prefix_range_end
 
@@ -223,6 +225,35 @@ def test_invalid_argument(call):
 def test_invalid_argument_is_value_error():
     with pytest.raises(ValueError):
         KeySet(b"")
+
+
+# A str that UTF-8 cannot encode (a lone surrogate, as os.fsdecode makes of undecodable
+# bytes): UnicodeEncodeError before, now InvalidArgument naming the argument.
+LONE = "a\ud800"
+_client = Client(reactor, "http://127.0.0.1:1")  # nothing is ever sent: every call refuses
+
+
+@pytest.mark.parametrize(("call", "named"), [
+    (lambda: as_bytes(LONE, "thing"), "thing"),
+    (lambda: KeySet(LONE), "key"),
+    (lambda: KeySet(LONE, prefix=True), "key"),
+    (lambda: KeySet(b"a", LONE), "range_end"),
+    (lambda: OpSet(b"k", LONE), "value"),
+    (lambda: OpSet(LONE, b"v"), "key"),
+    (lambda: CompValue(b"k", "==", LONE), "value"),
+    (lambda: _client.set(LONE, b"v"), "key"),
+    (lambda: _client.set(b"k", LONE), "value"),
+    (lambda: _client.get(LONE), "key"),
+    (lambda: _client.delete(LONE), "key"),
+    (lambda: _client.watch(LONE, print), "key"),
+    (lambda: _client.lock(LONE), "name"),
+])
+def test_str_that_utf8_cannot_encode_is_invalid_argument(call, named):
+    with pytest.raises(InvalidArgument) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith(named + " ") and "UTF-8" in message
+    assert "'\\ud800' at position 1" in message  # the culprit, not the whole value
 
 
 def test_as_bytes():

@@ -6,6 +6,7 @@ Run on both etcd versions:
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -356,6 +357,62 @@ async def test_acquire_lock_release_closes_its_session(pool_client, sessions):
     await lock.release()
     assert await lease_ids(pool_client) == before
     assert await keys_under(pool_client, b"guide/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_lock_with_timeout_zero_agrees_with_acquire(pool_client, sessions):
+    """client.lock(name, timeout=0) as Lock.acquire(timeout=0): a free lock is taken (it
+    timed out before: its 0 s timer cancelled even the session's grant); a held one raises
+    Timeout at once, leaving no key and no lease."""
+    before = await lease_ids(pool_client)
+    lock = await pool_client.lock(b"z0", timeout=0)
+    assert lock.held and await keys_under(pool_client, b"z0/") == [lock.key]
+    started = time.monotonic()
+    with pytest.raises(Timeout, match="not free"):
+        await pool_client.lock(b"z0", timeout=0)
+    assert time.monotonic() - started < 2.0
+    assert await keys_under(pool_client, b"z0/") == [lock.key]
+    assert len(await lease_ids(pool_client)) == len(before) + 1  # the holder's only
+    await lock.release()
+    assert await lease_ids(pool_client) == before
+    assert await keys_under(pool_client, b"z0/") == []
+
+
+BAD_WAIT_TIMEOUTS = [
+    (-1, InvalidArgument), (-0.5, InvalidArgument), (math.nan, InvalidArgument),
+    (-math.inf, InvalidArgument), ("5", TypeError), (True, TypeError), ([5], TypeError),
+]
+
+
+@pytest.mark.parametrize(("timeout", "exc"), BAD_WAIT_TIMEOUTS)
+@pytest_twisted.ensureDeferred
+async def test_bad_acquire_timeouts_are_refused_and_leave_nothing(pool_client, sessions,
+                                                                  timeout, exc):
+    (s,) = await sessions()
+    before = await lease_ids(pool_client)
+    for call in (lambda: Lock(s, b"bt").acquire(timeout=timeout),
+                 lambda: RWLock(s, b"bt").write.acquire(timeout=timeout),
+                 lambda: Semaphore(s, b"bt", 2).acquire(timeout=timeout),
+                 lambda: pool_client.lock(b"bt", timeout=timeout),
+                 lambda: acquire_lock(pool_client, b"bt", timeout=timeout)):
+        with pytest.raises(exc, match="timeout"):
+            call()
+    assert await keys_under(pool_client, b"bt/") == []
+    assert await lease_ids(pool_client) == before
+
+
+@pytest.mark.parametrize(("ttl", "exc"), [
+    (0, InvalidArgument), (-1, InvalidArgument), (9_000_000_001, InvalidArgument),
+    ("10", TypeError), (1.5, TypeError), (True, TypeError), (None, TypeError)])
+@pytest_twisted.ensureDeferred
+async def test_bad_ttls_are_refused_at_once_and_grant_nothing(pool_client, ttl, exc):
+    before = await lease_ids(pool_client)
+    with pytest.raises(exc, match="ttl"):  # raised by the call, not by its Deferred
+        pool_client.lock(b"bt", ttl=ttl)
+    with pytest.raises(exc, match="ttl"):
+        acquire_lock(pool_client, b"bt", ttl=ttl)
+    assert await lease_ids(pool_client) == before
+    assert await keys_under(pool_client, b"bt/") == []
 
 
 @pytest_twisted.ensureDeferred

@@ -135,6 +135,26 @@ def test_create_checks_ttl():
         Session.create(client, ttl=0)
 
 
+@pytest.mark.parametrize(("ttl", "exc"), [
+    (0, errors.InvalidArgument), (-1, errors.InvalidArgument),
+    (9_000_000_001, errors.InvalidArgument),  # above etcd's largest TTL (MaxLeaseTTL)
+    ("10", TypeError), (1.5, TypeError), (True, TypeError), (None, TypeError)])
+@pytest_twisted.ensureDeferred
+async def test_bad_ttls_are_refused_at_once_and_grant_nothing(pool_client, ttl, exc):
+    before = await pool_client.leases()
+    with pytest.raises(exc, match="time_to_live"):  # raised by the call, not its Deferred
+        Session.create(pool_client, ttl=ttl)
+    assert await pool_client.leases() == before
+
+
+@pytest.mark.parametrize(("lease_id", "exc"), [
+    (0, errors.InvalidArgument), (-1, errors.InvalidArgument), ("1", TypeError),
+    (True, TypeError), (None, TypeError)])
+def test_resume_checks_the_lease_id(lease_id, exc):
+    with pytest.raises(exc, match="lease_id"):
+        Session.resume(Client(reactor, "http://127.0.0.1:1"), lease_id)
+
+
 # -- the deadline on a fake clock: counted from the keep-alive's send time -----------------
 
 

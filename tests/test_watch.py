@@ -472,3 +472,115 @@ async def test_a_watch_of_a_client_that_reached_etcd_waits_out_an_outage(etcd_fa
     await wait_until(lambda: [e.kv.value for e in seen] == [b"2"])
     d.cancel()
     await d
+
+
+# -- bad arguments: refused at watch() / events(), before a stream is opened --------------------
+
+
+def live_watchers(client):
+    """The client's live Watchers (looks inside: a refused watch must have made none)."""
+    return client._watchers
+
+
+class Callback:
+    def __call__(self, event):
+        pass
+
+
+@pytest.mark.parametrize(("on_change", "exc"), [
+    (None, TypeError), (42, TypeError), ("print", TypeError), ([print], TypeError)])
+@pytest_twisted.ensureDeferred
+async def test_on_change_that_cannot_be_called_is_refused(client, on_change, exc):
+    # Before: each event raised inside the stream reader and was skipped, silently.
+    with pytest.raises(exc, match="on_change must be callable"):
+        client.watch(b"k", on_change)
+    assert live_watchers(client) == set()  # no Watcher made, no stream opened
+
+
+@pytest.mark.parametrize(("idle_timeout", "exc"), [
+    (0, InvalidArgument),  # before: ~3,000 status requests a second against etcd
+    (-1, InvalidArgument), (float("nan"), InvalidArgument), (-float("inf"), InvalidArgument),
+    ("60", TypeError), (True, TypeError)])
+@pytest.mark.parametrize("api", ["watch", "events"])
+@pytest_twisted.ensureDeferred
+async def test_bad_idle_timeouts_are_refused(client, api, idle_timeout, exc):
+    with pytest.raises(exc, match="idle_timeout"):
+        if api == "watch":
+            client.watch(b"k", print, idle_timeout=idle_timeout)
+        else:
+            client.events(b"k", idle_timeout=idle_timeout)
+    assert live_watchers(client) == set()
+
+
+@pytest.mark.parametrize(("call", "exc"), [
+    (lambda c: c.watch([], print), InvalidArgument),
+    (lambda c: c.watch(b"", print), InvalidArgument),
+    (lambda c: c.watch(None, print), TypeError),
+    (lambda c: c.watch(b"k", print, start_revision=-1), InvalidArgument),
+    (lambda c: c.watch(b"k", print, start_revision="5"), TypeError),
+    (lambda c: c.watch(b"k", print, filters=["noget"]), InvalidArgument),
+    (lambda c: c.events(b"k", start_revision=1.5), TypeError),
+])
+@pytest_twisted.ensureDeferred
+async def test_other_bad_watch_arguments_are_refused(client, call, exc):
+    with pytest.raises(exc):
+        call(client)
+    assert live_watchers(client) == set()
+
+
+@pytest.mark.parametrize("idle_timeout", [None, float("inf"), 0.5, 60])
+@pytest_twisted.ensureDeferred
+async def test_no_limit_and_finite_idle_timeouts_are_taken(client, idle_timeout):
+    d = client.watch(b"k", Callback(), idle_timeout=idle_timeout)
+    await d.watcher.ready
+    assert d.watcher.idle_timeout == (None if idle_timeout in (None, float("inf"))
+                                      else idle_timeout)
+    d.cancel()
+    await d
+
+
+# -- async on_change: run for every event, in order, failures logged -----------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_async_on_change_is_run_for_every_event_and_its_failure_logged(client):
+    from twisted.internet import defer
+    from twisted.logger import globalLogPublisher
+
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    started, finished = [], []
+    gate = defer.Deferred()
+
+    async def on_change(event):
+        started.append(event.kv.value)
+        await gate  # not awaited by the watch: the next events start meanwhile
+        if event.kv.value == b"boom":
+            raise ValueError("async callback bug")
+        finished.append(event.kv.value)
+
+    d = client.watch(b"k", on_change)
+    try:
+        await d.watcher.ready
+        for value in (b"1", b"boom", b"3"):
+            await client.set(b"k", value)
+        await wait_until(lambda: len(started) == 3)
+        assert started == [b"1", b"boom", b"3"]  # each started at its event, in order
+        assert finished == []
+        gate.callback(None)
+        await wait_until(lambda: len(finished) == 2)
+        assert finished == [b"1", b"3"]
+        failures = [e for e in logged if e.get("log_failure") is not None
+                    and e["log_failure"].check(ValueError)]
+        assert len(failures) == 1
+        assert "watch callback" in failures[0]["log_format"]
+        assert b"boom" in repr(failures[0]["event"]).encode()
+        assert failures[0]["cb"] is on_change
+        for event in failures:  # handled: keep the test's error reporting quiet
+            event["log_failure"].cleanFailure()
+        assert not d.called  # the watch goes on
+        await client.set(b"k", b"4")
+        await wait_until(lambda: finished == [b"1", b"3", b"4"])
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+        d.cancel()

@@ -134,9 +134,10 @@ def test_encode_roundtrip(body):
      b'{"a":1}{"b":2}', b'{"a":1}\n{"b":2}', b"\xff\xfe", b'{"a":"\xff"}', b"{'a': 1}"],
 )
 def test_decode_not_json(data):
-    with pytest.raises(errors.EtcdError) as info:
+    with pytest.raises(errors.MalformedAnswer) as info:
         codec.decode(data)
-    assert "not JSON" in info.value.message
+    assert "not JSON" in str(info.value)
+    assert info.value.body == data[:200]
 
 
 @pytest.mark.parametrize(
@@ -222,10 +223,10 @@ RANGE_REAL = (
         (b'{"header":{"revision":"7"},"kvs":[{"key":"YQ=="},{"key":"Yg=="}],"more":true,'
          b'"count":"5"}',
          Range([KeyValue(b"a"), KeyValue(b"b")], 5, True, Header(0, 0, 7, 0))),
-        (b'{"kvs":[],"count":"0"}', Range([], 0, False, Header())),
+        (b'{"header":{},"kvs":[],"count":"0"}', Range([], 0, False, Header())),
         # Absent count is 0 even when kvs are present (the zero value, not len(kvs)).
-        (b'{"kvs":[{"key":"YQ=="}]}', Range([KeyValue(b"a")], 0, False, Header())),
-        (b"{}", Range()),
+        (b'{"header":{},"kvs":[{"key":"YQ=="}]}', Range([KeyValue(b"a")], 0, False, Header())),
+        (b'{"header":{}}', Range()),
     ],
 )
 def test_range_response_table(raw, expected):
@@ -241,7 +242,7 @@ def test_range_response_table(raw, expected):
          Revision(3, None, Header(1, 2, 3, 4))),
         (b'{"header":{"revision":"3"},"prev_kv":' + json.dumps(FOO_JSON).encode() + b"}",
          Revision(3, FOO, Header(0, 0, 3, 0))),
-        (b"{}", Revision(0, None, Header())),
+        (b'{"header":{}}', Revision(0, None, Header())),
     ],
 )
 def test_put_response_table(raw, expected):
@@ -292,10 +293,11 @@ TXN_REAL = {
         ({"header": {"revision": "9"}}, TransactionResult(False, [], Header(0, 0, 9, 0))),
         ({"header": {"revision": "9"}, "succeeded": False, "responses": []},
          TransactionResult(False, [], Header(0, 0, 9, 0))),
-        ({"succeeded": True}, TransactionResult(True, [], Header())),
-        # A sub-response whose fields are all zero values is an empty object.
-        ({"responses": [{"response_put": {}}, {"response_delete_range": {}},
-                        {"response_range": {}}]},
+        ({"header": {}, "succeeded": True}, TransactionResult(True, [], Header())),
+        # A sub-response whose fields are all zero values is an empty object (its header
+        # is not checked: only the answer's).
+        ({"header": {}, "responses": [{"response_put": {}}, {"response_delete_range": {}},
+                                      {"response_range": {}}]},
          TransactionResult(False, [Revision(0), Deleted(), Range()], Header())),
     ],
 )
@@ -322,7 +324,7 @@ STATUS_REAL = (
          b'"raftTerm":"7","raftAppliedIndex":"8","dbSizeInUse":"9",'
          b'"errors":["memberID:1 alarm:NOSPACE "],"isLearner":true}',
          Status(Header(), "3.4.27", 1, 5, 6, 7, 8, 9, ["memberID:1 alarm:NOSPACE "], True)),
-        (b"{}", Status(Header())),
+        (b'{"header":{}}', Status(Header())),
     ],
 )
 def test_status_response_table(raw, expected):
@@ -1343,8 +1345,76 @@ def test_answer_table_equals_json_path(raw):
 
 
 def test_answer_not_json():
-    with pytest.raises(errors.EtcdError):
+    with pytest.raises(errors.MalformedAnswer):
         codec.answer(b"<html>", codec.range_response)
+
+
+# ============================================================================================
+# codec: answers that are not etcd's
+# ============================================================================================
+
+# What etcd's gateway answers on 3.4.23 and 3.5.1 (curl, one answer per call coord makes):
+# every one carries a header -- a keep-alive's inside "result" -- except a defragment's
+# ({} on both) and an alarm's on 3.4 ({} or {"alarms": [...]}).
+NOT_OBJECTS = [b"[]", b"null", b'"header"', b"1", b"true", b"[{}]"]
+NO_HEADER = [b"{}", b'{"header":null}', b'{"header":[]}', b'{"header":"x"}', b'{"header":1}',
+             b'{"kvs":[],"count":"0"}', b'{"result":{"ID":"7","TTL":"5"}}']
+
+ANSWER_DECODERS = [
+    codec.range_response, codec.put_response, codec.delete_response, codec.txn_response,
+    codec.status_response, codec.members_response, codec.header_response,
+    codec.keepalive_response, codec.unary,
+]
+
+
+@pytest.mark.parametrize("convert", ANSWER_DECODERS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("raw", NOT_OBJECTS + NO_HEADER)
+def test_answers_without_a_header_are_refused(convert, raw):
+    with pytest.raises(errors.MalformedAnswer) as info:
+        convert(json.loads(raw))
+    assert "not an etcd gateway answer" in str(info.value)
+    # Through codec.answer too: the direct parses (put, range) fall back to the same check.
+    with pytest.raises(errors.MalformedAnswer):
+        codec.answer(raw, convert)
+
+
+@pytest.mark.parametrize("raw", NOT_OBJECTS + NO_HEADER)
+def test_answer_without_a_decoder_needs_a_header(raw):
+    with pytest.raises(errors.MalformedAnswer):
+        codec.answer(raw)
+
+
+@pytest.mark.parametrize("convert", [codec.alarms, codec.defragment_response],
+                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize("raw", NOT_OBJECTS)
+def test_headerless_answers_must_still_be_objects(convert, raw):
+    with pytest.raises(errors.MalformedAnswer):
+        codec.answer(raw, convert)
+
+
+@pytest.mark.parametrize(("convert", "raw", "expected"), [
+    (codec.defragment_response, b"{}", None),  # 3.4.23 and 3.5.1
+    (codec.alarms, b"{}", []),  # 3.4.23: no header, no alarm
+    (codec.alarms, b'{"alarms":[{"memberID":"1","alarm":"NOSPACE"}]}',
+     [Alarm(1, AlarmType.NOSPACE)]),  # 3.4.23 with an alarm
+    (codec.keepalive_response, b'{"result":{"header":{"revision":"3"},"ID":"7"}}',
+     {"header": {"revision": "3"}, "ID": "7"}),  # a revoked lease: no TTL
+    (codec.header_response, b'{"header":{"revision":"3"}}', Header(0, 0, 3, 0)),
+    (codec.members_response, b'{"header":{"raft_term":"2"},"members":[{"ID":"5"}]}',
+     [Member(5)]),  # 3.4 and 3.5 leave the revision out of a member list's header
+])
+def test_answers_etcd_gives_are_taken(convert, raw, expected):
+    assert codec.answer(raw, convert) == expected
+
+
+def test_malformed_answer_is_not_transient_nor_etcds():
+    exc = errors.MalformedAnswer("x")
+    assert isinstance(exc, errors.CoordError)
+    assert not isinstance(exc, (errors.Unavailable, errors.EtcdError, errors.InvalidArgument))
+    assert errors.MalformedAnswer.__name__ in errors.__all__
+    import coord
+
+    assert coord.MalformedAnswer is errors.MalformedAnswer
 
 
 def test_answer_direct_parses_take_etcds_own_answers():

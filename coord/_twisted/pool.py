@@ -53,6 +53,7 @@ from zope.interface import implementer
 from coord import errors
 from coord._failover import Expiry, Plan, expiry_demotes, on_attempt_expired
 from coord._twisted import at_most
+from coord._twisted._explain import connection_lost
 from coord._twisted.health import PROBE_TIMEOUT, Monitor
 from coord._wire import codec
 from coord._wire.http11 import ProtocolError, ResponseParser, build_request, request_head
@@ -113,10 +114,16 @@ class Endpoint:
 def parse_endpoint(url: object) -> Endpoint:
     """Parse ``http://host:port`` or ``https://host:port`` (path, query not allowed)."""
     if isinstance(url, bytes):
-        url = url.decode("ascii")
+        try:
+            url = url.decode("ascii")
+        except UnicodeDecodeError:
+            raise errors.InvalidArgument(f"endpoint {url!r} is not an ASCII URL") from None
     if not isinstance(url, str):
-        raise TypeError(f"an endpoint must be a URL string, not {type(url).__name__}")
-    parts = urlsplit(url)
+        raise TypeError(f"url must be an endpoint URL string, not {type(url).__name__}")
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # "http://[::1": urllib's bare "Invalid IPv6 URL"
+        raise errors.InvalidArgument(f"endpoint {url!r} is not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise errors.InvalidArgument(f"endpoint must look like http://host:port, not {url!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -360,7 +367,7 @@ class _Connection(protocol.Protocol, ResponseParser):
             self.closed = True
             self.pool.connection_gone(self)
         self._broken(errors.Unavailable(
-            f"connection to {self.pool.endpoint.url} lost: {reason.getErrorMessage()}"))
+            f"connection to {self.pool.endpoint.url} lost: {connection_lost(self, reason)}"))
 
     def handshakeCompleted(self) -> None:
         self.handshaking = False

@@ -28,6 +28,7 @@ from twisted.web.http_headers import Headers
 from coord import errors
 from coord._failover import Expiry, Plan, expiry_demotes, on_attempt_expired
 from coord._twisted import at_most, detached, relay
+from coord._twisted._explain import request_failed
 from coord._twisted.health import PROBE_TIMEOUT, Monitor
 from coord._twisted.pool import (
     AUTH_PATH,
@@ -103,8 +104,8 @@ class TreqTransport:
                     raise errors.WriteTimeout(what + "; the write may or may not have been applied")
                 raise errors.Timeout(what)
             d.addTimeout(timeout, self.reactor, onTimeoutCancel=timed_out)
-        if decode is not None:
-            d.addCallback(decode)
+        # Without a decode, the answer must still be etcd's (as the pool's codec.answer).
+        d.addCallback(codec.unary if decode is None else decode)
         return d
 
     def _detached(self, inner: defer.Deferred[Any], state: dict) -> defer.Deferred[Any]:
@@ -217,7 +218,7 @@ class TreqTransport:
                     raise defer.CancelledError() from e
                 sent = not _never_sent(e)
                 state["sent"] = sent
-                last = errors.Unavailable(f"{endpoint.url}{path}: {e!r}")
+                last = errors.Unavailable(f"{endpoint.url}{path}: {request_failed(e, endpoint)}")
                 self._endpoint_down(index, str(last))
                 if not Plan.may_resend(write, sent):
                     raise errors.OutcomeUnknown(

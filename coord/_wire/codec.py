@@ -56,7 +56,7 @@ _scan_once = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-t
 
 
 def decode(data: bytes) -> Any:
-    """Parse a JSON body; a body that is not JSON becomes an :class:`errors.EtcdError`.
+    """Parse a JSON body; a body that is not JSON becomes :class:`errors.MalformedAnswer`.
 
     etcd's bodies start with their JSON value and may end with a newline (streams): the
     scanner reads the value where it starts, skipping json.loads' two whitespace scans;
@@ -73,8 +73,44 @@ def decode(data: bytes) -> Any:
             raise ValueError("extra data after the JSON value")
         return value
     except (ValueError, RecursionError):
-        raise errors.EtcdError(
-            f"etcd gateway sent a body that is not JSON: {data[:200]!r}") from None
+        raise errors.MalformedAnswer(
+            f"etcd gateway sent a body that is not JSON: {data[:200]!r}", data[:200]) from None
+
+
+def _malformed(obj: Any, wanted: str) -> errors.MalformedAnswer:
+    shown = repr(obj)
+    if len(shown) > 200:
+        shown = shown[:200] + "..."
+    return errors.MalformedAnswer(
+        f"the server's answer is not an etcd gateway answer ({wanted}): {shown}",
+        shown.encode("utf-8", "replace"))
+
+
+def json_object(obj: Any) -> dict:
+    """``obj`` if it is a JSON object (a dict), else :class:`errors.MalformedAnswer`.
+
+    For the answers that may lack a header: etcd's DefragmentResponse has none (3.4.23
+    and 3.5.1 answer ``{}``), nor has 3.4's AlarmResponse (3.5 fills it in).
+    """
+    if type(obj) is dict:
+        return obj
+    raise _malformed(obj, "not a JSON object")
+
+
+def unary(obj: Any) -> dict:
+    """``obj`` if it is a unary etcd answer: a JSON object with a ``header`` object.
+
+    Every answer coord reads carries one (``rpc.proto``: each response's ``header``
+    field, filled in by etcd's server before the gateway writes it; checked on 3.4.23
+    and 3.5.1 for every call coord makes), except those :func:`json_object` is for.
+    A body such as ``[]``, ``null`` or ``{}`` comes from something that is not etcd.
+
+    Raises:
+        MalformedAnswer: it is not.
+    """
+    if type(obj) is dict and type(obj.get("header")) is dict:
+        return obj
+    raise _malformed(obj, "a JSON object with a header")
 
 
 def b64(value: str | None) -> bytes:
@@ -102,41 +138,85 @@ def kv(obj: dict) -> KeyValue:
     )
 
 
-def range_response(obj: dict) -> Range:
+# The answer decoders below take the JSON answer of their call and refuse one that is not
+# etcd's (see unary).  A transaction's responses are decoded by the underscored ones: only
+# the answer as a whole is checked (etcd gives each response a header of its own too, but
+# with the revision alone, or empty for a nested transaction).
+
+
+def _range(obj: dict) -> Range:
     kvs = obj.get("kvs")
     return Range([kv(x) for x in kvs] if kvs else [], int(obj.get("count", 0)),
                  bool(obj.get("more", False)), header(obj.get("header")))
 
 
-def put_response(obj: dict) -> Revision:
+def _put(obj: dict) -> Revision:
     h = header(obj.get("header"))
     prev = obj.get("prev_kv")
     return Revision(h.revision, kv(prev) if prev else None, h)
 
 
-def delete_response(obj: dict) -> Deleted:
+def _delete(obj: dict) -> Deleted:
     prev = obj.get("prev_kvs")
     return Deleted(int(obj.get("deleted", 0)), [kv(x) for x in prev] if prev else [],
                    header(obj.get("header")))
 
 
-_TXN_RESPONSES = {
-    "response_range": range_response,
-    "response_put": put_response,
-    "response_delete_range": delete_response,
-}
-
-
-def txn_response(obj: dict) -> TransactionResult:
+def _txn(obj: dict) -> TransactionResult:
     responses: list[Any] = []
     for item in obj.get("responses") or ():
         ((name, value),) = item.items()
         if name == "response_txn":
-            responses.append(txn_response(value))
+            responses.append(_txn(value))
         else:
             responses.append(_TXN_RESPONSES[name](value))
     return TransactionResult(bool(obj.get("succeeded", False)), responses,
                              header(obj.get("header")))
+
+
+_TXN_RESPONSES = {
+    "response_range": _range,
+    "response_put": _put,
+    "response_delete_range": _delete,
+}
+
+
+def range_response(obj: Any) -> Range:
+    """A RangeResponse.  Raises MalformedAnswer for an answer that is not etcd's."""
+    return _range(unary(obj))
+
+
+def put_response(obj: Any) -> Revision:
+    """A PutResponse.  Raises MalformedAnswer for an answer that is not etcd's."""
+    return _put(unary(obj))
+
+
+def delete_response(obj: Any) -> Deleted:
+    """A DeleteRangeResponse.  Raises MalformedAnswer for an answer that is not etcd's."""
+    return _delete(unary(obj))
+
+
+def txn_response(obj: Any) -> TransactionResult:
+    """A TxnResponse.  Raises MalformedAnswer for an answer that is not etcd's."""
+    return _txn(unary(obj))
+
+
+def header_response(obj: Any) -> Header:
+    """The header of an answer that carries nothing else coord reads (compaction, lease
+    revoke).  Raises MalformedAnswer for an answer that is not etcd's."""
+    return header(unary(obj)["header"])
+
+
+def keepalive_response(obj: Any) -> dict:
+    """A LeaseKeepAliveResponse: the gateway serves keep-alives as a stream, so the answer
+    is wrapped in ``{"result": ...}`` (an answer without the wrapping is taken as is).
+
+    Raises:
+        MalformedAnswer: an answer that is not etcd's.
+    """
+    obj = json_object(obj)
+    result = obj.get("result", obj)
+    return unary(result)
 
 
 # Direct parses of the two answers a busy client gets most, in the exact shape etcd's
@@ -212,8 +292,12 @@ def answer(body: bytes, convert: Any = None) -> Any:
     directly, values built without attrs' __init__ (see _setters): a third of the
     decoding cost of a small answer.
 
+    ``convert`` (one of this module's answer decoders, or a function that calls one)
+    refuses an answer that is not etcd's; without it, the answer must be a JSON object
+    with a header (see :func:`unary`), returned as it is.
+
     Raises:
-        EtcdError: the body is not JSON.
+        MalformedAnswer: the body is not JSON, or not an etcd answer.
     """
     if convert is put_response:
         m = _HEADER_ONLY.fullmatch(body)
@@ -245,12 +329,14 @@ def answer(body: bytes, convert: Any = None) -> Any:
             _R[2](got, more is not None)
             _R[3](got, _header(int(c), int(mm), int(r), int(t)))
             return got
+    # (The direct parses above match only answers with a header: nothing to check there.)
     obj = decode(body)
-    return obj if convert is None else convert(obj)
+    return unary(obj) if convert is None else convert(obj)
 
 
-def status_response(obj: dict) -> Status:
-    g = obj.get
+def status_response(obj: Any) -> Status:
+    """A StatusResponse.  Raises MalformedAnswer for an answer that is not etcd's."""
+    g = unary(obj).get
     return Status(
         header(g("header")),
         g("version", ""),
@@ -271,9 +357,29 @@ def member(obj: dict) -> Member:
                   list(g("clientURLs") or ()), bool(g("isLearner", False)))
 
 
-def alarms(obj: dict) -> list[Alarm]:
+def members_response(obj: Any) -> list[Member]:
+    """A MemberListResponse's members.  Raises MalformedAnswer for an answer that is not
+    etcd's."""
+    return [member(m) for m in unary(obj).get("members") or ()]
+
+
+def alarms(obj: Any) -> list[Alarm]:
+    """An AlarmResponse's alarms.  etcd 3.4 sends no header with it (see json_object).
+
+    Raises:
+        MalformedAnswer: not a JSON object.
+    """
     return [Alarm(int(a.get("memberID", 0)), AlarmType(a.get("alarm", "NONE")))
-            for a in obj.get("alarms") or ()]
+            for a in json_object(obj).get("alarms") or ()]
+
+
+def defragment_response(obj: Any) -> None:
+    """A DefragmentResponse: ``{}`` (etcd sends no header with it, see json_object).
+
+    Raises:
+        MalformedAnswer: not a JSON object.
+    """
+    json_object(obj)
 
 
 def event(obj: dict) -> Event:

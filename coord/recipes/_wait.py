@@ -18,7 +18,6 @@ This is etcd's ``concurrency/key.go`` (``waitDeletes``), with two changes:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ import txaio
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from coord import errors
+from coord import _checks, errors
 from coord._twisted import detached, relay
 from coord.keyset import KeySet
 from coord.txn import CompCreated, CompLease, OpDel, OpGet, Transaction
@@ -205,6 +204,10 @@ async def remove_own_key(owner: Any, attempt: Shared, token: int | None) -> None
     ``_client``, ``_reactor``).  ``attempt`` is the transaction that writes the key: its
     success branch creates it at the transaction's revision; its failure branch reads it
     first.  ``token``, if known, is the key's create revision.
+
+    An attempt that etcd refused (PermissionDenied, LeaseNotFound, "no leader"...) wrote
+    nothing: there is nothing to delete, and a delete would most likely be refused too
+    (a user who may not write the prefix may not delete there either).
     """
     if token is None:
         try:
@@ -214,6 +217,13 @@ async def remove_own_key(owner: Any, attempt: Shared, token: int | None) -> None
             if not mine:
                 return
             token = mine[0].create_revision
+        except errors.EtcdError as refused:
+            # etcd's answer to the transaction itself: it was not applied -- unless it
+            # is an unavailability that may come after the proposal (errors.for_write
+            # made it an OutcomeUnknown then).
+            if not isinstance(refused, errors.OutcomeUnknown):
+                return
+            token = None
         except Exception:
             token = None  # unknown outcome: delete whatever key our lease has there
     await delete_own_key(owner, token)
@@ -244,6 +254,12 @@ async def delete_own_key(owner: Any, token: int | None) -> None:
                      key=key, error=exc)
             await task.deferLater(owner._reactor, pause, lambda: None)
             pause = min(pause * 2, 1.0)
+        except errors.EtcdError as exc:
+            # etcd refused the delete (permission denied...): its word, not a bug here,
+            # so no traceback.  The key goes with the session's lease anyway.
+            log.warn("{owner}: etcd refused to delete {key!r} ({error}); it goes when "
+                     "the session's lease ends", owner=owner, key=key, error=exc)
+            return
         except Exception:
             log.failure("{owner}: deleting {key!r} failed", owner=owner, key=key)
             return
@@ -379,16 +395,12 @@ def with_timeout(d: defer.Deferred[Any], timeout: float | None, reactor: Any,
     return out
 
 
-def check_timeout(timeout: Any) -> float | None:
-    """A timeout argument: None (or infinity), or a finite number of seconds >= 0."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, not "
-                        f"{type(timeout).__name__}")
-    if timeout == math.inf:
-        return None
-    if not timeout >= 0:  # also NaN
-        raise errors.InvalidArgument(f"timeout must be a number of seconds >= 0, not "
-                                     f"{timeout}")
-    return float(timeout)
+def check_timeout(timeout: Any, zero_ok: bool = True) -> float | None:
+    """A recipe's wait timeout: None (or infinity) for no limit, else seconds >= 0 -- 0
+    meaning "do not wait" where the recipe can tell at once (``zero_ok``).
+
+    Raises:
+        TypeError: not a number (a str, a bool).
+        InvalidArgument: negative, NaN, or 0 when not ``zero_ok``.
+    """
+    return _checks.seconds("timeout", timeout, zero_ok=zero_ok)

@@ -47,6 +47,7 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from coord import errors
+from coord._checks import positive_int
 from coord._sentinel import DEFAULT
 from coord.errors import ConfigDecodeError, ConfigStopped
 from coord.keyset import KeySet, as_bytes
@@ -188,10 +189,7 @@ class ConfigWatcher:
         for name, fn in (("decode", decode), ("encode", encode)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, not {type(fn).__name__}")
-        if isinstance(page_size, bool) or not isinstance(page_size, int):
-            raise TypeError(f"page_size must be an int, not {type(page_size).__name__}")
-        if page_size < 1:
-            raise errors.InvalidArgument(f"page_size must be >= 1, not {page_size}")
+        page_size = positive_int("page_size", page_size)
         self.client = client
         self.prefix = prefix
         self.keys = KeySet(prefix, prefix=True)
@@ -312,8 +310,8 @@ class ConfigWatcher:
         """Read the prefix, then watch it from the read's revision + 1.
 
         Args:
-            timeout: seconds the first read may take (None: the client's per-call
-                timeouts only).
+            timeout: seconds the first read may take, more than 0 (None or infinity:
+                the client's per-call timeouts only).
 
         Returns:
             Deferred firing with the first :class:`ConfigSnapshot`.
@@ -322,11 +320,13 @@ class ConfigWatcher:
             Timeout: the read did not complete in time (the watcher is back to NEW and
                 may be started again).
             Unavailable, EtcdError: the read failed (idem).
-            InvalidArgument: already started or stopped.
+            InvalidArgument: already started or stopped; a negative, NaN or 0 ``timeout``
+                (a read cannot be done in no time: it would always time out).
+            TypeError: ``timeout`` is not a number.
 
         Cancelling the Deferred abandons the read (the watcher is back to NEW).
         """
-        timeout = check_timeout(timeout)
+        timeout = check_timeout(timeout, zero_ok=False)
         if self.state is not ConfigState.NEW:
             raise errors.InvalidArgument(f"{self!r} was started already")
         self.state = ConfigState.LOADING

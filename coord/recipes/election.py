@@ -43,7 +43,8 @@ import txaio
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from coord import errors
+from coord import _checks, errors
+from coord.client import MAX_LEASE_TTL
 from coord.errors import LeadershipLost, NoLeader, NotLeader, SessionLost
 from coord.keyset import KeySet, as_bytes
 from coord.recipes._wait import (
@@ -205,16 +206,20 @@ class Election:
 
         Args:
             value: our proposal (bytes or str), what :meth:`leader` and observers see.
-            timeout: seconds to wait at most (None: no limit).
+            timeout: seconds to wait at most (None or infinity: no limit; 0: do not
+                wait -- lead at once if no candidate came before us, else Timeout, our
+                key removed; as ``Lock.acquire(timeout=0)``).
 
         Returns:
             Deferred firing with this Election once it leads: proven inside a
             transaction (our key exists with our create revision, no key before it).
 
         Raises:
-            TypeError: ``value`` is not bytes or str (raised at once).
+            TypeError: ``value`` is not bytes or str, ``timeout`` not a number (raised
+                at once).
             InvalidArgument: already campaigning or leading, or another Election object
-                of the same session and name is in use (raised at once).
+                of the same session and name is in use, a negative or NaN ``timeout``
+                (raised at once, nothing written).
             Timeout: not elected in time; our key has been removed.
             SessionLost: the session ended (before or while waiting).
             LeadershipLost: our candidate key was deleted by someone else while waiting.
@@ -224,7 +229,7 @@ class Election:
         """
         value = as_bytes(value, "value")
         timeout = check_timeout(timeout)
-        return self._start(self._campaign(value), timeout,
+        return self._start(self._campaign(value, wait=timeout != 0), timeout,
                            f"not elected leader of {self.name!r} within {timeout} s")
 
     def resume(self, timeout: float | None = None) -> defer.Deferred[Election]:
@@ -240,7 +245,7 @@ class Election:
                 nothing is written.
         """
         timeout = check_timeout(timeout)
-        return self._start(self._campaign(None), timeout,
+        return self._start(self._campaign(None, wait=timeout != 0), timeout,
                            f"not elected leader of {self.name!r} within {timeout} s")
 
     def _start(self, coro: Any, timeout: float | None, message: str) -> defer.Deferred[Any]:
@@ -258,10 +263,13 @@ class Election:
         self._lost_reason = None
         d = defer.Deferred.fromCoroutine(coro)
         self._campaigning = d
+        if timeout == 0:
+            return d  # the campaign does not wait (see _campaign): no timer to run out
         return with_timeout(d, timeout, self._reactor, message)
 
-    async def _campaign(self, value: bytes | None) -> Election:
-        """Campaign with ``value``, or (None) resume the key our lease has."""
+    async def _campaign(self, value: bytes | None, wait: bool = True) -> Election:
+        """Campaign with ``value``, or (None) resume the key our lease has; with ``wait``
+        false, raise Timeout instead of waiting for the candidates before us."""
         client, key = self._client, self.key
         enqueue = None
         token = None
@@ -304,6 +312,11 @@ class Election:
                         # attached to it, so it cannot outlive our session.)
                         header = (await client.submit(self._put(token, value))).header
             if not first or first[0].create_revision < token:
+                if not wait and first:
+                    # (A timer of 0 s would cancel even a free campaign's first
+                    # transaction: "do not wait" is decided here instead.)
+                    raise errors.Timeout(
+                        f"{self.name!r} has a leader, not elected (timeout=0)")
                 header = await self._wait(token)
             self.session.check()
         except BaseException as exc:
@@ -779,18 +792,18 @@ def run_as_leader(client: Any, name: bytes | str, value: bytes | str,
         resign and close the session), or failing with its error (likewise).
 
     Raises:
-        TypeError: bad ``name``, ``value`` or ``fn`` (raised at once).
+        TypeError: bad ``name``, ``value`` or ``fn``; a ``ttl`` that is not an int, a
+            ``retry_pause`` that is not a number (raised at once).
+        InvalidArgument: an empty ``name``, a ``ttl`` below 1 or above etcd's largest,
+            a negative, NaN or infinite ``retry_pause`` (raised at once).
 
     Cancelling the Deferred cancels ``fn`` if it runs, resigns and closes the session.
     """
     prefix = _prefix(name)
     value = as_bytes(value, "value")
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-    pause = check_timeout(retry_pause)
-    if pause is None:
-        raise errors.InvalidArgument("retry_pause must be a finite number of seconds >= 0")
-    retry_pause = pause
+    _checks.callback("fn", fn)
+    ttl = _checks.positive_int("ttl", ttl, maximum=MAX_LEASE_TTL)
+    retry_pause = _checks.seconds("retry_pause", retry_pause, none_ok=False, zero_ok=True)
     return defer.Deferred.fromCoroutine(
         _run_as_leader(client, prefix[:-1], value, fn, ttl, retry_pause))
 

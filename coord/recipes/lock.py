@@ -30,6 +30,8 @@ import txaio
 from twisted.internet import defer
 
 from coord import errors
+from coord._checks import positive_int
+from coord.client import MAX_LEASE_TTL
 from coord.errors import LockLost, SessionLost
 from coord.keyset import KeySet, as_bytes
 from coord.recipes._wait import (
@@ -163,8 +165,8 @@ class Lock:
         """Wait until the lock is ours.
 
         Args:
-            timeout: seconds to wait at most (None: no limit; 0: do not wait -- take it
-                if free, as :meth:`try_acquire`, else Timeout).
+            timeout: seconds to wait at most (None or infinity: no limit; 0: do not
+                wait -- take it if free, as :meth:`try_acquire`, else Timeout).
 
         Returns:
             Deferred firing with this Lock once held: ownership was proven inside a
@@ -177,7 +179,9 @@ class Lock:
             SessionLost: the session ended (before or while waiting).
             LockLost: our waiter key was deleted by someone else while waiting.
             InvalidArgument: this lock is already held or being acquired, or another lock
-                object of the same session and name is in use.
+                object of the same session and name is in use; a negative or NaN
+                ``timeout`` (raised at once, nothing written).
+            TypeError: ``timeout`` is not a number (raised at once).
 
         Cancelling the Deferred stops waiting and removes our waiter key (the Deferred
         fails with CancelledError once it is removed).
@@ -522,14 +526,22 @@ def acquire_lock(client: Any, name: bytes | str, timeout: float | None = None,
     our key).  If acquiring fails (Timeout, cancel), the session is closed too: no key
     and no lease are left behind.
 
+    ``timeout=0`` means "do not wait", as for :meth:`Lock.acquire`: a free lock is taken
+    (the session's grant and the lock's transaction are not bounded by it -- only each
+    call's timeout); a held one raises Timeout once the session made for it is revoked.
+
     Returns:
         Deferred firing with the held :class:`Lock`.
 
     Raises:
         Timeout: not acquired within ``timeout`` seconds.
+        TypeError, InvalidArgument: a bad ``name``, ``timeout`` (see
+            :meth:`Lock.acquire`) or ``ttl`` (an int from 1 to etcd's largest TTL);
+            raised at once, before anything is sent.
     """
     timeout = check_timeout(timeout)
     check_name(name, "Lock")
+    ttl = positive_int("ttl", ttl, maximum=MAX_LEASE_TTL)
     reactor = client._reactor
 
     async def go() -> Lock:
@@ -537,13 +549,18 @@ def acquire_lock(client: Any, name: bytes | str, timeout: float | None = None,
         try:
             lock = Lock(session, name)
             lock._owns_session = True
-            await lock.acquire()
+            # timeout=0: Lock.acquire's "take it if free" (it cannot be done within
+            # 0 s of a timer: that would time out even a free lock).
+            await lock.acquire(timeout=0 if timeout == 0 else None)
         except BaseException:
             await detached(session.close())
             raise
         return lock
 
-    return with_timeout(defer.Deferred.fromCoroutine(go()), timeout, reactor,
+    d = defer.Deferred.fromCoroutine(go())
+    if timeout == 0:
+        return d
+    return with_timeout(d, timeout, reactor,
                         f"could not acquire lock {name!r} within {timeout} s")
 
 
