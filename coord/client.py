@@ -117,9 +117,9 @@ class Client:
         InvalidArgument: a malformed endpoint URL, or an https one with TLS unavailable;
             a negative or NaN ``timeout``, ``connect_timeout``, ``attempt_timeout`` or
             ``health_check_interval``, any of them 0, an infinite ``connect_timeout``;
-            ``max_connections`` or ``max_request_bytes`` below 1; with an https endpoint, a ``ca_cert``, ``cert`` or ``key`` that
-            cannot be read, holds no certificate or key, or a key that is encrypted or
-            not ``cert``'s.
+            ``max_connections`` or ``max_request_bytes`` below 1; with an https
+            endpoint, a ``ca_cert``, ``cert`` or ``key`` that cannot be read, holds no
+            certificate or key, or a key that is encrypted or not ``cert``'s.
     """
 
     def __init__(self, reactor: Any, url: str | bytes | Sequence[str], *,
