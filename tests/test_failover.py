@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from helpers import dead_url, preferred_url, sleep, wait_until
+from helpers import Scripted, dead_url, http_answer, preferred_url, sleep, wait_until
 from twisted.internet import defer, reactor
 
 from coord import (
@@ -542,3 +542,26 @@ async def put_until_done(client, prefix):
         except (OutcomeUnknown, Unavailable):
             await sleep(0.1)
     raise AssertionError(f"no put of {prefix!r} succeeded")
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_attempt_expires_at_its_own_deadline(etcd, listen, new_client):
+    # Two members hang (they take requests and never answer), the third is etcd.  A
+    # read sent 1 s after another must leave each hung member 2 s after it got there,
+    # even when the first read's move set the deadline timer for later.
+    status = http_answer(200, b'{"header":{"revision":"1"},"version":"3.5.1","leader":"1"}')
+    a, b = Scripted(["hold"]), Scripted([status, "hold"])
+    b_url = listen(b)
+    client = new_client([listen(a), b_url, etcd.url], timeout=20, attempt_timeout=2.0)
+    await client.status(endpoint=b_url)  # b has an idle connection: a move there is at once
+    first = client.get(b"k")
+    await sleep(1.0)
+    started = reactor.seconds()
+    second = client.get(b"k")
+    assert (await first).kvs == []
+    assert (await second).kvs == []
+    # 2 s on a, 2 s on b: 4 s; 5 s if its attempt on a waited for the first read's
+    # deadline on b
+    assert reactor.seconds() - started < 4.6
+    ranges = [sum(data.count(b"/v3/kv/range") for data in gw.seen) for gw in (a, b)]
+    assert ranges == [2, 2]  # each read tried each hung member once (the rest: probes)

@@ -909,7 +909,9 @@ class HttpTransport:
                     self._attempt_expired(call, conn, call.attempt_timeout or self.attempt_timeout)
                 elif conn.deadline < earliest:
                     earliest = conn.deadline
-        if earliest != math.inf and self.watchdog is None:
+        # (A call moved on above set the watchdog for its new attempt, which may be later
+        # than an attempt still waiting here.)
+        if earliest != math.inf and (self.watchdog is None or earliest < self.watchdog_at):
             self.arm_watchdog(earliest)
 
     def _attempt_expired(self, call: _Call, conn: _Connection, limit: float) -> None:
