@@ -13,15 +13,22 @@ the preferred one: a follower, or the leader), and runs, all at once:
   reported, as it must be, as WriteTimeout: its outcome is unknown);
 * a Session of TTL 5 s holding a Lock, whose ``lost`` is watched;
 * a watch of a prefix, fed by a second client on the two other members with one put
-  every 50 ms; the delay of each event (its put's answer to its arrival) is noted.
+  every 50 ms; the delay of each event (its put's answer to its arrival) is noted, and
+  when the watch's stream was created again after the freeze began ("watch moved").
 
 One second in, the member is frozen for ``--freeze`` seconds, then resumed; the round
 goes on 3 s more.  Reported per round, over the freeze and the 3 s after it: calls and
-the share that failed, the longest gap between two successful calls (per caller), whether
-the session and the lock were kept, the watch's longest event delay, and events lost or
-delivered twice.  Mode ``off`` is the same client with ``attempt_timeout=None,
-health_check_interval=None`` (how coord behaved before attempt deadlines): the
-comparison in one run.
+the share that failed, the longest gap between two successful calls (per caller),
+whether the session and the lock were kept (and if not, why), when the watch moved, its
+longest event delay, and events lost or delivered twice.  Mode ``off`` is the same
+client with ``attempt_timeout=None, health_check_interval=None`` (how coord behaved
+before attempt deadlines): the comparison in one run.
+
+A frozen *leader* can cost the session although every keep-alive was answered: etcd
+3.5.0-3.5.10 and 3.4.0-3.4.27 let the old leader, once it runs again, revoke the leases
+that expired by its own clock before it notices it lost the leadership (etcd issues
+12528 and 15247, fixed by etcd pull request 16822).  The session then reports it
+(``SessionLost``), which is all a client can do.
 """
 
 from __future__ import annotations
@@ -147,6 +154,17 @@ async def round_(reactor, cluster, transport: str, role: str, mode: str, args) -
                 pass  # a put during the election; it may still show up (checked below)
             await sleep(reactor, 0.05)
 
+    moved: list[float] = []
+
+    async def watch_moves() -> None:
+        # when the watch's stream was created again after the freeze (Watcher.reconnects)
+        before = watch.watcher.reconnects
+        frozen_at = reactor.seconds()
+        while running and not moved:
+            if watch.watcher.reconnects > before:
+                moved.append(reactor.seconds() - frozen_at)
+            await sleep(reactor, 0.01)
+
     loops = [defer.ensureDeferred(read_loop(c)) for c in readers]
     loops.append(defer.ensureDeferred(write_loop(writer)))
     loops.append(defer.ensureDeferred(feed_loop()))
@@ -155,6 +173,7 @@ async def round_(reactor, cluster, transport: str, role: str, mode: str, args) -
         c.start()
     counting_watch[0] = True
     first.pause()
+    loops.append(defer.ensureDeferred(watch_moves()))
     try:
         await sleep(reactor, args.freeze)
     finally:
@@ -173,7 +192,10 @@ async def round_(reactor, cluster, transport: str, role: str, mode: str, args) -
         "writes": writer.calls, "writes_failed": writer.failed, "writes_unknown": writer.unknown,
         "write_gap": writer.gap,
         "session_kept": not session_lost.called, "lock_kept": not lost.called,
+        "why_lost": session.reason if session_lost.called else
+        (lost.result if lost.called else None),
         "watch_delay": max(delays) if delays else float("nan"),
+        "watch_moved": moved[0] if moved else float("nan"),
         "events_lost": len(set(truth) - set(seen)),
         "events_twice": len(seen) - len(set(seen)),
     }
@@ -191,7 +213,7 @@ async def round_(reactor, cluster, transport: str, role: str, mode: str, args) -
 
 def report(rows: list[dict]) -> None:
     head = ("transport", "frozen", "mode", "reads", "failed", "read gap", "writes", "failed",
-            "write gap", "session", "lock", "watch delay", "lost/twice")
+            "write gap", "session", "lock", "watch moved", "event delay", "lost/twice")
     lines = [head]
     for r in rows:
         lines.append((
@@ -199,7 +221,8 @@ def report(rows: list[dict]) -> None:
             f"{100 * r['reads_failed'] / max(r['reads'], 1):.1f}%", f"{r['read_gap']:.2f} s",
             str(r["writes"]), f"{r['writes_failed']} ({r['writes_unknown']} unknown)",
             f"{r['write_gap']:.2f} s", "kept" if r["session_kept"] else "LOST",
-            "kept" if r["lock_kept"] else "LOST", f"{r['watch_delay']:.2f} s",
+            "kept" if r["lock_kept"] else "LOST", f"{r['watch_moved']:.2f} s",
+            f"{r['watch_delay']:.2f} s",
             f"{r['events_lost']}/{r['events_twice']}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
@@ -235,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
                               f"{time.monotonic() - started:.0f} s", flush=True)
                         cluster.restore()
         report(rows)
+    for r in rows:
+        if r["why_lost"] is not None:
+            print(f"{r['transport']} {r['role']} {r['mode']}: {r['why_lost']}")
 
     task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
 
