@@ -221,7 +221,8 @@ def report(rows: list[dict]) -> None:
             f"{100 * r['reads_failed'] / max(r['reads'], 1):.1f}%", f"{r['read_gap']:.2f} s",
             str(r["writes"]), f"{r['writes_failed']} ({r['writes_unknown']} unknown)",
             f"{r['write_gap']:.2f} s", "kept" if r["session_kept"] else "LOST",
-            "kept" if r["lock_kept"] else "LOST", f"{r['watch_moved']:.2f} s",
+            "kept" if r["lock_kept"] else "LOST",
+            "no" if r["watch_moved"] != r["watch_moved"] else f"{r['watch_moved']:.2f} s",
             f"{r['watch_delay']:.2f} s",
             f"{r['events_lost']}/{r['events_twice']}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
@@ -258,9 +259,9 @@ def main(argv: list[str] | None = None) -> None:
                               f"{time.monotonic() - started:.0f} s", flush=True)
                         cluster.restore()
         report(rows)
-    for r in rows:
-        if r["why_lost"] is not None:
-            print(f"{r['transport']} {r['role']} {r['mode']}: {r['why_lost']}")
+        for r in rows:
+            if r["why_lost"] is not None:
+                print(f"{r['transport']} {r['role']} {r['mode']}: {r['why_lost']}")
 
     task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
 

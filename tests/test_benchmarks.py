@@ -109,3 +109,12 @@ def test_socket_worker_answer_end(answer):
 def test_socket_worker_answer_end_refuses(answer):
     with pytest.raises(ValueError):
         load_kv().answer_end(answer)
+
+
+def test_failover_round():
+    # One short round: a 3-member cluster of its own, the preferred follower frozen 1 s.
+    out = run(str(ROOT / "benchmarks" / "failover.py"), "--freeze", "1", "--readers", "1",
+              "--transports", "pool", "--roles", "follower", "--modes", "on").stdout
+    lines = out.splitlines()
+    row = next(line for line in lines if line.startswith("pool ") and "follower" in line)
+    assert "kept" in row and "0.0%" in row, out
