@@ -900,3 +900,38 @@ async def test_review_a_member_that_answers_status_but_hangs_on_reads(gateway, n
             slow += 1
     assert slow <= 5, f"{slow} reads waited for the hung member in 6 s ({h.count(RANGE)} " \
                       f"ranges sent to it)"
+
+
+@pytest_twisted.ensureDeferred
+async def test_review_pinned_calls_wait_for_their_member_and_demote_nothing(gateway,
+                                                                           new_client):
+    # status and defragment pinned to a slow member: no attempt deadline (nowhere else
+    # to go), not sent to the other member, and the slow member is not demoted.
+    url_s, s = gateway(lambda path: answer(0.6, path))
+    url_g, g = gateway(fast)
+    client = new_client([url_s, url_g], attempt_timeout=0.2, timeout=5)
+    await client.status(endpoint=url_s)
+    await client.defragment(endpoint=url_s)
+    assert (s.count(STATUS_PATH), s.count("/v3/maintenance/defragment")) == (1, 1)
+    assert g.requests == []
+    assert preferred_url(client) == url_s
+
+
+@pytest_twisted.ensureDeferred
+async def test_review_no_attempt_deadline_and_no_checks(gateway, new_client):
+    # attempt_timeout=None: a slow member is waited for (read and write), nothing moves;
+    # health_check_interval=None: a member serving a watch is never asked for its status.
+    url_s, s = gateway(lambda path: HOLD if path == "/v3/watch" else answer(0.6, path))
+    url_g, g = gateway(fast)
+    client = new_client([url_s, url_g], attempt_timeout=None, health_check_interval=None,
+                        timeout=5)
+    w = client.watch(b"w", lambda e: None)
+    await client.get(b"k")
+    await client.set(b"k", b"v")
+    await client.submit(READ_TXN)
+    await sleep(1.5)
+    assert (s.count(RANGE), s.count(PUT), s.count(TXN)) == (1, 1, 1)
+    assert g.requests == []
+    assert s.count(STATUS_PATH) == 0
+    assert not w.called
+    w.cancel()
