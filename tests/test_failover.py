@@ -740,11 +740,11 @@ async def test_review_a_demoted_endpoint_is_probed_with_a_growing_pause(gateway,
     client = new_client([url_h, url_g], attempt_timeout=0.3, timeout=5)
     await client.get(b"k")  # waits 0.3 s on h, then g answers
     start = reactor.seconds()
-    calls, failures, _ = await read_for(client, 4.0)
+    calls, failures, _ = await read_for(client, 3.0)
     assert failures == [] and calls > 20
     assert h.count(RANGE) == 1  # never tried again: it never answered a probe
     probes = h.count(STATUS_PATH, since=start)
-    assert 1 <= probes <= 8, probes  # 0.25 s, then doubling: not a storm
+    assert 1 <= probes <= 6, probes  # 0.25 s, then doubling: not a storm
     assert g.count(STATUS_PATH) == 0  # nothing checks a member that serves no stream
 
 
@@ -756,9 +756,9 @@ async def test_review_a_hundred_watches_cost_one_check_per_interval(gateway, new
     watches = [client.watch(b"w/%d" % i, lambda e: None) for i in range(100)]
     await sleep(0.2)
     start = reactor.seconds()
-    await sleep(3.0)
+    await sleep(2.0)
     checks = a.count(STATUS_PATH, since=start)
-    assert 3 <= checks <= 10, checks  # one per interval for the member, not per watch
+    assert 2 <= checks <= 8, checks  # one per interval for the member, not per watch
     assert b.count(STATUS_PATH) == 0 and b.count("/v3/watch") == 0
     for d in watches:
         d.cancel()
@@ -790,7 +790,7 @@ async def test_review_close_while_probing_and_checking_leaves_nothing(gateway, n
     await sleep(0.1)
     assert not h.open and not g.open  # every connection closed
     seen = len(h.requests) + len(g.requests)
-    await sleep(1.5)
+    await sleep(1.0)
     assert len(h.requests) + len(g.requests) == seen  # no probe after close
 
 
@@ -803,7 +803,7 @@ async def test_review_calls_queued_for_a_hung_endpoint_move_on(gateway, kind):
     # connections that drain (a read-only transaction's stays open up to DRAIN_LIMIT).
     url_h, _ = gateway(hung)
     url_g, _ = gateway(fast)
-    client = Client(reactor, [url_h, url_g], attempt_timeout=0.3, timeout=4,
+    client = Client(reactor, [url_h, url_g], attempt_timeout=0.3, timeout=3,
                     max_connections=2)
     try:
         call = (lambda: client.get(b"k")) if kind == "range" else \
@@ -871,16 +871,17 @@ async def test_review_every_attempt_gets_its_deadline_not_a_later_one(gateway, n
     # Two reads sent to a hung member 0.05 s apart: each must move on one attempt
     # deadline after it was sent.  (The first one's move must not push the second's
     # deadline back to the moved attempt's.)
-    url_h, _ = gateway(hung)
+    url_h, h = gateway(hung)
     url_g, _ = gateway(fast)
     client = new_client([url_h, url_g], attempt_timeout=1.0, timeout=10)
-    await client.status()  # connections made: the timing below is the calls'
+    await client.status(endpoint=url_g)  # an idle connection to g, for the first move
     first = client.get(b"k")
     await sleep(0.05)
     started = reactor.seconds()
     await client.get(b"k")
     took = reactor.seconds() - started
     await first
+    assert h.count(RANGE) == 2  # both were sent to h
     assert took < 1.5, f"the second read moved on after {took:.2f} s (attempt 1.0 s)"
 
 
@@ -893,12 +894,12 @@ async def test_review_a_member_that_answers_status_but_hangs_on_reads(gateway, n
     client = new_client([url_h, url_g], attempt_timeout=0.3, timeout=5)
     slow = 0
     start = reactor.seconds()
-    while reactor.seconds() - start < 6.0:
+    while reactor.seconds() - start < 4.0:
         t = reactor.seconds()
         await client.get(b"k")
         if reactor.seconds() - t > 0.25:
             slow += 1
-    assert slow <= 5, f"{slow} reads waited for the hung member in 6 s ({h.count(RANGE)} " \
+    assert slow <= 4, f"{slow} reads waited for the hung member in 4 s ({h.count(RANGE)} " \
                       f"ranges sent to it)"
 
 
@@ -929,7 +930,7 @@ async def test_review_no_attempt_deadline_and_no_checks(gateway, new_client):
     await client.get(b"k")
     await client.set(b"k", b"v")
     await client.submit(READ_TXN)
-    await sleep(1.5)
+    await sleep(1.2)
     assert (s.count(RANGE), s.count(PUT), s.count(TXN)) == (1, 1, 1)
     assert g.requests == []
     assert s.count(STATUS_PATH) == 0

@@ -561,7 +561,7 @@ async def test_review_a_watch_left_on_a_hung_member_moves_when_a_member_is_back(
     await wait_until(lambda: preferred_url(client) == server.url, timeout=10)
     await writer.set(b"k", b"after")
     try:
-        await wait_until(lambda: [e.kv.value for e in seen] == [b"after"], timeout=6)
+        await wait_until(lambda: [e.kv.value for e in seen] == [b"after"], timeout=4)
     finally:
         d.cancel()
 
