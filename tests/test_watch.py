@@ -6,7 +6,7 @@ import gc
 
 import pytest
 import pytest_twisted
-from helpers import dead_url, sleep, wait_until
+from helpers import dead_url, preferred_url, sleep, wait_until
 from twisted.internet import defer, protocol, reactor, tcp
 
 from coord import (
@@ -535,6 +535,112 @@ async def test_no_limit_and_finite_idle_timeouts_are_taken(client, idle_timeout)
     await d.watcher.ready
     assert d.watcher.idle_timeout == (None if idle_timeout in (None, float("inf"))
                                       else idle_timeout)
+
+
+# -- review: watches across hung and slow members -------------------------------------------
+
+
+class _Slow(protocol.Protocol):
+    """A member that accepts connections and never answers a watch; a unary request is
+    answered after ``factory.delay`` seconds (None: never)."""
+
+    def connectionMade(self):
+        self.buffer = b""
+        self.factory.open.add(self)
+
+    def connectionLost(self, reason=None):
+        self.factory.open.discard(self)
+
+    def dataReceived(self, data):
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, rest = self.buffer.split(b"\r\n\r\n", 1)
+            lines = head.split(b"\r\n")
+            length = 0
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(rest) < length:
+                return
+            self.buffer = rest[length:]
+            path = lines[0].split(b" ")[1]
+            self.factory.paths.append(path)
+            if path != b"/v3/watch" and self.factory.delay is not None:
+                self.factory.timers.append(
+                    reactor.callLater(self.factory.delay, self._answer))
+
+    def _answer(self):
+        if self in self.factory.open:
+            raw = (b'{"header": {"cluster_id": "1", "member_id": "1", "revision": "5", '
+                   b'"raft_term": "2"}}')
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
+
+
+@pytest.fixture
+def slow_member():
+    """``slow_member(delay)`` -> (url, factory): see :class:`_Slow`."""
+    ports, made = [], []
+
+    def start(delay):
+        factory = protocol.Factory.forProtocol(_Slow)
+        factory.delay, factory.paths, factory.open, factory.timers = delay, [], set(), []
+        ports.append(reactor.listenTCP(0, factory, interface="127.0.0.1"))
+        made.append(factory)
+        return f"http://127.0.0.1:{ports[-1].getHost().port}", factory
+
+    yield start
+    for f in made:
+        for t in f.timers:
+            if t.active():
+                t.cancel()
+        for p in list(f.open):
+            p.transport.abortConnection()
+    for port in ports:
+        pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@pytest_twisted.ensureDeferred
+async def test_review_a_watch_left_on_a_hung_member_moves_when_a_member_is_back(
+        etcd_factory, new_client, slow_member):
+    # Both members stop answering: the watch moves off the real one (its check fails) to
+    # the hung one, demoted longest ago.  When the real one answers its probes again it
+    # is preferred again -- and the watch must come back to it, not stay on the hung
+    # member until its idle timeout (60 s).
+    url_h, h = slow_member(None)
+    server = etcd_factory()
+    client = new_client([url_h, server.url], attempt_timeout=0.3, timeout=5)
+    writer = new_client(server.url, timeout=5)
+    await client.get(b"k")  # h does not answer: demoted; the server answers
+    seen = []
+    d = client.watch(b"k", seen.append)
+    await d.watcher.ready
+    server.pause()
+    try:
+        await wait_until(lambda: b"/v3/watch" in h.paths, timeout=6)
+    finally:
+        server.resume()
+    await wait_until(lambda: preferred_url(client) == server.url, timeout=10)
+    await writer.set(b"k", b"after")
+    try:
+        await wait_until(lambda: [e.kv.value for e in seen] == [b"after"], timeout=4)
+    finally:
+        d.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_review_a_fresh_watch_is_not_failed_by_slow_members(new_client, slow_member):
+    # Two members answer after 1 s (attempt deadline 0.3 s): a read moves from the first
+    # to the second and waits there for its answer -- it succeeds.  A watch made at the
+    # same time must not fail as "no endpoint could serve it": no endpoint refused it.
+    url_a, _ = slow_member(1.0)
+    url_b, _ = slow_member(1.0)
+    client = new_client([url_a, url_b], attempt_timeout=0.3, timeout=5)
+    d = client.watch(b"k", lambda e: None)
+    await client.get(b"k")  # a call succeeds
+    await sleep(0.1)
+    assert not d.called, d.result
     d.cancel()
     await d
 
@@ -584,3 +690,74 @@ async def test_async_on_change_is_run_for_every_event_and_its_failure_logged(cli
     finally:
         globalLogPublisher.removeObserver(logged.append)
         d.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_review_a_watch_of_a_client_that_never_reached_etcd_fails_on_hung_and_dead(
+        new_client, slow_member):
+    # One member hangs, the other refuses: the watch fails, and says where it tried.
+    url_h, _ = slow_member(None)
+    urls = [url_h, dead_url()]
+    client = new_client(urls, attempt_timeout=0.3)
+    d = client.watch(b"k", lambda e: None)
+    with pytest.raises(Unavailable) as info:
+        await d
+    assert all(url in str(info.value) for url in urls)
+    with pytest.raises(Unavailable):
+        await d.watcher.ready
+
+
+@pytest_twisted.ensureDeferred
+async def test_review_a_watch_moved_twice_quickly_delivers_exactly_once(etcd_cluster,
+                                                                        new_client):
+    # The watched member hangs; right after its stream moved, the member it moved to
+    # hangs too (the first one runs again).  Under a stream of writes, every event comes
+    # once, in order.
+    writer = new_client(etcd_cluster.urls, timeout=5, attempt_timeout=0.5)
+    watcher = new_client(etcd_cluster.urls, attempt_timeout=0.5)
+    seen = []
+    start = (await writer.set(b"start", b"")).revision
+    d = watcher.watch(KeySet(b"p/", prefix=True), seen.append, start_revision=start + 1)
+    await d.watcher.ready
+    members = {m.url: m for m in etcd_cluster.members}
+    first = members[d.watcher._stream.endpoint.url]
+    paused = [first]
+
+    def second_move():
+        stream = d.watcher._stream
+        url = getattr(getattr(stream, "endpoint", None), "url", None)
+        if url is None or url == first.url:
+            reactor.callLater(0.05, second_move)
+            return
+        first.resume()
+        members[url].pause()
+        paused.append(members[url])
+
+    def first_move():
+        first.pause()
+        reactor.callLater(0.05, second_move)
+
+    reactor.callLater(0.3, first_move)
+    try:
+        # write until the stream left the second member too (then a little more)
+        deadline = reactor.seconds() + 15
+        while (len(paused) < 2 or d.watcher.reconnects < 2) and reactor.seconds() < deadline:
+            await _writer(writer, b"p/", 20)
+        await _writer(writer, b"p/", 100)
+    finally:
+        for m in paused:
+            m.resume()
+    end = (await writer.set(b"p/end", b"")).revision
+    # etcd's history, from one member with no failover in the way
+    truth = await _ground_truth(new_client(etcd_cluster.wait_for_leader().url), b"p/",
+                                start + 1, end)
+    await wait_until(lambda: seen and seen[-1].revision >= truth[-1].revision, timeout=30)
+    d.cancel()
+    assert d.watcher.reconnects >= 2
+    # writes that timed out on a hung member may be applied once it runs again, after
+    # `end`: compare up to `end`
+    seen = [e for e in seen if e.revision <= end]
+    extra = sorted({sig(e) for e in seen} - {sig(e) for e in truth}, key=lambda s: s[3])
+    lost = sorted({sig(e) for e in truth} - {sig(e) for e in seen}, key=lambda s: s[3])
+    assert (extra, lost) == ([], []), (start, end)
+    _check_exactly_once(seen, truth)
