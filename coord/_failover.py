@@ -33,7 +33,12 @@ from collections.abc import Sequence
 
 from coord import errors
 
-__all__ = ["REPEATABLE", "Expiry", "Health", "Plan", "on_attempt_expired"]
+__all__ = ["REPEATABLE", "Expiry", "Health", "Moved", "Plan", "on_attempt_expired"]
+
+
+class Moved(errors.Unavailable):
+    """A stream the client ended itself, to move it off a member it demoted (for a
+    reason of another call's, say): no sign that the stream's own member refused it."""
 
 # Requests that are safe *and cheap* to send again to another member when one does not
 # answer in time: they change nothing (a keep-alive only extends a lease that is alive
@@ -169,7 +174,10 @@ class Health:
     ``preferred`` is the first endpoint, in the order the endpoints were given, that is
     not demoted (when all are, the one demoted longest ago).  A demoted endpoint is
     probed ``probe_after`` seconds after its demotion, then with a doubling pause up to
-    ``probe_max``, until a probe succeeds; it is then restored.  An endpoint that is not
+    ``probe_max``, until a probe succeeds; it is then restored.  One demoted again within
+    ``2 * probe_max`` of its restoration waits four times its last pause (up to
+    ``probe_max``) for its first probe: it answers probes but not the calls it gets.
+    An endpoint that is not
     demoted but serves watch streams (see :meth:`watch`) is checked every
     ``check_interval`` seconds; a failed check demotes it.
 
@@ -190,6 +198,7 @@ class Health:
         self._next: dict[int, float] = {}  # index -> when its next probe or check is due
         self._probing: set[int] = set()
         self._streams: dict[int, int] = {}  # index -> streams it serves
+        self._restored: dict[int, float] = {}  # index -> when it was last restored
 
     def __repr__(self) -> str:
         return (f"<Health preferred={self.preferred} demoted={sorted(self.demoted)} "
@@ -218,8 +227,14 @@ class Health:
             self._update()
             return False
         self.demoted[index] = now
-        self._pause[index] = self.probe_after
-        self._next[index] = now + self.probe_after
+        # One that fails again soon after it was restored (it answers a status request
+        # but not the calls it gets: a stuck apply loop, say) waits longer each time.
+        pause = self.probe_after
+        restored = self._restored.get(index)
+        if restored is not None and now - restored < 2 * self.probe_max:
+            pause = min(self._pause.get(index, self.probe_after) * 4, self.probe_max)
+        self._pause[index] = pause
+        self._next[index] = now + pause
         self._update()
         return True
 
@@ -228,6 +243,8 @@ class Health:
 
     def watch(self, index: int, delta: int, now: float) -> None:
         """A stream to ``index`` was opened (``delta`` 1) or ended (-1)."""
+        if self.count == 1:
+            return  # nowhere to move a stream to: nothing to check
         n = self._streams.get(index, 0) + delta
         if n > 0:
             self._streams[index] = n
@@ -262,7 +279,7 @@ class Health:
         if index in self.demoted:
             if ok:
                 del self.demoted[index]
-                del self._pause[index]
+                self._restored[index] = now  # its pause is kept (see demote)
                 self._next.pop(index, None)
                 if self._streams.get(index) and self.check_interval is not None:
                     self._next[index] = now + self.check_interval

@@ -33,6 +33,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from coord import errors
+from coord._failover import Moved
 from coord._wire import codec
 from coord.keyset import KeyLike, KeySet
 from coord.txn import keys_json
@@ -270,7 +271,8 @@ class Watcher:
         if reason is not None and not isinstance(reason, errors.Unavailable) and not force:
             self._finish(reason)
             return
-        if reason is not None and not force and self._unreachable(endpoint, reason):
+        if reason is not None and not force and not isinstance(reason, Moved) and \
+                self._unreachable(endpoint, reason):
             return
         # Broken, ended or quiet: create it again after a short, growing, jittered pause.
         self.reconnects += 1

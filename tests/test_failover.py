@@ -215,6 +215,22 @@ def test_health_probes_a_demoted_endpoint_with_a_growing_pause():
     assert h.demoted == {} and h.preferred == 0 and h.next_wakeup() is None
 
 
+def test_health_waits_longer_for_an_endpoint_that_fails_again_soon_after():
+    h = Health(2, check_interval=None, probe_after=0.25, probe_max=5.0)
+    first = []
+    now = 0.0
+    for _ in range(4):
+        h.demote(0, now)
+        at = h.next_wakeup()
+        first.append(round(at - now, 6))
+        h.due(at)
+        h.probed(0, ok=True, now=at)  # the probe says fine; the next call hangs again
+        now = at + 0.3
+    assert first == [0.25, 1.0, 4.0, 5.0]
+    h.demote(1, now=100.0)  # long after any restoration: the first pause again
+    assert h.next_wakeup() == 100.25
+
+
 def test_health_comes_back_to_the_first_endpoint():
     h = Health(3)
     h.demote(0, now=0.0)

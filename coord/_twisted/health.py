@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from twisted.python.failure import Failure
 
 from coord import errors
-from coord._failover import Health
+from coord._failover import Health, Moved
 
 __all__ = ["Monitor"]
 
@@ -69,8 +69,11 @@ class Monitor:
             self.on_change()
         self._schedule()
 
-    def _moved(self, index: int, why: str) -> None:
-        self.transport.move_streams(index, errors.Unavailable(why))
+    def _moved(self, index: int, why: str, checked: bool = False) -> None:
+        # A failed check of the streams' own member says that member cannot serve them
+        # (Unavailable); a demotion for another call's reason, or a move back, does not.
+        exc = errors.Unavailable(why) if checked else Moved(why)
+        self.transport.move_streams(index, exc)
 
     def stream_opened(self, index: int) -> None:
         self.health.watch(index, 1, self._now())
@@ -129,9 +132,17 @@ class Monitor:
         if self.transport.closed:
             return
         preferred = self.health.preferred
+        was_demoted = index in self.health.demoted
+        url = self.urls[index] if index < len(self.urls) else f"endpoint {index}"
         if self.health.probed(index, ok, self._now()):
-            url = self.urls[index] if index < len(self.urls) else f"endpoint {index}"
-            self._moved(index, f"{url} seems hung ({why}); its watch streams move")
+            self._moved(index, f"{url} seems hung ({why}); its watch streams move",
+                        checked=True)
+        if was_demoted and index not in self.health.demoted:
+            # Streams made while every member was demoted may sit on one that still
+            # is (and is never checked): move them to the one that answers again.
+            for other in list(self.health.demoted):
+                self._moved(other, f"{url} answers again; watch streams leave demoted "
+                                   f"members")
         if self.health.preferred != preferred:
             self.on_change()
         self._schedule()

@@ -946,6 +946,16 @@ class HttpTransport:
 
     def endpoint_down(self, pool: _EndpointPool, why: str = "") -> None:
         self.monitor.demote(pool.index, why or f"{pool.endpoint.url} failed")
+        if len(self._pools) > 1 and pool.waiting and not self.closed:
+            # Calls still waiting for one of its connections were never sent: safe to
+            # move, and better than waiting behind the ones that hang (or drain) there.
+            waiting, pool.waiting = pool.waiting, collections.deque()
+            exc = errors.Unavailable(why or f"{pool.endpoint.url} failed")
+            for call in waiting:
+                if not call.done and call.pinned is None:
+                    self._dispatch(call, exc)
+                elif not call.done:
+                    pool.waiting.append(call)
 
     def _preference_changed(self) -> None:
         self._preferred = self.monitor.health.preferred
