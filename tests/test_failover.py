@@ -598,7 +598,7 @@ async def test_every_attempt_expires_at_its_own_deadline(etcd, listen, new_clien
 
 
 # ============================================================================================
-# review: attacks on failover -- scripted gateways that hang, answer late or answer only
+# attacks on failover: scripted gateways that hang, answer late or answer only
 # status; probe rates; close(); queued calls; writes and read-only transactions; the
 # watchdog; one endpoint; pinned calls; no deadlines and no checks
 # ============================================================================================
@@ -753,7 +753,7 @@ PUT = "/v3/kv/put"
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_one_endpoint_has_no_attempt_deadline_and_no_probes(gateway, new_client):
+async def test_one_endpoint_has_no_attempt_deadline_and_no_probes(gateway, new_client):
     # One endpoint: nowhere else to go, so a slow answer is waited for (read or write),
     # nothing is re-sent, and nothing probes it.
     url, gw = gateway(lambda path: answer(0.6, path))
@@ -767,7 +767,7 @@ async def test_review_one_endpoint_has_no_attempt_deadline_and_no_probes(gateway
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_one_endpoint_with_a_watch_does_not_spin(etcd, new_client):
+async def test_one_endpoint_with_a_watch_does_not_spin(etcd, new_client):
     # A single-endpoint client serving a watch: Health has nothing to check, so the
     # monitor must not wake up at all, let alone in a loop.
     client = new_client(etcd.url)
@@ -782,7 +782,7 @@ async def test_review_one_endpoint_with_a_watch_does_not_spin(etcd, new_client):
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_a_demoted_endpoint_is_probed_with_a_growing_pause(gateway, new_client):
+async def test_a_demoted_endpoint_is_probed_with_a_growing_pause(gateway, new_client):
     url_h, h = gateway(hung)
     url_g, g = gateway(fast)
     client = new_client([url_h, url_g], attempt_timeout=0.3, timeout=5)
@@ -797,7 +797,7 @@ async def test_review_a_demoted_endpoint_is_probed_with_a_growing_pause(gateway,
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_a_hundred_watches_cost_one_check_per_interval(gateway, new_client):
+async def test_a_hundred_watches_cost_one_check_per_interval(gateway, new_client):
     url_a, a = gateway(lambda path: fast(path) if path == STATUS_PATH else HOLD)
     url_b, b = gateway(fast)
     client = new_client([url_a, url_b], health_check_interval=0.5)
@@ -813,7 +813,7 @@ async def test_review_a_hundred_watches_cost_one_check_per_interval(gateway, new
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_close_while_probing_and_checking_leaves_nothing(gateway, new_client,
+async def test_close_while_probing_and_checking_leaves_nothing(gateway, new_client,
                                                                       transport):
     # h hangs (demoted, probed); g serves the watch (checked) and holds a read-only
     # transaction (drained by close()); a second read-only transaction was given up.
@@ -844,7 +844,7 @@ async def test_review_close_while_probing_and_checking_leaves_nothing(gateway, n
 
 @pytest.mark.parametrize("kind", ["range", "read-only txn"])
 @pytest_twisted.ensureDeferred
-async def test_review_calls_queued_for_a_hung_endpoint_move_on(gateway, kind):
+async def test_calls_queued_for_a_hung_endpoint_move_on(gateway, kind):
     # Two connections per endpoint: two calls are sent to the hung member, two wait for
     # a connection to it.  The waiting ones were never sent: when the member is demoted
     # they must go elsewhere too, within the call's timeout -- not wait behind
@@ -867,7 +867,7 @@ async def test_review_calls_queued_for_a_hung_endpoint_move_on(gateway, kind):
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_a_read_only_txn_that_moved_drains_and_is_sent_once_each(gateway,
+async def test_a_read_only_txn_that_moved_drains_and_is_sent_once_each(gateway,
                                                                               new_client):
     # h answers after 1.2 s: the attempt deadline (0.3 s) moves the transaction to g;
     # h's connection must stay open until h answers (etcd issue 14110), and neither
@@ -882,7 +882,7 @@ async def test_review_a_read_only_txn_that_moved_drains_and_is_sent_once_each(ga
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_a_read_only_txn_given_up_on_every_hung_endpoint(gateway, new_client):
+async def test_a_read_only_txn_given_up_on_every_hung_endpoint(gateway, new_client):
     # Both members hang for 1.5 s; the caller gives up after 0.8 s.  Each got the
     # transaction once, neither connection was closed before its answer, nothing more
     # was sent after the caller gave up.
@@ -898,7 +898,7 @@ async def test_review_a_read_only_txn_given_up_on_every_hung_endpoint(gateway, n
 
 @pytest.mark.parametrize("write", ["put", "txn"])
 @pytest_twisted.ensureDeferred
-async def test_review_a_write_is_never_re_sent_after_its_attempt_deadline(gateway, new_client,
+async def test_a_write_is_never_re_sent_after_its_attempt_deadline(gateway, new_client,
                                                                          write):
     url_h, h = gateway(hung)
     url_g, g = gateway(fast)
@@ -915,7 +915,7 @@ async def test_review_a_write_is_never_re_sent_after_its_attempt_deadline(gatewa
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_every_attempt_gets_its_deadline_not_a_later_one(gateway, new_client):
+async def test_every_attempt_gets_its_deadline_not_a_later_one(gateway, new_client):
     # Two reads sent to a hung member 0.05 s apart: each must move on one attempt
     # deadline after it was sent.  (The first one's move must not push the second's
     # deadline back to the moved attempt's.)
@@ -934,7 +934,7 @@ async def test_review_every_attempt_gets_its_deadline_not_a_later_one(gateway, n
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_a_member_that_answers_status_but_hangs_on_reads(gateway, new_client):
+async def test_a_member_that_answers_status_but_hangs_on_reads(gateway, new_client):
     # The probe (a status request) says h is fine; its reads hang.  Reads must not keep
     # paying the attempt deadline on h: most reads in a window go straight to g.
     url_h, h = gateway(status_and(hung))
@@ -952,7 +952,7 @@ async def test_review_a_member_that_answers_status_but_hangs_on_reads(gateway, n
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_pinned_calls_wait_for_their_member_and_demote_nothing(gateway,
+async def test_pinned_calls_wait_for_their_member_and_demote_nothing(gateway,
                                                                            new_client):
     # status and defragment pinned to a slow member: no attempt deadline (nowhere else
     # to go), not sent to the other member, and the slow member is not demoted.
@@ -967,7 +967,7 @@ async def test_review_pinned_calls_wait_for_their_member_and_demote_nothing(gate
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_no_attempt_deadline_and_no_checks(gateway, new_client):
+async def test_no_attempt_deadline_and_no_checks(gateway, new_client):
     # attempt_timeout=None: a slow member is waited for (read and write), nothing moves;
     # health_check_interval=None: a member serving a watch is never asked for its status.
     url_s, s = gateway(lambda path: HOLD if path == "/v3/watch" else answer(0.6, path))

@@ -273,7 +273,7 @@ def test_suspended_then_answered_is_connected_again():
     assert session.deadline == 1012.5
 
 
-# -- review: the keep-alive's attempt deadline ----------------------------------------------
+# -- the keep-alive's attempt deadline ----------------------------------------------
 
 
 class _Member(protocol.Protocol):
@@ -324,7 +324,7 @@ def member():
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_keep_alives_leave_a_member_that_holds_them_within_the_interval(
+async def test_keep_alives_leave_a_member_that_holds_them_within_the_interval(
         member, new_client):
     # h grants the lease and answers status, but holds every keep-alive; g answers them.
     # With the client's attempt deadline at its default (2 s) and the session's interval

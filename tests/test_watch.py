@@ -537,7 +537,7 @@ async def test_no_limit_and_finite_idle_timeouts_are_taken(client, idle_timeout)
                                       else idle_timeout)
 
 
-# -- review: watches across hung and slow members -------------------------------------------
+# -- watches across hung and slow members -------------------------------------------
 
 
 class _Slow(protocol.Protocol):
@@ -602,7 +602,7 @@ def slow_member():
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_a_watch_left_on_a_hung_member_moves_when_a_member_is_back(
+async def test_a_watch_left_on_a_hung_member_moves_when_a_member_is_back(
         etcd_factory, new_client, slow_member):
     # Both members stop answering: the watch moves off the real one (its check fails) to
     # the hung one, demoted longest ago.  When the real one answers its probes again it
@@ -630,7 +630,7 @@ async def test_review_a_watch_left_on_a_hung_member_moves_when_a_member_is_back(
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_a_fresh_watch_is_not_failed_by_slow_members(new_client, slow_member):
+async def test_a_fresh_watch_is_not_failed_by_slow_members(new_client, slow_member):
     # Two members answer after 1 s (attempt deadline 0.3 s): a read moves from the first
     # to the second and waits there for its answer -- it succeeds.  A watch made at the
     # same time must not fail as "no endpoint could serve it": no endpoint refused it.
@@ -693,7 +693,7 @@ async def test_async_on_change_is_run_for_every_event_and_its_failure_logged(cli
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_a_watch_of_a_client_that_never_reached_etcd_fails_on_hung_and_dead(
+async def test_a_watch_of_a_client_that_never_reached_etcd_fails_on_hung_and_dead(
         new_client, slow_member):
     # One member hangs, the other refuses: the watch fails, and says where it tried.
     url_h, _ = slow_member(None)
@@ -708,7 +708,7 @@ async def test_review_a_watch_of_a_client_that_never_reached_etcd_fails_on_hung_
 
 
 @pytest_twisted.ensureDeferred
-async def test_review_a_watch_moved_twice_quickly_delivers_exactly_once(etcd_cluster,
+async def test_a_watch_moved_twice_quickly_delivers_exactly_once(etcd_cluster,
                                                                         new_client):
     # The watched member hangs; right after its stream moved, the member it moved to
     # hangs too (the first one runs again).  Under a stream of writes, every event comes
