@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from helpers import PathGateway, sleep
 from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -94,3 +95,27 @@ def listen():
     yield start
     for port in ports:
         pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@pytest.fixture
+def path_gateway():
+    """``path_gateway(script)`` -> (url, helpers.PathGateway) on loopback; stopped after."""
+    ports, made = [], []
+
+    def start(script):
+        factory = PathGateway(script)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        ports.append(port)
+        made.append(factory)
+        return f"http://127.0.0.1:{port.getHost().port}", factory
+
+    yield start
+    for f in made:
+        for t in f.timers:
+            if t.active():
+                t.cancel()
+        for p in list(f.open):
+            p.transport.abortConnection()
+    for port in ports:
+        pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+    pytest_twisted.blockon(sleep(0.01))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from twisted.internet import protocol, reactor, task
+from twisted.internet import protocol, reactor, task, tcp
 from twisted.internet.threads import deferToThread
 
 from coord import KeySet
@@ -146,3 +147,104 @@ class Scripted(protocol.Factory):
         held, self.held = self.held, []
         for proto in held:
             proto.transport.abortConnection()
+
+
+# -- a gateway scripted per request path, and the sockets of a transport --------------------
+
+HEADER = {"cluster_id": "1", "member_id": "1", "revision": "5", "raft_term": "2"}
+STATUS = {"header": HEADER, "version": "3.5.1", "dbSize": "1", "leader": "1",
+          "raftIndex": "5", "raftTerm": "2"}
+ANSWERS = {
+    "/v3/maintenance/status": STATUS,
+    "/v3/kv/range": {"header": HEADER},
+    "/v3/kv/put": {"header": HEADER},
+    "/v3/kv/txn": {"header": HEADER, "succeeded": True},
+    "/v3/maintenance/defragment": {"header": HEADER},
+}
+HOLD = ("hold",)
+
+
+def answer(delay=0.0, path=None, body=None):
+    """A gateway action: the usual answer to ``path`` (or ``body``), after ``delay`` s."""
+    return ("answer", delay, body if body is not None else ANSWERS.get(path, {}))
+
+
+
+
+class _PathGatewayConnection(protocol.Protocol):
+    """One connection to a :class:`PathGateway`: parses requests, acts as its script says."""
+
+    def connectionMade(self):
+        self.buffer = b""
+        self.owed = []  # paths whose answer this connection still owes, in order
+        self.factory.open.add(self)
+
+    def connectionLost(self, reason=None):
+        self.factory.open.discard(self)
+        if self.owed:
+            self.factory.dropped.extend(self.owed)  # closed by the client while owing
+
+    def dataReceived(self, data):
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, rest = self.buffer.split(b"\r\n\r\n", 1)
+            lines = head.split(b"\r\n")
+            path = lines[0].split(b" ")[1].decode()
+            length = 0
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(rest) < length:
+                return
+            self.buffer = rest[length:]
+            self.factory.requests.append((path, reactor.seconds()))
+            action = self.factory.script(path)
+            if action[0] == "hold":
+                self.owed.append(path)  # owed for good
+                continue
+            _, delay, obj = action
+            self.owed.append(path)
+            self.factory.timers.append(reactor.callLater(delay, self._answer, path, obj))
+
+    def _answer(self, path, obj):
+        if self not in self.factory.open or path not in self.owed:
+            return
+        self.owed.remove(path)
+        raw = json.dumps(obj).encode()
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
+
+
+class PathGateway(protocol.Factory):
+    """A scripted etcd gateway: ``script(path)`` says what each request gets
+    (:data:`HOLD`: no answer ever; :func:`answer`).  Records every request
+    (``requests``: (path, when)) and every answer owed on a connection the client
+    closed (``dropped``)."""
+
+    protocol = _PathGatewayConnection
+
+    def __init__(self, script):
+        self.script = script
+        self.requests = []
+        self.dropped = []
+        self.open = set()
+        self.timers = []
+
+    def count(self, path, since=0.0):
+        return sum(1 for p, t in self.requests if p == path and t >= since)
+
+
+def sockets_of(transport):
+    """The reactor's TCP client sockets connected (or connecting) for coord's pool
+    ``transport``."""
+    found = []
+    for s in set(reactor.getReaders()) | set(reactor.getWriters()):
+        if not isinstance(s, tcp.Client):
+            continue
+        pool = getattr(getattr(s, "protocol", None), "pool", None)
+        if pool is None:
+            pool = getattr(getattr(getattr(s, "connector", None), "factory", None), "pool", None)
+        if pool is not None and pool.transport is transport:
+            found.append(s)
+    return found

@@ -4,13 +4,22 @@ misbehaving etcds -- a 3-member cluster with a member stopped by SIGSTOP."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 import pytest_twisted
-from helpers import Scripted, dead_url, http_answer, preferred_url, sleep, wait_until
-from twisted.internet import defer, protocol, reactor, tcp
+from helpers import (
+    HOLD,
+    Scripted,
+    answer,
+    dead_url,
+    http_answer,
+    preferred_url,
+    sleep,
+    sockets_of,
+    wait_until,
+)
+from twisted.internet import defer, reactor
 
 from coord import (
     Client,
@@ -603,24 +612,8 @@ async def test_every_attempt_expires_at_its_own_deadline(etcd, listen, new_clien
 # watchdog; one endpoint; pinned calls; no deadlines and no checks
 # ============================================================================================
 
-HEADER = {"cluster_id": "1", "member_id": "1", "revision": "5", "raft_term": "2"}
-STATUS = {"header": HEADER, "version": "3.5.1", "dbSize": "1", "leader": "1",
-          "raftIndex": "5", "raftTerm": "2"}
-ANSWERS = {
-    "/v3/maintenance/status": STATUS,
-    "/v3/kv/range": {"header": HEADER},
-    "/v3/kv/put": {"header": HEADER},
-    "/v3/kv/txn": {"header": HEADER, "succeeded": True},
-    "/v3/maintenance/defragment": {"header": HEADER},
-}
-HOLD = ("hold",)
 READ_TXN = Transaction(compare=[], success=[OpGet(b"k")])
 WRITE_TXN = Transaction(compare=[], success=[OpSet(b"k", b"v")])
-
-
-def answer(delay=0.0, path=None, body=None):
-    """A gateway action: the usual answer to ``path`` (or ``body``), after ``delay`` s."""
-    return ("answer", delay, body if body is not None else ANSWERS.get(path, {}))
 
 
 def fast(path):
@@ -631,114 +624,11 @@ def hung(path):
     return HOLD
 
 
-class _GatewayConnection(protocol.Protocol):
-    """One connection to a :class:`Gateway`: parses requests, acts as its script says."""
-
-    def connectionMade(self):
-        self.buffer = b""
-        self.owed = []  # paths whose answer this connection still owes, in order
-        self.factory.open.add(self)
-
-    def connectionLost(self, reason=None):
-        self.factory.open.discard(self)
-        if self.owed:
-            self.factory.dropped.extend(self.owed)  # closed by the client while owing
-
-    def dataReceived(self, data):
-        self.buffer += data
-        while b"\r\n\r\n" in self.buffer:
-            head, rest = self.buffer.split(b"\r\n\r\n", 1)
-            lines = head.split(b"\r\n")
-            path = lines[0].split(b" ")[1].decode()
-            length = 0
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if len(rest) < length:
-                return
-            self.buffer = rest[length:]
-            self.factory.requests.append((path, reactor.seconds()))
-            action = self.factory.script(path)
-            if action[0] == "hold":
-                self.owed.append(path)  # owed for good
-                continue
-            _, delay, obj = action
-            self.owed.append(path)
-            self.factory.timers.append(reactor.callLater(delay, self._answer, path, obj))
-
-    def _answer(self, path, obj):
-        if self not in self.factory.open or path not in self.owed:
-            return
-        self.owed.remove(path)
-        raw = json.dumps(obj).encode()
-        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
-
-
-class Gateway(protocol.Factory):
-    """A scripted etcd gateway: ``script(path)`` says what each request gets
-    (:data:`HOLD`: no answer ever; :func:`answer`).  Records every request
-    (``requests``: (path, when)) and every answer owed on a connection the client
-    closed (``dropped``)."""
-
-    protocol = _GatewayConnection
-
-    def __init__(self, script):
-        self.script = script
-        self.requests = []
-        self.dropped = []
-        self.open = set()
-        self.timers = []
-
-    def count(self, path, since=0.0):
-        return sum(1 for p, t in self.requests if p == path and t >= since)
-
-
-@pytest.fixture
-def gateway():
-    """``gateway(script)`` -> (url, Gateway) listening on loopback; stopped after."""
-    ports, made = [], []
-
-    def start(script):
-        factory = Gateway(script)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        ports.append(port)
-        made.append(factory)
-        return f"http://127.0.0.1:{port.getHost().port}", factory
-
-    yield start
-    for f in made:
-        for t in f.timers:
-            if t.active():
-                t.cancel()
-        for p in list(f.open):
-            p.transport.abortConnection()
-    for port in ports:
-        pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
-    pytest_twisted.blockon(sleep(0.01))
-
-
 def coord_timers():
     """The reactor's timers that belong to coord's transports (looks inside the reactor:
     what close() must leave behind is nothing)."""
     return [dc for dc in reactor.getDelayedCalls()
             if getattr(dc.func, "__module__", "").startswith("coord._twisted.")]
-
-
-def sockets_of(transport):
-    """The reactor's TCP client sockets of coord's pool ``transport`` (connected or
-    connecting; as tests/test_pool.py's helper of that name)."""
-    found = []
-    for s in set(reactor.getReaders()) | set(reactor.getWriters()):
-        if not isinstance(s, tcp.Client):
-            continue
-        pool = getattr(getattr(s, "protocol", None), "pool", None)
-        if pool is None:
-            pool = getattr(getattr(getattr(s, "connector", None), "factory", None), "pool", None)
-        if pool is not None and pool.transport is transport:
-            found.append(s)
-    return found
 
 
 def status_and(script):
@@ -753,10 +643,10 @@ PUT = "/v3/kv/put"
 
 
 @pytest_twisted.ensureDeferred
-async def test_one_endpoint_has_no_attempt_deadline_and_no_probes(gateway, new_client):
+async def test_one_endpoint_has_no_attempt_deadline_and_no_probes(path_gateway, new_client):
     # One endpoint: nowhere else to go, so a slow answer is waited for (read or write),
     # nothing is re-sent, and nothing probes it.
-    url, gw = gateway(lambda path: answer(0.6, path))
+    url, gw = path_gateway(lambda path: answer(0.6, path))
     client = new_client(url, attempt_timeout=0.1, timeout=5)
     await client.get(b"k")
     await client.set(b"k", b"v")  # no WriteTimeout
@@ -782,9 +672,9 @@ async def test_one_endpoint_with_a_watch_does_not_spin(etcd, new_client):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_demoted_endpoint_is_probed_with_a_growing_pause(gateway, new_client):
-    url_h, h = gateway(hung)
-    url_g, g = gateway(fast)
+async def test_a_demoted_endpoint_is_probed_with_a_growing_pause(path_gateway, new_client):
+    url_h, h = path_gateway(hung)
+    url_g, g = path_gateway(fast)
     client = new_client([url_h, url_g], attempt_timeout=0.3, timeout=5)
     await client.get(b"k")  # waits 0.3 s on h, then g answers
     start = reactor.seconds()
@@ -797,9 +687,9 @@ async def test_a_demoted_endpoint_is_probed_with_a_growing_pause(gateway, new_cl
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_hundred_watches_cost_one_check_per_interval(gateway, new_client):
-    url_a, a = gateway(lambda path: fast(path) if path == STATUS_PATH else HOLD)
-    url_b, b = gateway(fast)
+async def test_a_hundred_watches_cost_one_check_per_interval(path_gateway, new_client):
+    url_a, a = path_gateway(lambda path: fast(path) if path == STATUS_PATH else HOLD)
+    url_b, b = path_gateway(fast)
     client = new_client([url_a, url_b], health_check_interval=0.5)
     watches = [client.watch(b"w/%d" % i, lambda e: None) for i in range(100)]
     await sleep(0.2)
@@ -813,12 +703,12 @@ async def test_a_hundred_watches_cost_one_check_per_interval(gateway, new_client
 
 
 @pytest_twisted.ensureDeferred
-async def test_close_while_probing_and_checking_leaves_nothing(gateway, new_client,
+async def test_close_while_probing_and_checking_leaves_nothing(path_gateway, new_client,
                                                                       transport):
     # h hangs (demoted, probed); g serves the watch (checked) and holds a read-only
     # transaction (drained by close()); a second read-only transaction was given up.
-    url_h, h = gateway(hung)
-    url_g, g = gateway(lambda path: HOLD if path in (TXN, "/v3/watch") else fast(path))
+    url_h, h = path_gateway(hung)
+    url_g, g = path_gateway(lambda path: HOLD if path in (TXN, "/v3/watch") else fast(path))
     client = new_client([url_h, url_g], attempt_timeout=0.3, timeout=5)
     await client.get(b"k")  # h demoted after 0.3 s; g answers
     w = client.watch(b"w", lambda e: None)
@@ -844,13 +734,13 @@ async def test_close_while_probing_and_checking_leaves_nothing(gateway, new_clie
 
 @pytest.mark.parametrize("kind", ["range", "read-only txn"])
 @pytest_twisted.ensureDeferred
-async def test_calls_queued_for_a_hung_endpoint_move_on(gateway, kind):
+async def test_calls_queued_for_a_hung_endpoint_move_on(path_gateway, kind):
     # Two connections per endpoint: two calls are sent to the hung member, two wait for
     # a connection to it.  The waiting ones were never sent: when the member is demoted
     # they must go elsewhere too, within the call's timeout -- not wait behind
     # connections that drain (a read-only transaction's stays open up to DRAIN_LIMIT).
-    url_h, _ = gateway(hung)
-    url_g, _ = gateway(fast)
+    url_h, _ = path_gateway(hung)
+    url_g, _ = path_gateway(fast)
     client = Client(reactor, [url_h, url_g], attempt_timeout=0.3, timeout=3,
                     max_connections=2)
     try:
@@ -867,13 +757,13 @@ async def test_calls_queued_for_a_hung_endpoint_move_on(gateway, kind):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_read_only_txn_that_moved_drains_and_is_sent_once_each(gateway,
+async def test_a_read_only_txn_that_moved_drains_and_is_sent_once_each(path_gateway,
                                                                               new_client):
     # h answers after 1.2 s: the attempt deadline (0.3 s) moves the transaction to g;
     # h's connection must stay open until h answers (etcd issue 14110), and neither
     # member gets it twice.
-    url_h, h = gateway(lambda path: answer(1.2, path))
-    url_g, g = gateway(fast)
+    url_h, h = path_gateway(lambda path: answer(1.2, path))
+    url_g, g = path_gateway(fast)
     client = new_client([url_h, url_g], attempt_timeout=0.3, timeout=5)
     await client.submit(READ_TXN)
     await sleep(1.4)
@@ -882,12 +772,12 @@ async def test_a_read_only_txn_that_moved_drains_and_is_sent_once_each(gateway,
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_read_only_txn_given_up_on_every_hung_endpoint(gateway, new_client):
+async def test_a_read_only_txn_given_up_on_every_hung_endpoint(path_gateway, new_client):
     # Both members hang for 1.5 s; the caller gives up after 0.8 s.  Each got the
     # transaction once, neither connection was closed before its answer, nothing more
     # was sent after the caller gave up.
-    url_a, a = gateway(lambda path: answer(1.5, path))
-    url_b, b = gateway(lambda path: answer(1.5, path))
+    url_a, a = path_gateway(lambda path: answer(1.5, path))
+    url_b, b = path_gateway(lambda path: answer(1.5, path))
     client = new_client([url_a, url_b], attempt_timeout=0.3)
     with pytest.raises(Timeout):
         await client.submit(READ_TXN, timeout=0.8)
@@ -898,10 +788,10 @@ async def test_a_read_only_txn_given_up_on_every_hung_endpoint(gateway, new_clie
 
 @pytest.mark.parametrize("write", ["put", "txn"])
 @pytest_twisted.ensureDeferred
-async def test_a_write_is_never_re_sent_after_its_attempt_deadline(gateway, new_client,
+async def test_a_write_is_never_re_sent_after_its_attempt_deadline(path_gateway, new_client,
                                                                          write):
-    url_h, h = gateway(hung)
-    url_g, g = gateway(fast)
+    url_h, h = path_gateway(hung)
+    url_g, g = path_gateway(fast)
     client = new_client([url_h, url_g], attempt_timeout=0.3, timeout=5)
     go = (lambda: client.set(b"k", b"v")) if write == "put" else \
         (lambda: client.submit(WRITE_TXN))
@@ -915,12 +805,12 @@ async def test_a_write_is_never_re_sent_after_its_attempt_deadline(gateway, new_
 
 
 @pytest_twisted.ensureDeferred
-async def test_every_attempt_gets_its_deadline_not_a_later_one(gateway, new_client):
+async def test_every_attempt_gets_its_deadline_not_a_later_one(path_gateway, new_client):
     # Two reads sent to a hung member 0.05 s apart: each must move on one attempt
     # deadline after it was sent.  (The first one's move must not push the second's
     # deadline back to the moved attempt's.)
-    url_h, h = gateway(hung)
-    url_g, _ = gateway(fast)
+    url_h, h = path_gateway(hung)
+    url_g, _ = path_gateway(fast)
     client = new_client([url_h, url_g], attempt_timeout=1.0, timeout=10)
     await client.status(endpoint=url_g)  # an idle connection to g, for the first move
     first = client.get(b"k")
@@ -934,11 +824,11 @@ async def test_every_attempt_gets_its_deadline_not_a_later_one(gateway, new_clie
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_member_that_answers_status_but_hangs_on_reads(gateway, new_client):
+async def test_a_member_that_answers_status_but_hangs_on_reads(path_gateway, new_client):
     # The probe (a status request) says h is fine; its reads hang.  Reads must not keep
     # paying the attempt deadline on h: most reads in a window go straight to g.
-    url_h, h = gateway(status_and(hung))
-    url_g, _ = gateway(fast)
+    url_h, h = path_gateway(status_and(hung))
+    url_g, _ = path_gateway(fast)
     client = new_client([url_h, url_g], attempt_timeout=0.3, timeout=5)
     slow = 0
     start = reactor.seconds()
@@ -952,12 +842,12 @@ async def test_a_member_that_answers_status_but_hangs_on_reads(gateway, new_clie
 
 
 @pytest_twisted.ensureDeferred
-async def test_pinned_calls_wait_for_their_member_and_demote_nothing(gateway,
+async def test_pinned_calls_wait_for_their_member_and_demote_nothing(path_gateway,
                                                                            new_client):
     # status and defragment pinned to a slow member: no attempt deadline (nowhere else
     # to go), not sent to the other member, and the slow member is not demoted.
-    url_s, s = gateway(lambda path: answer(0.6, path))
-    url_g, g = gateway(fast)
+    url_s, s = path_gateway(lambda path: answer(0.6, path))
+    url_g, g = path_gateway(fast)
     client = new_client([url_s, url_g], attempt_timeout=0.2, timeout=5)
     await client.status(endpoint=url_s)
     await client.defragment(endpoint=url_s)
@@ -967,11 +857,11 @@ async def test_pinned_calls_wait_for_their_member_and_demote_nothing(gateway,
 
 
 @pytest_twisted.ensureDeferred
-async def test_no_attempt_deadline_and_no_checks(gateway, new_client):
+async def test_no_attempt_deadline_and_no_checks(path_gateway, new_client):
     # attempt_timeout=None: a slow member is waited for (read and write), nothing moves;
     # health_check_interval=None: a member serving a watch is never asked for its status.
-    url_s, s = gateway(lambda path: HOLD if path == "/v3/watch" else answer(0.6, path))
-    url_g, g = gateway(fast)
+    url_s, s = path_gateway(lambda path: HOLD if path == "/v3/watch" else answer(0.6, path))
+    url_g, g = path_gateway(fast)
     client = new_client([url_s, url_g], attempt_timeout=None, health_check_interval=None,
                         timeout=5)
     w = client.watch(b"w", lambda e: None)

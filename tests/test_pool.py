@@ -10,7 +10,7 @@ import socket
 
 import pytest
 import pytest_twisted
-from helpers import dead_url, sleep, wait_until
+from helpers import dead_url, sleep, sockets_of, wait_until
 from twisted.internet import base, defer, protocol, reactor, task, tcp
 
 from coord import Client, errors
@@ -27,20 +27,6 @@ def ours(delayed_call) -> bool:
     if isinstance(owner, (tcp.BaseClient, base.BaseConnector)):
         return True
     return getattr(func, "__module__", "").startswith("coord._twisted.")
-
-
-def sockets_of(transport: HttpTransport) -> list:
-    """The reactor's TCP client sockets connected (or connecting) for ``transport``."""
-    found = []
-    for s in set(reactor.getReaders()) | set(reactor.getWriters()):
-        if not isinstance(s, tcp.Client):
-            continue
-        pool = getattr(getattr(s, "protocol", None), "pool", None)
-        if pool is None:
-            pool = getattr(getattr(getattr(s, "connector", None), "factory", None), "pool", None)
-        if pool is not None and pool.transport is transport:
-            found.append(s)
-    return found
 
 
 # ============================================================================================

@@ -6,12 +6,10 @@ time, not reply time).
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import pytest_twisted
-from helpers import sleep, wait_until
-from twisted.internet import defer, protocol, reactor, task
+from helpers import HEADER, HOLD, answer, sleep, wait_until
+from twisted.internet import defer, reactor, task
 
 from coord import Client, LeaseExpired, errors
 from coord.session import Session, SessionLost, SessionState
@@ -276,70 +274,29 @@ def test_suspended_then_answered_is_connected_again():
 # -- the keep-alive's attempt deadline ----------------------------------------------
 
 
-class _Member(protocol.Protocol):
-    """A scripted member: answers ``factory.answers[path]`` at once, holds other paths."""
-
-    def connectionMade(self):
-        self.buffer = b""
-
-    def dataReceived(self, data):
-        self.buffer += data
-        while b"\r\n\r\n" in self.buffer:
-            head, rest = self.buffer.split(b"\r\n\r\n", 1)
-            lines = head.split(b"\r\n")
-            length = 0
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if len(rest) < length:
-                return
-            self.buffer = rest[length:]
-            path = lines[0].split(b" ")[1].decode()
-            self.factory.paths.append(path)
-            obj = self.factory.answers.get(path)
-            if obj is not None:
-                raw = json.dumps(obj).encode()
-                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                     b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
-
-
-_HEADER = {"cluster_id": "1", "member_id": "1", "revision": "5", "raft_term": "2"}
-
-
-@pytest.fixture
-def member():
-    """``member(answers)`` -> (url, factory): a :class:`_Member` on loopback."""
-    ports = []
-
-    def start(answers):
-        factory = protocol.Factory.forProtocol(_Member)
-        factory.answers, factory.paths = answers, []
-        ports.append(reactor.listenTCP(0, factory, interface="127.0.0.1"))
-        return f"http://127.0.0.1:{ports[-1].getHost().port}", factory
-
-    yield start
-    for port in ports:
-        pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+def member(path_gateway, answers):
+    """A scripted member on loopback: answers ``answers[path]`` at once, holds the rest."""
+    return path_gateway(lambda path: answer(0.0, body=answers[path]) if path in answers
+                        else HOLD)
 
 
 @pytest_twisted.ensureDeferred
 async def test_keep_alives_leave_a_member_that_holds_them_within_the_interval(
-        member, new_client):
+        path_gateway, new_client):
     # h grants the lease and answers status, but holds every keep-alive; g answers them.
     # With the client's attempt deadline at its default (2 s) and the session's interval
     # at 1 s, each keep-alive must leave h after a third of the interval -- in time.
-    grant = {"header": _HEADER, "ID": "7", "TTL": "3"}
-    alive = {"result": {"header": _HEADER, "ID": "7", "TTL": "3"}}
-    status = {"header": _HEADER, "version": "3.5.1", "leader": "1"}
-    url_h, h = member({"/v3/lease/grant": grant, "/v3/maintenance/status": status,
-                       "/v3/lease/revoke": {"header": _HEADER}})
-    url_g, g = member({"/v3/lease/keepalive": alive, "/v3/maintenance/status": status,
-                       "/v3/lease/revoke": {"header": _HEADER}})
+    grant = {"header": HEADER, "ID": "7", "TTL": "3"}
+    alive = {"result": {"header": HEADER, "ID": "7", "TTL": "3"}}
+    status = {"header": HEADER, "version": "3.5.1", "leader": "1"}
+    url_h, h = member(path_gateway, {"/v3/lease/grant": grant, "/v3/maintenance/status": status,
+                       "/v3/lease/revoke": {"header": HEADER}})
+    url_g, g = member(path_gateway, {"/v3/lease/keepalive": alive, "/v3/maintenance/status": status,
+                       "/v3/lease/revoke": {"header": HEADER}})
     client = new_client([url_h, url_g], timeout=5)
     session = await Session.create(client, ttl=3)
     await sleep(3.5)  # longer than the TTL
     assert session.state is SessionState.CONNECTED and session.alive
-    assert g.paths.count("/v3/lease/keepalive") >= 3
-    assert h.paths.count("/v3/lease/keepalive") >= 1  # tried there first
+    assert g.count("/v3/lease/keepalive") >= 3
+    assert h.count("/v3/lease/keepalive") >= 1  # tried there first
     await session.close()

@@ -6,7 +6,7 @@ import gc
 
 import pytest
 import pytest_twisted
-from helpers import dead_url, preferred_url, sleep, wait_until
+from helpers import HEADER, HOLD, answer, dead_url, preferred_url, sleep, wait_until
 from twisted.internet import defer, protocol, reactor, tcp
 
 from coord import (
@@ -540,65 +540,17 @@ async def test_no_limit_and_finite_idle_timeouts_are_taken(client, idle_timeout)
 # -- watches across hung and slow members -------------------------------------------
 
 
-class _Slow(protocol.Protocol):
-    """A member that accepts connections and never answers a watch; a unary request is
-    answered after ``factory.delay`` seconds (None: never)."""
-
-    def connectionMade(self):
-        self.buffer = b""
-        self.factory.open.add(self)
-
-    def connectionLost(self, reason=None):
-        self.factory.open.discard(self)
-
-    def dataReceived(self, data):
-        self.buffer += data
-        while b"\r\n\r\n" in self.buffer:
-            head, rest = self.buffer.split(b"\r\n\r\n", 1)
-            lines = head.split(b"\r\n")
-            length = 0
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if len(rest) < length:
-                return
-            self.buffer = rest[length:]
-            path = lines[0].split(b" ")[1]
-            self.factory.paths.append(path)
-            if path != b"/v3/watch" and self.factory.delay is not None:
-                self.factory.timers.append(
-                    reactor.callLater(self.factory.delay, self._answer))
-
-    def _answer(self):
-        if self in self.factory.open:
-            raw = (b'{"header": {"cluster_id": "1", "member_id": "1", "revision": "5", '
-                   b'"raft_term": "2"}}')
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
-
-
 @pytest.fixture
-def slow_member():
-    """``slow_member(delay)`` -> (url, factory): see :class:`_Slow`."""
-    ports, made = [], []
+def slow_member(path_gateway):
+    """``slow_member(delay)`` -> (url, helpers.PathGateway): a member that accepts
+    connections and never answers a watch; a unary request gets a bare header after
+    ``delay`` seconds (None: never)."""
 
     def start(delay):
-        factory = protocol.Factory.forProtocol(_Slow)
-        factory.delay, factory.paths, factory.open, factory.timers = delay, [], set(), []
-        ports.append(reactor.listenTCP(0, factory, interface="127.0.0.1"))
-        made.append(factory)
-        return f"http://127.0.0.1:{ports[-1].getHost().port}", factory
+        return path_gateway(lambda path: HOLD if path == "/v3/watch" or delay is None
+                            else answer(delay, body={"header": HEADER}))
 
-    yield start
-    for f in made:
-        for t in f.timers:
-            if t.active():
-                t.cancel()
-        for p in list(f.open):
-            p.transport.abortConnection()
-    for port in ports:
-        pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+    return start
 
 
 @pytest_twisted.ensureDeferred
@@ -618,7 +570,7 @@ async def test_a_watch_left_on_a_hung_member_moves_when_a_member_is_back(
     await d.watcher.ready
     server.pause()
     try:
-        await wait_until(lambda: b"/v3/watch" in h.paths, timeout=6)
+        await wait_until(lambda: h.count("/v3/watch") > 0, timeout=6)
     finally:
         server.resume()
     await wait_until(lambda: preferred_url(client) == server.url, timeout=10)
