@@ -533,6 +533,12 @@ class Client:
         """Whether :meth:`close` was called."""
         return self._closed
 
+    @property
+    def reactor(self) -> Any:
+        """The reactor the client runs on (its clock and timers): what recipes and
+        sessions built on this client schedule their work with."""
+        return self._reactor
+
     def close(self) -> defer.Deferred[None]:
         """Close every connection; pending calls fail with Unavailable, watches end (their
         Deferreds fire with None, as if cancelled), later calls fail at once.

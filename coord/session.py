@@ -75,7 +75,7 @@ class Session:
         self.lease = lease
         self.lease_id = lease.lease_id
         self.ttl = int(lease.ttl or DEFAULT_TTL)
-        self._reactor = client._reactor
+        self._reactor = client.reactor
         self._state = SessionState.CONNECTED
         self.deadline = sent_at + self.ttl
         self.reason: SessionLost | None = None
@@ -105,7 +105,7 @@ class Session:
         Cancelling the Deferred never leaves a lease behind: a grant already on its way
         is waited for in the background and revoked.
         """
-        sent_at = client._reactor.seconds()
+        sent_at = client.reactor.seconds()
         granting = client.lease(ttl)
         out: defer.Deferred[Session] = defer.Deferred()  # cancel(): CancelledError at once
 
@@ -146,7 +146,7 @@ class Session:
         from coord.lease import Lease
 
         async def go() -> Session:
-            sent_at = client._reactor.seconds()
+            sent_at = client.reactor.seconds()
             try:
                 ttl = await Lease(client, lease_id).refresh()
             except errors.LeaseNotFound as gone:

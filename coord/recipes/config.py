@@ -196,7 +196,7 @@ class ConfigWatcher:
         self._decode = decode or _identity
         self._encode = encode
         self._page_size = page_size
-        self._reactor = client._reactor
+        self._reactor = client.reactor
         self.state = ConfigState.NEW
         self.resyncs = 0
         # The view: decoded values and each key's mod revision in etcd.  Once a snapshot
@@ -689,7 +689,7 @@ class ConfigWatcher:
         self._task.addErrback(failed)
 
     def _client_closed(self) -> bool:
-        if not getattr(self.client, "closed", False):
+        if not self.client.closed:
             return False
         if self.state is not ConfigState.STOPPED:
             log.info("config {prefix!r}: the client was closed: stopping", prefix=self.prefix)

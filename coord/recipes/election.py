@@ -163,7 +163,7 @@ class Election:
         self.revision: int | None = None
         self.value: bytes | None = None
         self._client = session.client
-        self._reactor = session.client._reactor
+        self._reactor = session.client.reactor
         self._state = ElectionState.IDLE
         self._campaigning: defer.Deferred[Any] | None = None
         self._busy: Shared | None = None  # a resign or clean-up still running
@@ -570,7 +570,7 @@ class Observation:
     def __init__(self, client: Any, prefix: bytes,
                  callback: Callable[[Leader | None], Any] | None) -> None:
         self._client = client
-        self._reactor = client._reactor
+        self._reactor = client.reactor
         self.prefix = prefix
         self._callback = callback
         self.leader: Leader | None = None
@@ -822,7 +822,7 @@ def _call(fn: Callable[[Election], Any], election: Election) -> defer.Deferred[A
 
 async def _run_as_leader(client: Any, name: bytes, value: bytes,
                          fn: Callable[[Election], Any], ttl: int, retry_pause: float) -> Any:
-    reactor = client._reactor
+    reactor = client.reactor
     session: Session | None = None
     election: Election | None = None
     try:

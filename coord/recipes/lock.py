@@ -124,7 +124,7 @@ class Lock:
         self.token: int | None = None
         self.revision: int | None = None
         self._client = session.client
-        self._reactor = session.client._reactor
+        self._reactor = session.client.reactor
         self._state = LockState.UNLOCKED
         # The first keys that may hold (by create revision): in the enqueue transaction,
         # so the uncontended path is one round trip.
@@ -542,7 +542,7 @@ def acquire_lock(client: Any, name: bytes | str, timeout: float | None = None,
     timeout = check_timeout(timeout)
     check_name(name, "Lock")
     ttl = positive_int("ttl", ttl, maximum=MAX_LEASE_TTL)
-    reactor = client._reactor
+    reactor = client.reactor
 
     async def go() -> Lock:
         session = await Session.create(client, ttl)  # (a cancel here leaks no lease)
