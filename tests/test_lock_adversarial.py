@@ -386,7 +386,8 @@ async def test_client_lock_cancelled_while_the_grant_reply_is_on_its_way(pool_cl
 @pytest_twisted.ensureDeferred
 async def test_third_party_deletes_a_middle_waiter(pool_client, sessions):
     """A holds, B and C wait; an operator deletes B's key.  C must go on waiting for A
-    (not take the lock because its predecessor vanished); B must never report held."""
+    (not take the lock because its predecessor vanished); B is told at once (LockLost:
+    its lease lives), never held."""
     a, b, c = await sessions(3)
     la, lb, lc = Lock(a, b"mid"), Lock(b, b"mid"), Lock(c, b"mid")
     await la.acquire()
@@ -397,14 +398,14 @@ async def test_third_party_deletes_a_middle_waiter(pool_client, sessions):
     await sleep(0.2)
     await pool_client.delete(lb.key)
     await sleep(0.5)
-    assert not dc.called and not db.called
+    assert db.called and not dc.called  # B told at once, while A still holds
+    with pytest.raises(LockLost):
+        await db
+    assert lb.state is LockState.UNLOCKED and b.alive
     assert la.held and lc.state is LockState.WAITING
     await la.release()
     await dc
     assert lc.held and lc.token > la.token
-    with pytest.raises(LockLost):
-        await db
-    assert lb.state is LockState.UNLOCKED and b.alive
     assert await keys_under(pool_client, b"mid/") == [lc.key]
     await lc.release()
 
@@ -454,8 +455,12 @@ async def test_each_waiter_watches_only_its_predecessor(pool_client, sessions):
         await wait_until(lambda: len(watched) >= 4)
         await sleep(0.3)
         # (in any order: a waiter creates its watch after its own read)
-        assert sorted((k.key, k.range_end) for k in watched) == sorted(
+        # Each watches its predecessor, and its own key (to be told at once if it
+        # is deleted): never the whole prefix.
+        assert sorted((k[0].key, k[0].range_end) for k in watched) == sorted(
             (lock.key, None) for lock in locks[:-1])
+        assert sorted((k[1].key, k[1].range_end) for k in watched) == sorted(
+            (lock.key, None) for lock in locks[1:])
         await locks[0].release()
         await pending[0]
         await sleep(0.3)

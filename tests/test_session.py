@@ -179,7 +179,7 @@ class FakeClient:
     attempt_timeout = 2.0
 
     def __init__(self, clock):
-        self._reactor = clock
+        self._reactor = self.reactor = clock
 
     def lease(self, ttl):
         return defer.succeed(FakeLease(ttl))

@@ -51,7 +51,7 @@ from coord._checks import positive_int
 from coord._sentinel import DEFAULT
 from coord.errors import ConfigDecodeError, ConfigStopped
 from coord.keyset import KeySet, as_bytes
-from coord.recipes._wait import check_timeout, with_timeout
+from coord.recipes._loop import check_timeout, with_timeout
 from coord.txn import CompModified, OpDel, OpSet, Transaction
 from coord.types import Event, EventType, KeyValue
 

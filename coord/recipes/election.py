@@ -3,10 +3,12 @@
 Each candidate writes one key, ``name + "/" + "%x" % lease_id`` (lowercase hex of its
 session's lease), whose value is its proposal, attached to the session's lease.  The
 leader is the key under ``name/`` with the lowest create revision; the others wait for
-the deletion of the key created just before theirs (``_wait.wait_deletes``).  The same
-layout and transactions as ``client/v3/concurrency/election.go``, so coord candidates,
-Go programs, ``etcdctl elect NAME PROPOSAL`` and ``etcdctl elect -l NAME`` all take part
-in one election.
+the deletion of the key created just before theirs.  The same layout and transactions
+as ``client/v3/concurrency/election.go``, so coord candidates, Go programs, ``etcdctl
+elect NAME PROPOSAL`` and ``etcdctl elect -l NAME`` all take part in one election.  The
+lifecycle (enqueue, wait, prove, hold, lose, resign) is the owned-key core's
+(:mod:`coord.recipes._core`); this module adds proposals, ``proclaim``, reading and
+observing the leader, and :func:`run_as_leader`.
 
 Where coord departs from Go, on purpose:
 
@@ -20,8 +22,8 @@ Where coord departs from Go, on purpose:
   Go's Observe takes the first PUT of a watch response for the leader once the election
   was empty, which can name a candidate that is already gone (etcd issue 18163), and
   never reports "no leader";
-* :func:`resume` (Go's ``ResumeElection``) keeps the trailing ``/`` of the prefix, which
-  Go's drops (so its Leader and Observe there also see ``name2/...`` keys).
+* :meth:`Election.resume` (Go's ``ResumeElection``) keeps the trailing ``/`` of the
+  prefix, which Go's drops (so its Leader and Observe there also see ``name2/...`` keys).
 
 A leader elected through a lease is not alone for sure: a leader that pauses (GC, swap,
 SIGSTOP) past its TTL loses its key without running any code, another is elected, and
@@ -34,33 +36,37 @@ from __future__ import annotations
 import collections
 import enum
 import inspect
-import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import txaio
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from coord import _checks, errors
+from coord import errors
 from coord.client import MAX_LEASE_TTL
 from coord.errors import LeadershipLost, NoLeader, NotLeader, SessionLost
 from coord.keyset import KeySet, as_bytes
-from coord.recipes._wait import (
-    CLEANUP_GRACE,
+from coord.recipes._core import NotFree, OwnedKey, Phase, kvs
+from coord.recipes._loop import (
     Shared,
+    bounded,
+    callback,
+    check_name,
     check_timeout,
-    delete_own_key,
     detached,
-    remove_own_key,
-    wait_deletes,
-    watch_own_key,
-    with_timeout,
+    positive_int,
+    seconds,
+    sleep,
+    start,
 )
 from coord.session import DEFAULT_TTL, Session
-from coord.txn import CompCreated, OpGet, OpSet, Transaction
-from coord.types import EventType, KeyValue, Range
+from coord.txn import OpGet, Transaction
+from coord.types import EventType, KeyValue
+
+if TYPE_CHECKING:
+    from coord.client import Client
 
 __all__ = [
     "Election",
@@ -80,6 +86,10 @@ class ElectionState(enum.Enum):
     CAMPAIGNING = "CAMPAIGNING"  # our key is queued behind others (or being written)
     LEADER = "LEADER"
     LOST = "LOST"  # led; our key was deleted or the session ended
+
+
+_STATES = {Phase.IDLE: ElectionState.IDLE, Phase.WAITING: ElectionState.CAMPAIGNING,
+           Phase.HELD: ElectionState.LEADER, Phase.LOST: ElectionState.LOST}
 
 
 @attrs.frozen
@@ -113,35 +123,15 @@ class Leader:
             other.key, other.create_revision, other.value)
 
 
-def _kvs(response: Any) -> list[KeyValue]:
-    """The key-values of a transaction's OpGet response."""
-    assert isinstance(response, Range)
-    return response.kvs
-
-
 def _prefix(name: bytes | str) -> bytes:
-    name = as_bytes(name, "name")
-    if not name:
-        raise errors.InvalidArgument("an election's name must not be empty")
-    return name + b"/"
+    return check_name(name, "election") + b"/"
 
 
-def _first(prefix: bytes) -> OpGet:
-    """Go's ``WithFirstCreate``: the key under ``prefix`` with the lowest create revision."""
-    return OpGet(KeySet(prefix, prefix=True), sort_order="ascend", sort_target="create",
-                 limit=1)
-
-
-# One live Election per key: two objects on one lease and name would share a key, and
-# one's resign would delete the other's candidacy.
-_owners: weakref.WeakValueDictionary[bytes, Election] = weakref.WeakValueDictionary()
-
-
-class Election:
+class Election(OwnedKey):
     """A candidacy in the election called ``name``, through ``session``'s lease.
 
     Args:
-        session: a :class:`coord.session.Session`; its lease keeps our key alive.
+        session: a :class:`coord.recipes.Session`; its lease keeps our key alive.
         name: the election's name (bytes or str); keys live under ``name + b"/"``.
 
     Attributes:
@@ -152,34 +142,21 @@ class Election:
         value: our current proposal (after :meth:`campaign` / :meth:`proclaim`).
     """
 
+    lost_error = LeadershipLost
+    watch_while_held = True
+
     def __init__(self, session: Session, name: bytes | str) -> None:
-        if not isinstance(session, Session):
-            raise TypeError(f"session must be a coord Session, not {type(session).__name__}")
-        self.prefix = _prefix(name)
-        self.name = self.prefix[:-1]
-        self.session = session
-        self.key = self.prefix + b"%x" % session.lease_id
-        self.token: int | None = None
-        self.revision: int | None = None
+        super().__init__(session, name)
         self.value: bytes | None = None
-        self._client = session.client
-        self._reactor = session.client.reactor
-        self._state = ElectionState.IDLE
-        self._campaigning: defer.Deferred[Any] | None = None
-        self._busy: Shared | None = None  # a resign or clean-up still running
-        self._lost_reason: errors.CoordError | None = None
-        self._observers: list[defer.Deferred[Any]] = []
-        self._session_lost: defer.Deferred[Any] | None = None
-        self._watch: Any = None
 
     def __repr__(self) -> str:
         token = (f" token={self.token} value={self.value!r}"
-                 if self._state in (ElectionState.LEADER, ElectionState.LOST) else "")
-        return f"<Election {self.name!r} {self._state.name}{token}>"
+                 if self._phase in (Phase.HELD, Phase.LOST) else "")
+        return f"<Election {self.name!r} {self.state.name}{token}>"
 
     @property
     def state(self) -> ElectionState:
-        return self._state
+        return _STATES[self._phase]
 
     @property
     def is_leader(self) -> bool:
@@ -187,14 +164,7 @@ class Election:
 
         Only :meth:`guard` in a transaction *proves* it at the moment of a write.
         """
-        return self._state is ElectionState.LEADER and self.session.alive
-
-    @property
-    def active(self) -> bool:
-        return (self._state in (ElectionState.CAMPAIGNING, ElectionState.LEADER)
-                or (self._busy is not None and not self._busy.done))
-
-    # campaign -------------------------------------------------------------------------------
+        return self._holding
 
     def campaign(self, value: bytes | str, timeout: float | None = None
                  ) -> defer.Deferred[Election]:
@@ -221,16 +191,16 @@ class Election:
                 of the same session and name is in use, a negative or NaN ``timeout``
                 (raised at once, nothing written).
             Timeout: not elected in time; our key has been removed.
-            SessionLost: the session ended (before or while waiting).
-            LeadershipLost: our candidate key was deleted by someone else while waiting.
+            SessionLost: the session ended, or its lease is gone (before or while
+                waiting; told at once when our key goes with the lease).
+            LeadershipLost: our candidate key was deleted by someone else while waiting
+                (told at once).
 
         Cancelling the Deferred (or :meth:`resign`) stops waiting and removes our key;
         the Deferred fails with CancelledError once it is removed.
         """
         value = as_bytes(value, "value")
-        timeout = check_timeout(timeout)
-        return self._start(self._campaign(value, wait=timeout != 0), timeout,
-                           f"not elected leader of {self.name!r} within {timeout} s")
+        return self._campaign(lambda: self._enqueue(value), timeout, value)
 
     def resume(self, timeout: float | None = None) -> defer.Deferred[Election]:
         """Take up the candidacy our session's lease already has (Go's ResumeElection).
@@ -244,140 +214,43 @@ class Election:
             NotLeader: this lease has no key in the election (nothing to resume);
                 nothing is written.
         """
+        return self._campaign(self._adopt, timeout, None)
+
+    def _campaign(self, enqueue: Any, timeout: Any, value: bytes | None
+                  ) -> defer.Deferred[Election]:
         timeout = check_timeout(timeout)
-        return self._start(self._campaign(None, wait=timeout != 0), timeout,
-                           f"not elected leader of {self.name!r} within {timeout} s")
 
-    def _start(self, coro: Any, timeout: float | None, message: str) -> defer.Deferred[Any]:
-        if self._state in (ElectionState.CAMPAIGNING, ElectionState.LEADER):
-            coro.close()
-            raise errors.InvalidArgument(f"{self!r} is already {self._state.name.lower()}")
-        other = _owners.get(self.key)
-        if other is not None and other is not self and other.active:
-            coro.close()
+        async def take() -> Election:
+            self._proposal = value  # (resume's: read with our key)
+            try:
+                # timeout=0 is decided here, not by a timer of 0 s (which would cancel
+                # even a free campaign's first transaction).
+                await self._obtain(enqueue, wait=timeout != 0)
+            except NotFree:
+                raise errors.Timeout(f"{self.name!r} has a leader, not elected (timeout=0)")
+            self.value = self._proposal
+            return self
+
+        return self._run(take, None if timeout == 0 else timeout,
+                         f"not elected leader of {self.name!r} within {timeout} s")
+
+    async def _adopt(self) -> Any:
+        """Resume's enqueue: read our key (it must exist, with our lease) and the first."""
+        found = await self.client.submit(Transaction(success=[OpGet(self.key), self._first]))
+        mine = kvs(found.responses[0])
+        if not mine:
+            raise NotLeader(f"{self.key!r} does not exist: no campaign to resume")
+        if mine[0].lease != self.session.lease_id:
             raise errors.InvalidArgument(
-                f"{other!r} of the same session already uses {self.key!r}: use one Election "
-                "object per name and session (or another session)")
-        _owners[self.key] = self
-        self._state = ElectionState.CAMPAIGNING
-        self._lost_reason = None
-        d = defer.Deferred.fromCoroutine(coro)
-        self._campaigning = d
-        if timeout == 0:
-            return d  # the campaign does not wait (see _campaign): no timer to run out
-        return with_timeout(d, timeout, self._reactor, message)
+                f"{self.key!r} is attached to lease {mine[0].lease:#x}, not to our session's")
+        self._attempt = Shared(defer.succeed(None))  # clean up our key if we stop
+        self._proposal = mine[0].value
+        return mine[0].create_revision, kvs(found.responses[1]), found.header
 
-    async def _campaign(self, value: bytes | None, wait: bool = True) -> Election:
-        """Campaign with ``value``, or (None) resume the key our lease has; with ``wait``
-        false, raise Timeout instead of waiting for the candidates before us."""
-        client, key = self._client, self.key
-        enqueue = None
-        token = None
-        try:
-            if self._busy is not None:
-                await self._busy.wait()  # a resign or clean-up of ours still running
-            self.session.check()
-            if value is None:
-                found = await client.submit(Transaction(success=[OpGet(key),
-                                                                 _first(self.prefix)]))
-                if not _kvs(found.responses[0]):
-                    raise NotLeader(f"{key!r} does not exist: no campaign to resume")
-                mine = _kvs(found.responses[0])[0]
-                if mine.lease != self.session.lease_id:
-                    raise errors.InvalidArgument(
-                        f"{key!r} is attached to lease {mine.lease:#x}, not to our session's")
-                enqueue = Shared(defer.succeed(None))  # clean up our key if we stop
-                token, value = mine.create_revision, mine.value
-                first, header = _kvs(found.responses[1]), found.header
-            else:
-                # Go's Campaign: create our key unless it exists; read the first key in
-                # the same transaction, so an uncontended campaign is one round trip.
-                enqueue = Shared(client.submit(Transaction(
-                    compare=[CompCreated(key, "==", 0)],
-                    success=[OpSet(key, value, lease=self.session.lease_id),
-                             _first(self.prefix)],
-                    failure=[OpGet(key), _first(self.prefix)])))
-                try:
-                    result = await enqueue.wait()
-                    token, first, header = (result.header.revision, _kvs(result.responses[1]),
-                                            result.header)
-                except errors.Failed as failed:
-                    # Our key is there already (an earlier campaign of this lease):
-                    # reuse it, updating its value as Go does (guarded, as a proclaim).
-                    mine = _kvs(failed.responses[0])[0]
-                    token, first, header = (mine.create_revision, _kvs(failed.responses[1]),
-                                            failed.header)
-                    if mine.value != value or mine.lease != self.session.lease_id:
-                        # (A key written there without our lease -- by hand, say -- is
-                        # attached to it, so it cannot outlive our session.)
-                        header = (await client.submit(self._put(token, value))).header
-            if not first or first[0].create_revision < token:
-                if not wait and first:
-                    # (A timer of 0 s would cancel even a free campaign's first
-                    # transaction: "do not wait" is decided here instead.)
-                    raise errors.Timeout(
-                        f"{self.name!r} has a leader, not elected (timeout=0)")
-                header = await self._wait(token)
-            self.session.check()
-        except BaseException as exc:
-            self._state = ElectionState.IDLE
-            self._campaigning = None
-            if enqueue is not None:
-                self._busy = Shared(defer.Deferred.fromCoroutine(
-                    remove_own_key(self, enqueue, token)))
-                await detached(self._busy.wait())
-            if isinstance(exc, errors.Failed):
-                # A guard failed: our key is gone.  Say whether its lease went with it.
-                raise await self._key_gone("our candidate key was deleted while waiting")
-            if isinstance(exc, errors.LeaseNotFound) and not isinstance(exc, SessionLost):
-                raise self.session.lease_gone(exc)  # etcd refused our key's lease
-            raise
-        self._campaigning = None
-        self._lead(token, header.revision, value)
-        return self
+    def _never_held(self) -> errors.CoordError:
+        return NotLeader(f"{self!r} was never elected: no guard to give")
 
-    def _put(self, token: int, value: bytes) -> Transaction:
-        """Go's Proclaim: write ``value`` to our key if it is still the one of ``token``."""
-        return Transaction(compare=[CompCreated(self.key, "==", token)],
-                           success=[OpSet(self.key, value, lease=self.session.lease_id)])
-
-    async def _key_gone(self, message: str) -> errors.CoordError:
-        """The error for "our key is gone": SessionLost if the lease went, else
-        LeadershipLost (someone deleted the key)."""
-        try:
-            self.session.check()
-            await self.session.lease.remaining()
-        except errors.LeaseNotFound as gone:
-            return self.session.lease_gone(gone)
-        except errors.CoordError:
-            pass
-        return LeadershipLost(f"{self.key!r}: {message}")
-
-    async def _wait(self, token: int) -> Any:
-        """Wait for the keys before ours to go; stop as soon as the session ends (Go's
-        Campaign goes on waiting with a dead session, and may then report success)."""
-        waiting = defer.Deferred.fromCoroutine(wait_deletes(
-            self._client, self.prefix, token - 1, guard=[CompCreated(self.key, "==", token)]))
-        ended = self.session.lost
-        ended.addCallbacks(lambda _: waiting.cancel(), lambda _: None)
-        try:
-            return await waiting
-        except defer.CancelledError:
-            self.session.check()  # raises SessionLost if that is why the wait stopped
-            raise
-        finally:
-            ended.cancel()
-
-    # leading --------------------------------------------------------------------------------
-
-    def _lead(self, token: int, revision: int, value: bytes) -> None:
-        self._state = ElectionState.LEADER
-        self.token, self.revision, self.value = token, revision, value
-        self._session_lost = self.session.lost
-        self._session_lost.addCallbacks(self._lose, lambda _: None)
-        self._watch_key()
-
-    def guard(self) -> CompCreated:
+    def guard(self) -> Any:
         """A comparison that holds only while this campaign leads: our key still exists
         with the create revision it had when we were elected.
 
@@ -388,9 +261,7 @@ class Election:
         Raises:
             NotLeader: this campaign was never elected.
         """
-        if self.token is None:
-            raise NotLeader(f"{self!r} was never elected: no guard to give")
-        return CompCreated(self.key, "==", self.token)
+        return super().guard()
 
     def proclaim(self, value: bytes | str) -> defer.Deferred[int]:
         """Change our proposal while we lead, without a new election (Go's Proclaim).
@@ -406,20 +277,20 @@ class Election:
                 then ``lost`` fires, if it had not).
         """
         value = as_bytes(value, "value")
-        return defer.Deferred.fromCoroutine(self._proclaim(value))
+        return start(self._proclaim(value))
 
     async def _proclaim(self, value: bytes) -> int:
-        if self._state is not ElectionState.LEADER or self.token is None:
+        if self._phase is not Phase.HELD or self.token is None:
             raise NotLeader(f"{self!r} does not lead: cannot proclaim")
         token = self.token
         try:
             self.session.check()
-            result = await self._client.submit(self._put(token, value))
+            result = await self.client.submit(self._put(token, value))
         except SessionLost as ended:
             self._lose(ended, token)
             raise NotLeader(f"{self!r}: {ended}")
         except errors.Failed:
-            self._lose(await self._key_gone("was deleted: no longer leader"), token)
+            self._lose(await self._gone_reason("was deleted: no longer leader"), token)
             raise NotLeader(f"{self.key!r} is gone: no longer leader")
         except errors.LeaseNotFound as gone:
             self._lose(self.session.lease_gone(gone), token)
@@ -427,48 +298,6 @@ class Election:
         if self.token == token:
             self.value = value
         return result.header.revision
-
-    @property
-    def lost(self) -> defer.Deferred[errors.CoordError]:
-        """A new Deferred that fires, with the reason, if leadership is lost: the session
-        ends (:class:`SessionLost`) or our key is deleted (:class:`LeadershipLost`).
-
-        It concerns the current leadership (or the next one, if read before being
-        elected); when leadership ends with :meth:`resign` it never fires.  Once LOST
-        it has fired already.  Cancelling it just stops observing.
-        """
-        if self._state is ElectionState.LOST and self._lost_reason is not None:
-            return defer.succeed(self._lost_reason)
-        d: defer.Deferred[errors.CoordError] = defer.Deferred(self._observers.remove)
-        self._observers.append(d)
-        return d
-
-    def _watch_key(self) -> None:
-        """Watch our key while we lead: its deletion (or re-creation) is a loss."""
-        watch_own_key(self, lambda: self._state is ElectionState.LEADER, self._lose,
-                      LeadershipLost)
-
-    def _lose(self, reason: Any, token: int | None = None) -> None:
-        if self._state is not ElectionState.LEADER or (token is not None
-                                                        and token != self.token):
-            return
-        self._stop_leading(ElectionState.LOST)
-        self._lost_reason = reason
-        log.warn("{e} lost leadership: {reason}", e=self, reason=reason)
-        observers, self._observers = self._observers, []
-        for d in observers:
-            d.callback(reason)
-
-    def _stop_leading(self, state: ElectionState) -> None:
-        self._state = state
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.cancel()
-        session_lost, self._session_lost = self._session_lost, None
-        if session_lost is not None and not session_lost.called:
-            session_lost.cancel()
-
-    # resign ---------------------------------------------------------------------------------
 
     def resign(self) -> defer.Deferred[None]:
         """Stop leading (or campaigning): delete our key, if it is still ours.
@@ -480,31 +309,18 @@ class Election:
         Returns:
             Deferred firing with None once our key is gone.
         """
-        if self._state is ElectionState.CAMPAIGNING and self._campaigning is not None:
-            # The campaign's Deferred fails with CancelledError once its key is removed.
-            self._campaigning.cancel()
-            return self._busy.wait() if self._busy is not None else defer.succeed(None)
-        if self._state in (ElectionState.LEADER, ElectionState.LOST):
-            token = self.token
-            self._stop_leading(ElectionState.IDLE)
-            self._observers = []  # ended as asked: `lost` observers never fire
-            self._busy = Shared(defer.Deferred.fromCoroutine(delete_own_key(self, token)))
-        if self._busy is not None:
-            return self._busy.wait()
-        return defer.succeed(None)
-
-    # reading --------------------------------------------------------------------------------
+        return self._let_go()
 
     def leader(self) -> defer.Deferred[Leader]:
         """The current leader (see :func:`leader`)."""
-        return leader(self._client, self.name)
+        return leader(self.client, self.name)
 
     def observe(self, callback: Callable[[Leader | None], Any] | None = None) -> Observation:
         """Every leader change of this election (see :func:`observe`)."""
-        return observe(self._client, self.name, callback)
+        return observe(self.client, self.name, callback)
 
 
-def leader(client: Any, name: bytes | str) -> defer.Deferred[Leader]:
+def leader(client: Client, name: bytes | str) -> defer.Deferred[Leader]:
     """The current leader of election ``name`` (Go's Leader): its key, value and revisions.
 
     Returns:
@@ -764,8 +580,6 @@ class Observation:
         self.close()
 
 
-# process restarts ------------------------------------------------------------------------------
-
 
 # run_as_leader ---------------------------------------------------------------------------------
 
@@ -773,7 +587,7 @@ class Observation:
 _RETRY = (errors.Unavailable, errors.Timeout, SessionLost, LeadershipLost)
 
 
-def run_as_leader(client: Any, name: bytes | str, value: bytes | str,
+def run_as_leader(client: Client, name: bytes | str, value: bytes | str,
                   fn: Callable[[Election], Any], *, ttl: int = DEFAULT_TTL,
                   retry_pause: float = 1.0) -> defer.Deferred[Any]:
     """Campaign; while leader run ``fn(election)``; when leadership is lost, cancel it and
@@ -801,11 +615,10 @@ def run_as_leader(client: Any, name: bytes | str, value: bytes | str,
     """
     prefix = _prefix(name)
     value = as_bytes(value, "value")
-    _checks.callback("fn", fn)
-    ttl = _checks.positive_int("ttl", ttl, maximum=MAX_LEASE_TTL)
-    retry_pause = _checks.seconds("retry_pause", retry_pause, none_ok=False, zero_ok=True)
-    return defer.Deferred.fromCoroutine(
-        _run_as_leader(client, prefix[:-1], value, fn, ttl, retry_pause))
+    callback("fn", fn)
+    ttl = positive_int("ttl", ttl, maximum=MAX_LEASE_TTL)
+    retry_pause = seconds("retry_pause", retry_pause, none_ok=False, zero_ok=True)
+    return start(_run_as_leader(client, prefix[:-1], value, fn, ttl, retry_pause))
 
 
 def _call(fn: Callable[[Election], Any], election: Election) -> defer.Deferred[Any]:
@@ -816,11 +629,11 @@ def _call(fn: Callable[[Election], Any], election: Election) -> defer.Deferred[A
     if isinstance(result, defer.Deferred):
         return result
     if inspect.iscoroutine(result):
-        return defer.Deferred.fromCoroutine(result)
+        return start(result)
     return defer.succeed(result)
 
 
-async def _run_as_leader(client: Any, name: bytes, value: bytes,
+async def _run_as_leader(client: Client, name: bytes, value: bytes,
                          fn: Callable[[Election], Any], ttl: int, retry_pause: float) -> Any:
     reactor = client.reactor
     session: Session | None = None
@@ -839,7 +652,7 @@ async def _run_as_leader(client: Any, name: bytes, value: bytes,
             except _RETRY as exc:
                 log.warn("campaign for {name!r} failed ({error}); again in {pause} s",
                          name=name, error=exc, pause=retry_pause)
-                await task.deferLater(reactor, retry_pause, lambda: None)
+                await sleep(reactor, retry_pause)
                 continue
             lost = election.lost
             running = _call(fn, election)
@@ -876,7 +689,7 @@ async def _run_as_leader(client: Any, name: bytes, value: bytes,
     finally:
         # Resign and close, waiting at most CLEANUP_GRACE for them (etcd may hang): they
         # go on in the background after that; the lease's TTL bounds them anyway.
-        await _bounded(reactor, _leave(election, session))
+        await bounded(reactor, _leave(election, session))
 
 
 async def _leave(election: Election | None, session: Session | None) -> None:
@@ -885,19 +698,3 @@ async def _leave(election: Election | None, session: Session | None) -> None:
     if session is not None:
         await session.close().addErrback(
             lambda f: log.warn("closing {s}: {error}", s=session, error=f.value))
-
-
-async def _bounded(reactor: Any, work: Any) -> None:
-    """Wait for the coroutine ``work`` at most CLEANUP_GRACE seconds; it goes on anyway."""
-    done = Shared(defer.Deferred.fromCoroutine(work))
-    waiting = done.wait()
-    timer = reactor.callLater(CLEANUP_GRACE, waiting.cancel)
-    try:
-        await detached(waiting)
-    except defer.CancelledError:
-        log.info("clean-up still running after {grace} s: left to finish in the background",
-                 grace=CLEANUP_GRACE)
-    finally:
-        if timer.active():
-            timer.cancel()
-

@@ -23,33 +23,31 @@ See ``docs/locks.md``.
 from __future__ import annotations
 
 import enum
-import weakref
-from typing import Any
+from typing import TYPE_CHECKING
 
-import txaio
 from twisted.internet import defer
 
 from coord import errors
-from coord._checks import positive_int
 from coord.client import MAX_LEASE_TTL
-from coord.errors import LockLost, SessionLost
-from coord.keyset import KeySet, as_bytes
-from coord.recipes._wait import (
-    Shared,
+from coord.errors import LockLost
+from coord.keyset import KeySet
+from coord.recipes._core import NotFree, OwnedKey, Phase
+from coord.recipes._loop import (
+    check_name,
     check_timeout,
-    delete_own_key,
     detached,
-    remove_own_key,
-    wait_fewer,
-    watch_own_key,
+    positive_int,
+    start,
     with_timeout,
 )
 from coord.session import DEFAULT_TTL, Session
 from coord.txn import CompCreated, OpGet, OpSet, Transaction
 
+if TYPE_CHECKING:
+    from coord.client import Client
+
 __all__ = [
     "Lock",
-    "LockLost",
     "LockState",
     "RWLock",
     "ReadLock",
@@ -57,9 +55,6 @@ __all__ = [
     "WriteLock",
     "acquire_lock",
 ]
-
-log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
-
 
 MAX_INT64 = 2**63 - 1
 
@@ -71,31 +66,18 @@ class LockState(enum.Enum):
     LOST = "LOST"  # was held; our key was deleted or the session ended
 
 
-# One live recipe object per key (prefix + lease hex): two objects on one session and one
-# name would share a key, and one's release would delete the other's hold.
-_owners: weakref.WeakValueDictionary[tuple[int, bytes], Any] = weakref.WeakValueDictionary()
+_STATES = {Phase.IDLE: LockState.UNLOCKED, Phase.WAITING: LockState.WAITING,
+           Phase.HELD: LockState.HELD, Phase.LOST: LockState.LOST}
 
 
-def claim(owner: Any, session: Session, key: bytes) -> None:
-    """Let ``owner`` use ``key`` of ``session``, unless another active object does.
-
-    Raises:
-        InvalidArgument: another lock object of the same session and name is in use.
-    """
-    other = _owners.get((id(session), key))
-    if other is not None and other is not owner and other.active:
-        raise errors.InvalidArgument(
-            f"{other!r} of the same session already uses {key!r}: use one lock object per "
-            "name and session (or another session)")
-    _owners[(id(session), key)] = owner
-
-
-class Lock:
+class Lock(OwnedKey):
     """A mutex named ``name`` held through ``session``'s lease.
 
     Args:
-        session: a :class:`coord.session.Session`; its lease keeps our key alive.
-        name: the lock's name (bytes or str); keys live under ``name + b"/"``.
+        session: a :class:`coord.recipes.Session`; its lease keeps our key alive.
+        name: the lock's name (bytes or str); keys live under ``name + b"/"``.  Names
+            nest as paths do: a lock ``jobs`` and a lock ``jobs/db`` exclude each other
+            (as in Go and ``etcdctl lock``; see docs/locks.md).
 
     Attributes:
         name, prefix, key: the name, ``name/`` and our key ``name/<lease hex>``.
@@ -104,47 +86,19 @@ class Lock:
         revision: the store revision at which ownership was proven.
     """
 
-    def __init__(self, session: Session, name: bytes | str) -> None:
-        self._setup(session, name, b"", b"", 1)
+    lost_error = LockLost
 
-    def _setup(self, session: Session, name: bytes | str, kind: bytes, blockers: bytes,
-               permits: int) -> None:
-        """Our key is ``name/<kind><lease hex>``; we hold when fewer than ``permits`` keys
-        under ``name/<blockers>`` were created before ours."""
-        if not isinstance(session, Session):
-            raise TypeError(f"a {type(self).__name__} needs a coord.session.Session (from "
-                            f"Session.create(client)), not {type(session).__name__}")
-        name = check_name(name, type(self).__name__)
-        self.session = session
-        self.name = name
-        self.prefix = name + b"/"
-        self.key = self.prefix + kind + b"%x" % session.lease_id
-        self._blockers = self.prefix + blockers
-        self._permits = permits
-        self.token: int | None = None
-        self.revision: int | None = None
-        self._client = session.client
-        self._reactor = session.client.reactor
-        self._state = LockState.UNLOCKED
-        # The first keys that may hold (by create revision): in the enqueue transaction,
-        # so the uncontended path is one round trip.
-        self._owner = OpGet(KeySet(self._blockers, prefix=True), sort_order="ascend",
-                            sort_target="create", limit=permits)
-        self._acquiring: defer.Deferred[Any] | None = None
-        self._busy: Shared | None = None  # a release or clean-up still running
-        self._lost_reason: errors.CoordError | None = None
-        self._observers: list[defer.Deferred[Any]] = []
-        self._session_lost: defer.Deferred[Any] | None = None
-        self._watch: Any = None
-        self._owns_session = False
+    def __init__(self, session: Session, name: bytes | str) -> None:
+        super().__init__(session, name)
+        self._owns_session = False  # acquire_lock's: release closes the session
 
     def __repr__(self) -> str:
-        token = f" token={self.token}" if self._state in (LockState.HELD, LockState.LOST) else ""
-        return f"<{type(self).__name__} {self.name!r} {self._state.name}{token}>"
+        token = f" token={self.token}" if self._phase in (Phase.HELD, Phase.LOST) else ""
+        return f"<{type(self).__name__} {self.name!r} {self.state.name}{token}>"
 
     @property
     def state(self) -> LockState:
-        return self._state
+        return _STATES[self._phase]
 
     @property
     def held(self) -> bool:
@@ -152,14 +106,7 @@ class Lock:
 
         Only ``guard()`` in a transaction *proves* it at the moment of a write.
         """
-        return self._state is LockState.HELD and self.session.alive
-
-    @property
-    def active(self) -> bool:
-        return (self._state in (LockState.WAITING, LockState.HELD)
-                or (self._busy is not None and not self._busy.done))
-
-    # acquire --------------------------------------------------------------------------------
+        return self._holding
 
     def acquire(self, timeout: float | None = None) -> defer.Deferred[Lock]:
         """Wait until the lock is ours.
@@ -176,8 +123,10 @@ class Lock:
             Timeout: not acquired in time; our waiter key has been removed (if etcd does
                 not answer, Timeout comes at most ``CLEANUP_GRACE`` = 0.5 s late, and the
                 removal goes on in the background; a later acquire waits for it).
-            SessionLost: the session ended (before or while waiting).
-            LockLost: our waiter key was deleted by someone else while waiting.
+            SessionLost: the session ended, or its lease is gone (before or while
+                waiting; told at once when our key goes with the lease).
+            LockLost: our waiter key was deleted by someone else while waiting (told at
+                once, not when the keys before it leave).
             InvalidArgument: this lock is already held or being acquired, or another lock
                 object of the same session and name is in use; a negative or NaN
                 ``timeout`` (raised at once, nothing written).
@@ -188,7 +137,6 @@ class Lock:
         """
         timeout = check_timeout(timeout)
         if timeout == 0:
-            # No wait at all: take it if it is free (as try_acquire), else Timeout.
             message = f"lock {self.name!r} is not free (timeout=0)"
 
             def free_or_timeout(held: bool) -> Lock:
@@ -197,93 +145,13 @@ class Lock:
                 return self
 
             return self.try_acquire().addCallback(free_or_timeout)
-        self._begin()
-        d = defer.Deferred.fromCoroutine(self._acquire())
-        self._acquiring = d
-        return with_timeout(d, timeout, self._reactor,
-                            f"could not acquire lock {self.name!r} within {timeout} s")
 
-    def _begin(self) -> None:
-        if self._state in (LockState.WAITING, LockState.HELD):
-            raise errors.InvalidArgument(f"{self!r} is already {self._state.name.lower()}")
-        claim(self, self.session, self.key)
-        self._state = LockState.WAITING
-        self._lost_reason = None
+        async def take() -> Lock:
+            await self._obtain(lambda: self._enqueue(b""))
+            return self
 
-    async def _acquire(self) -> Lock:
-        client = self._client
-        enqueue = None
-        token = None
-        try:
-            if self._busy is not None:
-                await self._busy.wait()  # a release or clean-up of ours still running
-            self.session.check()
-            # Go's tryAcquire: create our key unless it exists (then reuse it), and read the
-            # owner in the same transaction, so the uncontended path is one round trip.
-            enqueue = Shared(client.submit(self._enqueue_txn()))
-            # Cancelling stops our wait, not the write: its outcome tells what to clean up.
-            try:
-                result = await enqueue.wait()
-                token, owner, header = result.header.revision, result.responses[1].kvs, \
-                    result.header
-            except errors.Failed as failed:
-                # Our key exists already (left over from an attempt whose clean-up could not
-                # finish): reuse it, as Go's Mutex does.
-                token = failed.responses[0].kvs[0].create_revision
-                owner, header = failed.responses[1].kvs, failed.header
-            if not self._free(owner, token):
-                header = await self._wait(token)
-            self.session.check()
-        except BaseException as exc:
-            self._state = LockState.UNLOCKED
-            self._acquiring = None
-            if enqueue is not None:
-                self._busy = Shared(defer.Deferred.fromCoroutine(
-                    remove_own_key(self, enqueue, token)))
-                await detached(self._busy.wait())
-            if isinstance(exc, errors.Failed):
-                # The guard failed: our key is gone.  Say whether its lease ended with it.
-                self.session.check()
-                try:
-                    await self.session.lease.remaining()
-                except errors.LeaseNotFound as gone:
-                    raise self.session.lease_gone(gone)
-                except errors.CoordError:
-                    pass
-                raise LockLost(f"our waiter key {self.key!r} was deleted while waiting")
-            if isinstance(exc, errors.LeaseNotFound) and not isinstance(exc, SessionLost):
-                # etcd refused our key's lease: the session is over, say so at once.
-                raise self.session.lease_gone(exc)
-            raise
-        self._acquiring = None
-        self._held(token, header.revision)
-        return self
-
-    def _enqueue_txn(self) -> Transaction:
-        return Transaction(
-            compare=[CompCreated(self.key, "==", 0)],
-            success=[OpSet(self.key, b"", lease=self.session.lease_id), self._owner],
-            failure=[OpGet(self.key), self._owner])
-
-    def _free(self, first: list[Any], token: int) -> bool:
-        """Whether fewer than ``permits`` of the ``first`` blockers were created before us."""
-        return len(first) < self._permits or first[-1].create_revision >= token
-
-    async def _wait(self, token: int) -> Any:
-        """Wait for the keys before ours to go; stop as soon as the session ends (Go's
-        Mutex would go on waiting with a dead session until its predecessor leaves)."""
-        waiting = defer.Deferred.fromCoroutine(wait_fewer(
-            self._client, self._blockers, token - 1, self._permits,
-            guard=[CompCreated(self.key, "==", token)]))
-        ended = self.session.lost
-        ended.addCallbacks(lambda _: waiting.cancel(), lambda _: None)
-        try:
-            return await waiting
-        except defer.CancelledError:
-            self.session.check()  # raises SessionLost if that is why the wait stopped
-            raise
-        finally:
-            ended.cancel()
+        return self._run(take, timeout,
+                         f"could not acquire lock {self.name!r} within {timeout} s")
 
     def try_acquire(self) -> defer.Deferred[bool]:
         """Take the lock if nobody holds or waits for it; never wait.
@@ -297,129 +165,33 @@ class Lock:
             SessionLost: the session ended.
             InvalidArgument: as :meth:`acquire`.
         """
-        self._begin()
-        d = defer.Deferred.fromCoroutine(self._try())
-        self._acquiring = d
-        return d
+        txn = None
+        if self._permits == 1:
+            # A comparison on a range holds when it holds for every key in it; on an
+            # empty range it sees create revision 0 (etcd applyCompare): "no key".  So
+            # our key is written only if nobody holds or waits.
+            first = self._first
+            txn = Transaction(
+                compare=[CompCreated(KeySet(self._blockers, prefix=True), "==", 0)],
+                success=[OpSet(self.key, b"", lease=self.session.lease_id), first],
+                failure=[OpGet(self.key), first])
+        # (With more permits "fewer than N keys" is no comparison: write our key, look,
+        # and take it back if no permit is free, as Go's TryLock does.)
 
-    async def _try(self) -> bool:
-        client = self._client
-        attempt = None
-        try:
-            if self._busy is not None:
-                await self._busy.wait()  # a release of ours still running: it goes first
-            self.session.check()
-            if self._permits == 1:
-                # A comparison on a range holds when it holds for every key in it; on an
-                # empty range it sees create revision 0 (etcd applyCompare): "no key".
-                # So we write our key only if nobody holds or waits.
-                txn = Transaction(
-                    compare=[CompCreated(KeySet(self._blockers, prefix=True), "==", 0)],
-                    success=[OpSet(self.key, b"", lease=self.session.lease_id), self._owner],
-                    failure=[OpGet(self.key), self._owner])
-            else:
-                # "Fewer than N keys" is no comparison: write our key, look, and take it
-                # back if no permit is free (as Go's TryLock does).
-                txn = self._enqueue_txn()
-            attempt = Shared(client.submit(txn))
+        async def take() -> bool:
             try:
-                result = await attempt.wait()
-                token, first, header = (result.header.revision, result.responses[1].kvs,
-                                        result.header)
-            except errors.Failed as failed:
-                mine, first, header = (failed.responses[0].kvs, failed.responses[1].kvs,
-                                       failed.header)
-                token = mine[0].create_revision if mine else 0
-            if not token or not self._free(first, token):
-                if token:  # ours, just written or left over from an earlier attempt
-                    await delete_own_key(self, token)
-                self._state = LockState.UNLOCKED
-                self._acquiring = None
+                await self._obtain(lambda: self._enqueue(b"", txn), wait=False)
+            except NotFree:
                 return False
-            self.session.check()
-        except BaseException as exc:
-            self._state = LockState.UNLOCKED
-            self._acquiring = None
-            if attempt is not None:
-                self._busy = Shared(defer.Deferred.fromCoroutine(
-                    remove_own_key(self, attempt, None)))
-                await detached(self._busy.wait())
-            if isinstance(exc, errors.LeaseNotFound) and not isinstance(exc, SessionLost):
-                raise self.session.lease_gone(exc)
-            raise
-        self._acquiring = None
-        self._held(token, header.revision)
-        return True
+            return True
 
-    # holding --------------------------------------------------------------------------------
+        return self._run(take, None, "")
 
-    def _held(self, token: int, revision: int) -> None:
-        self._state = LockState.HELD
-        self.token = token
-        self.revision = revision
-        self._session_lost = self.session.lost
-        self._session_lost.addCallbacks(self._lose, lambda _: None)
-        if self._observers:
-            self._watch_key()
-
-    def guard(self) -> CompCreated:
-        """A comparison that holds only while our key is the one we acquired.
-
-        Put it in your own transactions -- ``Transaction(compare=[lock.guard()],
-        success=[...])`` -- so the write happens only if the lock is still ours at the
-        revision the transaction is applied (it fails with ``Failed`` otherwise).
-
-        Raises:
-            InvalidArgument: the lock was never acquired.
-        """
-        if self.token is None:
-            raise errors.InvalidArgument(f"{self!r} was never acquired: no guard to give")
-        return CompCreated(self.key, "==", self.token)
-
-    @property
-    def lost(self) -> defer.Deferred[errors.CoordError]:
-        """A new Deferred that fires, with the reason, if the lock is lost while held:
-        the session ends (:class:`SessionLost`) or our key is deleted (:class:`LockLost`).
-
-        It concerns the current hold (or the next one, if read before acquiring); when
-        the hold ends with :meth:`release` it never fires.  Once LOST it has fired already.
-        Reading it while held starts a watch on our key (none runs otherwise).
-        """
-        if self._state is LockState.LOST and self._lost_reason is not None:
-            return defer.succeed(self._lost_reason)
-        d: defer.Deferred[errors.CoordError] = defer.Deferred(self._forget_observer)
-        self._observers.append(d)
-        if self._state is LockState.HELD and self._watch is None:
-            self._watch_key()
-        return d
-
-    def _forget_observer(self, d: defer.Deferred[Any]) -> None:
-        if d in self._observers:
-            self._observers.remove(d)
-
-    def _watch_key(self) -> None:
-        watch_own_key(self, lambda: self._state is LockState.HELD, self._lose, LockLost)
-
-    def _lose(self, reason: Any, token: int | None = None) -> None:
-        if self._state is not LockState.HELD or (token is not None and token != self.token):
-            return
-        self._stop_holding(LockState.LOST)
-        self._lost_reason = reason
-        log.warn("{lock} lost: {reason}", lock=self, reason=reason)
-        observers, self._observers = self._observers, []
-        for d in observers:
-            d.callback(reason)
-
-    def _stop_holding(self, state: LockState) -> None:
-        self._state = state
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.cancel()
-        session_lost, self._session_lost = self._session_lost, None
-        if session_lost is not None and not session_lost.called:
-            session_lost.cancel()
-
-    # release --------------------------------------------------------------------------------
+    def _delete_held(self, token: int | None) -> defer.Deferred[None]:
+        if self._owns_session:
+            # Revoking our lease deletes our key (and only ours) in one round trip.
+            return self.session.close()
+        return super()._delete_held(token)
 
     def release(self) -> defer.Deferred[None]:
         """Give the lock up: delete our key, if it is still the one we acquired.
@@ -430,23 +202,7 @@ class Lock:
         Returns:
             Deferred firing with None once our key is gone.
         """
-        if self._state is LockState.WAITING and self._acquiring is not None:
-            # The acquire's Deferred fails with CancelledError once its key is removed.
-            self._acquiring.cancel()
-            return self._busy.wait() if self._busy is not None else defer.succeed(None)
-        if self._state in (LockState.HELD, LockState.LOST):
-            token = self.token
-            self._stop_holding(LockState.UNLOCKED)
-            self._observers = []  # the hold ended as asked: `lost` observers never fire
-            if self._owns_session:
-                # Revoking our lease deletes our key (and only ours) in one round trip.
-                d = self.session.close()
-            else:
-                d = defer.Deferred.fromCoroutine(delete_own_key(self, token))
-            self._busy = Shared(d)
-        if self._busy is not None:
-            return self._busy.wait()
-        return defer.succeed(None)
+        return self._let_go()
 
     async def __aenter__(self) -> Lock:
         return await self.acquire()
@@ -466,7 +222,8 @@ class ReadLock(Lock):
     """
 
     def __init__(self, session: Session, name: bytes | str) -> None:
-        self._setup(session, name, b"read/", b"write/", 1)
+        OwnedKey.__init__(self, session, name, kind=b"read/", blockers=b"write/")
+        self._owns_session = False
 
 
 class WriteLock(Lock):
@@ -474,7 +231,8 @@ class WriteLock(Lock):
     hold it once no key at all (reader or writer) created before ours remains."""
 
     def __init__(self, session: Session, name: bytes | str) -> None:
-        self._setup(session, name, b"write/", b"", 1)
+        OwnedKey.__init__(self, session, name, kind=b"write/")
+        self._owns_session = False
 
 
 class RWLock:
@@ -514,10 +272,11 @@ class Semaphore(Lock):
         if not 1 <= permits <= MAX_INT64:
             raise errors.InvalidArgument(f"permits must be >= 1 and < 2**63, not {permits}")
         self.permits = permits
-        self._setup(session, name, b"", b"", permits)
+        OwnedKey.__init__(self, session, name, permits=permits)
+        self._owns_session = False
 
 
-def acquire_lock(client: Any, name: bytes | str, timeout: float | None = None,
+def acquire_lock(client: Client, name: bytes | str, timeout: float | None = None,
                  ttl: int = DEFAULT_TTL) -> defer.Deferred[Lock]:
     """The original guide's ``etcd.lock(name, timeout=...)``: a lock with a session of its own.
 
@@ -542,7 +301,6 @@ def acquire_lock(client: Any, name: bytes | str, timeout: float | None = None,
     timeout = check_timeout(timeout)
     check_name(name, "Lock")
     ttl = positive_int("ttl", ttl, maximum=MAX_LEASE_TTL)
-    reactor = client.reactor
 
     async def go() -> Lock:
         session = await Session.create(client, ttl)  # (a cancel here leaks no lease)
@@ -557,16 +315,8 @@ def acquire_lock(client: Any, name: bytes | str, timeout: float | None = None,
             raise
         return lock
 
-    d = defer.Deferred.fromCoroutine(go())
+    d = start(go())
     if timeout == 0:
         return d
-    return with_timeout(d, timeout, reactor,
+    return with_timeout(d, timeout, client.reactor,
                         f"could not acquire lock {name!r} within {timeout} s")
-
-
-def check_name(name: Any, kind: str) -> bytes:
-    """A recipe's name as bytes; TypeError / InvalidArgument for what cannot be one."""
-    name = as_bytes(name, "name")
-    if not name:
-        raise errors.InvalidArgument(f"a {kind}'s name must not be empty")
-    return name
