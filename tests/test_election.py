@@ -39,6 +39,7 @@ from coord import (
     Failed,
     InvalidArgument,
     KeySet,
+    Lease,
     LeadershipLost,
     NoLeader,
     NotLeader,
@@ -954,3 +955,46 @@ def test_docs_example_is_examples_election_py():
     text = (ROOT / "docs" / "election.md").read_text()
     block = text.split("<!-- example: election.py -->\n```python\n", 1)[1].split("\n```\n", 1)[0]
     assert block + "\n" == (ROOT / "examples" / "election.py").read_text()
+
+
+# -- loss reasons ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_lease_of_the_leader_is_session_lost_at_once(pool_client, sessions):
+    """The leader's lease is revoked (as by `etcdctl lease revoke`): `election.lost`
+    fires with the session's SessionLost, not LeadershipLost, and the session has ended
+    by then (not a keep-alive later)."""
+    (session,) = await sessions(1)
+    election = Election(session, b"erev")
+    await election.campaign(b"v")
+    lost = election.lost
+    await sleep(0.1)
+    started = time.monotonic()
+    await Lease(pool_client, session.lease_id).revoke()
+    reason = await lost
+    assert isinstance(reason, SessionLost) and not isinstance(reason, LeadershipLost)
+    assert reason is session.reason and session.state.name == "EXPIRED"
+    assert time.monotonic() - started < session.interval
+    assert election.state is ElectionState.LOST
+
+
+@pytest_twisted.ensureDeferred
+async def test_candidate_whose_key_is_deleted_is_told_at_once(pool_client, sessions):
+    a, b, c = await sessions(3)
+    ea, eb, ec = Election(a, b"edel"), Election(b, b"edel"), Election(c, b"edel")
+    await ea.campaign(b"a")
+    db = eb.campaign(b"b")
+    await wait_until(lambda: count_is(pool_client, b"edel/", 2))
+    dc = ec.campaign(b"c")
+    await wait_until(lambda: count_is(pool_client, b"edel/", 3))
+    await sleep(0.2)
+    await pool_client.delete(eb.key)
+    await wait_until(lambda: db.called, timeout=2)
+    with pytest.raises(LeadershipLost):
+        await db
+    assert ea.is_leader and not dc.called and b.alive
+    await ea.resign()
+    await dc
+    assert ec.is_leader
+    await ec.resign()

@@ -28,6 +28,7 @@ from helpers import (
     wait_until,
 )
 from twisted.internet import defer, reactor
+from twisted.internet.threads import deferToThread
 
 from coord import (
     Client,
@@ -783,3 +784,98 @@ def test_docs_example_is_examples_lock_py():
     text = (ROOT / "docs" / "locks.md").read_text()
     block = text.split("<!-- example: lock.py -->\n```python\n", 1)[1].split("\n```\n", 1)[0]
     assert block + "\n" == (ROOT / "examples" / "lock.py").read_text()
+
+
+# -- loss reasons ------------------------------------------------------------------------------
+
+
+def revoke_with_etcdctl(url, lease_id):
+    subprocess.run([find_etcdctl(), "--endpoints", url, "lease", "revoke", "%x" % lease_id],
+                   check=True, capture_output=True, timeout=30)
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_lease_of_a_holder_is_session_lost_at_once(etcd, pool_client, sessions):
+    """`etcdctl lease revoke` of a session holding a lock: `lock.lost` fires with the
+    session's SessionLost (not LockLost: nobody deleted the key by hand), and the session
+    has ended by then too, not a keep-alive later."""
+    (session,) = await sessions(1)
+    lock = Lock(session, b"revoked")
+    await lock.acquire()
+    lost, session_lost = lock.lost, session.lost
+    await sleep(0.1)  # the key's watch runs
+    started = time.monotonic()
+    await deferToThread(revoke_with_etcdctl, etcd.url, session.lease_id)
+    reason = await lost
+    took = time.monotonic() - started
+    assert isinstance(reason, SessionLost) and not isinstance(reason, LockLost)
+    assert session_lost.called and session.state.name == "EXPIRED"
+    assert reason is session.reason
+    assert took < session.interval  # not the next keep-alive's answer
+    assert lock.state is LockState.LOST and not lock.held
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleted_key_of_a_holder_whose_lease_lives_is_lock_lost(pool_client, sessions):
+    (session,) = await sessions(1)
+    lock = Lock(session, b"deleted")
+    await lock.acquire()
+    lost = lock.lost
+    await sleep(0.1)
+    await pool_client.delete(lock.key)
+    reason = await lost
+    assert isinstance(reason, LockLost) and not isinstance(reason, SessionLost)
+    assert session.alive
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiter_whose_lease_is_revoked_fails_with_session_lost_at_once(
+        pool_client, sessions):
+    """A waiter's key goes with its lease while the holder still holds: the acquire
+    fails at once with SessionLost (the waiter watches its own key)."""
+    a, b = await sessions(2)
+    holder, waiter = Lock(a, b"wrev"), Lock(b, b"wrev")
+    await holder.acquire()
+    d = waiter.acquire(timeout=30)
+    await wait_until(lambda: count_is(pool_client, b"wrev/", 2))
+    await sleep(0.2)
+    await b.lease.revoke()
+    await wait_until(lambda: d.called, timeout=2)
+    with pytest.raises(SessionLost):
+        await d
+    assert holder.held and waiter.state is LockState.UNLOCKED
+    assert await keys_under(pool_client, b"wrev/") == [holder.key]
+
+
+@pytest_twisted.ensureDeferred
+async def test_semaphore_waiter_whose_key_is_deleted_is_told_at_once(pool_client, sessions):
+    a, b, c = await sessions(3)
+    sa, sb, sc = (Semaphore(s, b"sdel", 2) for s in (a, b, c))
+    await sa.acquire()
+    await sb.acquire()
+    d = sc.acquire(timeout=30)
+    await wait_until(lambda: count_is(pool_client, b"sdel/", 3))
+    await sleep(0.2)
+    await pool_client.delete(sc.key)
+    await wait_until(lambda: d.called, timeout=2)
+    with pytest.raises(LockLost):
+        await d
+    assert sa.held and sb.held and c.alive
+
+
+@pytest_twisted.ensureDeferred
+async def test_nested_names_block_one_way_as_in_go(pool_client, sessions):
+    """Names nest as key paths (Go's and etcdctl's layout, docs/locks.md): a holder of
+    `jobs/db` blocks `jobs` (its key is under `jobs/`), but `jobs` does not block
+    `jobs/db`."""
+    a, b = await sessions(2)
+    inner = Lock(a, b"jobs/db")
+    await inner.acquire()
+    outer = Lock(b, b"jobs")
+    assert not await outer.try_acquire()
+    await inner.release()
+    assert await outer.try_acquire()
+    assert await inner.try_acquire()  # `jobs` held: `jobs/db` is free all the same
+    assert outer.held and inner.held
+    await inner.release()
+    await outer.release()
