@@ -49,8 +49,7 @@ def candidate(url: str, path: str, ttl: int) -> None:
     from twisted.internet.threads import deferToThread
 
     from coord import Client
-    from coord.recipes import Election
-    from coord.session import Session
+    from coord.recipes import Election, Session
 
     pid = os.getpid()
 

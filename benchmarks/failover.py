@@ -81,8 +81,7 @@ async def round_(reactor, cluster, transport: str, role: str, mode: str, args) -
     from twisted.web.client import Agent, HTTPConnectionPool
 
     from coord import Client, KeySet
-    from coord.recipes import Lock
-    from coord.session import Session
+    from coord.recipes import Lock, Session
 
     leader = cluster.wait_for_leader()
     first = leader if role == "leader" else next(m for m in cluster.members if m is not leader)

@@ -51,8 +51,7 @@ def worker(kind: str, url: str, duration: float, go_watch: bool) -> None:
 
     from coord import Client
     from coord.recipes import _wait
-    from coord.recipes.lock import Lock
-    from coord.session import Session
+    from coord.recipes import Lock, Session
 
     if go_watch:
         _wait.WATCH_AT_CURRENT_REVISION = False

@@ -10,8 +10,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater, react
 
 from coord import Client, Failed, OpSet, Timeout, Transaction
-from coord.recipes import Election
-from coord.session import Session
+from coord.recipes import Election, Session
 
 URL = sys.argv[1] if len(sys.argv) > 1 else 'http://localhost:2379'
 

@@ -1,6 +1,7 @@
 """Coordination recipes built on the client: small compositions of a session's lease, a
 transaction on create revisions, and a watch started at a known revision.
 
+Sessions: :class:`Session` (one kept-alive lease the recipes share), :class:`SessionState`.
 Locks (Go-compatible layout, fencing tokens): :class:`Lock`, :class:`RWLock`,
 :class:`Semaphore`, and :func:`acquire_lock` (a lock with a session of its own).
 
@@ -32,6 +33,7 @@ from coord.recipes.lock import (
     WriteLock,
     acquire_lock,
 )
+from coord.session import Session, SessionState
 
 __all__ = [
     "ConfigChange",
@@ -49,6 +51,8 @@ __all__ = [
     "RWLock",
     "ReadLock",
     "Semaphore",
+    "Session",
+    "SessionState",
     "WriteLock",
     "acquire_lock",
     "run_as_leader",
