@@ -50,8 +50,7 @@ def worker(kind: str, url: str, duration: float, go_watch: bool) -> None:
     from twisted.internet import defer, task
 
     from coord import Client
-    from coord.recipes import _wait
-    from coord.recipes import Lock, Session
+    from coord.recipes import Lock, Session, _wait
 
     if go_watch:
         _wait.WATCH_AT_CURRENT_REVISION = False

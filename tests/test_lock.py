@@ -790,7 +790,7 @@ def test_docs_example_is_examples_lock_py():
 
 
 def revoke_with_etcdctl(url, lease_id):
-    subprocess.run([find_etcdctl(), "--endpoints", url, "lease", "revoke", "%x" % lease_id],
+    subprocess.run([find_etcdctl(), "--endpoints", url, "lease", "revoke", f"{lease_id:x}"],
                    check=True, capture_output=True, timeout=30)
 
 
