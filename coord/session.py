@@ -85,7 +85,6 @@ class Session:
         self._revoked = False
         self._revoking: defer.Deferred[Any] | None = None
         self._close_waiters: list[defer.Deferred[None]] = []
-        self._in_use: set[bytes] = set()
         self._next = self._reactor.callLater(
             max(0.0, sent_at + self.interval - self._reactor.seconds()), self._keepalive)
         self._expiry = self._reactor.callLater(
@@ -336,23 +335,3 @@ class Session:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    # for recipes --------------------------------------------------------------------------
-
-    def _claim(self, key: bytes) -> None:
-        """Mark ``key`` (a recipe key of this session's lease) as in use by one recipe object.
-
-        Recipes write ``prefix + "%x" % lease_id``: two recipe objects on one session and
-        one name would share that key and could delete each other's claim.
-
-        Raises:
-            InvalidArgument: another recipe object of this session already uses it.
-        """
-        if key in self._in_use:
-            raise errors.InvalidArgument(
-                f"{key!r} is already in use by another recipe object of {self!r}: use one "
-                "lock (or election...) object per name and session")
-        self._in_use.add(key)
-
-    def _unclaim(self, key: bytes) -> None:
-        self._in_use.discard(key)
