@@ -43,7 +43,7 @@ from coord.session import Session
 from coord.txn import CompCreated, CompLease, OpDel, OpGet, OpSet, Transaction
 from coord.types import Event, EventType, Header, KeyValue, Range
 
-__all__ = ["NotFree", "OwnedKey", "Phase", "kvs"]
+__all__ = ["Enqueue", "NotFree", "OwnedKey", "Phase", "kvs"]
 
 log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
 
@@ -86,11 +86,12 @@ class OwnedKey:
         revision: the store revision at which holding was proven.
     """
 
+    kind: ClassVar[bytes] = b""  # our key is name/<kind><lease hex>
+    blocked_by: ClassVar[bytes] = b""  # ... held when few keys under name/<blocked_by>
     lost_error: ClassVar[type[errors.CoordError]] = errors.CoordError
     watch_while_held: ClassVar[bool] = False  # else only once `lost` is read
 
-    def __init__(self, session: Session, name: bytes | str, *, kind: bytes = b"",
-                 blockers: bytes = b"", permits: int = 1) -> None:
+    def __init__(self, session: Session, name: bytes | str, permits: int = 1) -> None:
         if not isinstance(session, Session):
             raise TypeError(f"a {type(self).__name__} needs a coord.session.Session (from "
                             f"Session.create(client)), not {type(session).__name__}")
@@ -98,10 +99,10 @@ class OwnedKey:
         self.client = session.client
         self.name = check_name(name, type(self).__name__)
         self.prefix = self.name + b"/"
-        self.key = self.prefix + kind + b"%x" % session.lease_id
+        self.key = self.prefix + self.kind + b"%x" % session.lease_id
         self.token: int | None = None
         self.revision: int | None = None
-        self._blockers = self.prefix + blockers
+        self._blockers = self.prefix + self.blocked_by
         self._permits = permits
         # The first keys that may hold (by create revision): read in the enqueue
         # transaction, so the uncontended path is one round trip.
@@ -172,9 +173,11 @@ class OwnedKey:
         self._pending = None
         self._hold(token, header.revision)
 
-    def _enqueue_txn(self, value: bytes) -> Transaction:
+    def _enqueue_txn(self, value: bytes, unless: Any = None) -> Transaction:
+        """Write our key with ``value`` unless ``unless`` (default: our key exists) holds;
+        read the first blockers either way, and our key if not written."""
         return Transaction(
-            compare=[CompCreated(self.key, "==", 0)],
+            compare=[unless or CompCreated(self.key, "==", 0)],
             success=[OpSet(self.key, value, lease=self.session.lease_id), self._first],
             failure=[OpGet(self.key), self._first])
 

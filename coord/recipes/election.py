@@ -48,7 +48,7 @@ from coord import errors
 from coord.client import MAX_LEASE_TTL
 from coord.errors import LeadershipLost, NoLeader, NotLeader, SessionLost
 from coord.keyset import KeySet, as_bytes
-from coord.recipes._core import NotFree, OwnedKey, Phase, kvs
+from coord.recipes._core import Enqueue, NotFree, OwnedKey, Phase, kvs
 from coord.recipes._loop import (
     Shared,
     bounded,
@@ -62,8 +62,8 @@ from coord.recipes._loop import (
     start,
 )
 from coord.session import DEFAULT_TTL, Session
-from coord.txn import OpGet, Transaction
-from coord.types import EventType, KeyValue
+from coord.txn import CompCreated, OpGet, Transaction
+from coord.types import EventType, Header, KeyValue
 
 if TYPE_CHECKING:
     from coord.client import Client
@@ -216,7 +216,7 @@ class Election(OwnedKey):
         """
         return self._campaign(self._adopt, timeout, None)
 
-    def _campaign(self, enqueue: Any, timeout: Any, value: bytes | None
+    def _campaign(self, enqueue: Enqueue, timeout: float | None, value: bytes | None
                   ) -> defer.Deferred[Election]:
         timeout = check_timeout(timeout)
 
@@ -234,7 +234,7 @@ class Election(OwnedKey):
         return self._run(take, None if timeout == 0 else timeout,
                          f"not elected leader of {self.name!r} within {timeout} s")
 
-    async def _adopt(self) -> Any:
+    async def _adopt(self) -> tuple[int, list[KeyValue], Header]:
         """Resume's enqueue: read our key (it must exist, with our lease) and the first."""
         found = await self.client.submit(Transaction(success=[OpGet(self.key), self._first]))
         mine = kvs(found.responses[0])
@@ -250,7 +250,7 @@ class Election(OwnedKey):
     def _never_held(self) -> errors.CoordError:
         return NotLeader(f"{self!r} was never elected: no guard to give")
 
-    def guard(self) -> Any:
+    def guard(self) -> CompCreated:
         """A comparison that holds only while this campaign leads: our key still exists
         with the create revision it had when we were elected.
 

@@ -41,7 +41,7 @@ from coord.recipes._loop import (
     with_timeout,
 )
 from coord.session import DEFAULT_TTL, Session
-from coord.txn import CompCreated, OpGet, OpSet, Transaction
+from coord.txn import CompCreated
 
 if TYPE_CHECKING:
     from coord.client import Client
@@ -87,10 +87,7 @@ class Lock(OwnedKey):
     """
 
     lost_error = LockLost
-
-    def __init__(self, session: Session, name: bytes | str) -> None:
-        super().__init__(session, name)
-        self._owns_session = False  # acquire_lock's: release closes the session
+    _owns_session = False  # acquire_lock's lock: release closes the session
 
     def __repr__(self) -> str:
         token = f" token={self.token}" if self._phase in (Phase.HELD, Phase.LOST) else ""
@@ -170,11 +167,8 @@ class Lock(OwnedKey):
             # A comparison on a range holds when it holds for every key in it; on an
             # empty range it sees create revision 0 (etcd applyCompare): "no key".  So
             # our key is written only if nobody holds or waits.
-            first = self._first
-            txn = Transaction(
-                compare=[CompCreated(KeySet(self._blockers, prefix=True), "==", 0)],
-                success=[OpSet(self.key, b"", lease=self.session.lease_id), first],
-                failure=[OpGet(self.key), first])
+            txn = self._enqueue_txn(b"", CompCreated(KeySet(self._blockers, prefix=True),
+                                                     "==", 0))
         # (With more permits "fewer than N keys" is no comparison: write our key, look,
         # and take it back if no permit is free, as Go's TryLock does.)
 
@@ -221,18 +215,15 @@ class ReadLock(Lock):
     ``recipes/rwmutex.go`` algorithm, with coord's key layout (it is no etcdctl standard).
     """
 
-    def __init__(self, session: Session, name: bytes | str) -> None:
-        OwnedKey.__init__(self, session, name, kind=b"read/", blockers=b"write/")
-        self._owns_session = False
+    kind = b"read/"
+    blocked_by = b"write/"
 
 
 class WriteLock(Lock):
     """The exclusive side of a :class:`RWLock`: our key is ``name/write/<lease hex>``; we
     hold it once no key at all (reader or writer) created before ours remains."""
 
-    def __init__(self, session: Session, name: bytes | str) -> None:
-        OwnedKey.__init__(self, session, name, kind=b"write/")
-        self._owns_session = False
+    kind = b"write/"
 
 
 class RWLock:
@@ -272,8 +263,7 @@ class Semaphore(Lock):
         if not 1 <= permits <= MAX_INT64:
             raise errors.InvalidArgument(f"permits must be >= 1 and < 2**63, not {permits}")
         self.permits = permits
-        OwnedKey.__init__(self, session, name, permits=permits)
-        self._owns_session = False
+        super().__init__(session, name, permits)
 
 
 def acquire_lock(client: Client, name: bytes | str, timeout: float | None = None,
