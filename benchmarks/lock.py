@@ -100,7 +100,7 @@ def service_worker(url: str, duration: float) -> None:
         name = "YmVuY2gvc2VydmljZQ=="  # base64 of bench/service
 
         def call(path, body):
-            return client._request(path, body, True, None)
+            return client.call(path, body, True, None)
 
         await task.deferLater(reactor, max(0.0, START - time.monotonic()), lambda: None)
         holds = []

@@ -193,10 +193,32 @@ class Client:
 
     # plumbing -------------------------------------------------------------------------------
 
-    def _request(self, path: str, body: dict, write: bool, timeout: Any = DEFAULT,
-                 decode: Callable[[Any], Any] | None = None,
-                 endpoint: str | None = None,
-                 attempt_timeout: float | None = None) -> defer.Deferred[Any]:
+    def call(self, path: str, body: dict, write: bool, timeout: Any = DEFAULT,
+             decode: Callable[[Any], Any] | None = None,
+             endpoint: str | None = None,
+             attempt_timeout: float | None = None) -> defer.Deferred[Any]:
+        """One gateway call, ``POST path`` with the JSON ``body``: what every method
+        here (and :class:`~coord.Lease`) is made of, for a gateway method the client
+        does not wrap.
+
+        Args:
+            path: the gateway path, e.g. ``"/v3/maintenance/status"``.
+            body: the request as the gateway's JSON (bytes fields base64, int64 as
+                strings: see :mod:`coord._wire.codec`).
+            write: whether the call changes etcd's state: a write is never re-sent
+                once it may have been applied (:class:`~coord.errors.WriteTimeout`).
+            timeout: seconds for the whole call (default: the client's ``timeout``).
+            decode: turns the answer's JSON into the result (default: the JSON).
+            endpoint: send to this endpoint URL only (no failover).
+            attempt_timeout: this call's attempt deadline (default: the client's).
+
+        Returns:
+            Deferred firing with the decoded answer.
+
+        Raises:
+            EtcdError (and subclasses): etcd's error; Unavailable, Timeout: as for
+            every call.
+        """
         if timeout is DEFAULT:
             timeout = self.timeout
         else:
@@ -260,7 +282,7 @@ class Client:
                 codec.put_response)
         op = OpSet(key, value, lease, return_previous, ignore_value, ignore_lease)
         self._check_size(len(op.key) + len(op.value))
-        return self._request("/v3/kv/put", put_json(op), True, timeout,
+        return self.call("/v3/kv/put", put_json(op), True, timeout,
                              decode=codec.put_response)
 
     def get(self, key: KeyLike, limit: int | None = None, sort_order: str | None = None,
@@ -301,7 +323,7 @@ class Client:
         body = range_json(keys, range_options(
             limit, sort_order, sort_target, revision, keys_only, count_only, serializable,
             min_mod_revision, max_mod_revision, min_create_revision, max_create_revision))
-        return self._request("/v3/kv/range", body, False, timeout,
+        return self.call("/v3/kv/range", body, False, timeout,
                              decode=codec.range_response)
 
     def delete(self, key: KeyLike, return_previous: bool = False,
@@ -313,7 +335,7 @@ class Client:
             when ``return_previous``).
         """
         body = delete_json(KeySet.of(key), bool(return_previous))
-        return self._request("/v3/kv/deleterange", body, True, timeout,
+        return self.call("/v3/kv/deleterange", body, True, timeout,
                              decode=codec.delete_response)
 
     def submit(self, txn: Transaction, timeout: Any = DEFAULT) -> defer.Deferred[TransactionResult]:
@@ -329,9 +351,9 @@ class Client:
         """
         if not isinstance(txn, Transaction):
             raise TypeError(f"submit() takes a Transaction, not {type(txn).__name__}")
-        self._check_size(txn._payload_bytes())
+        self._check_size(txn.payload_bytes())
         write = _txn_writes(txn)
-        return self._request("/v3/kv/txn", txn._body(), write, timeout,
+        return self.call("/v3/kv/txn", txn.request_body(), write, timeout,
                              decode=_txn_outcome)
 
     def compact(self, revision: int, physical: bool = False,
@@ -352,7 +374,7 @@ class Client:
         body: dict[str, Any] = {"revision": revision}
         if physical:
             body["physical"] = True
-        return self._request("/v3/kv/compaction", body, True, timeout,
+        return self.call("/v3/kv/compaction", body, True, timeout,
                              decode=codec.header_response)
 
     # watches ----------------------------------------------------------------------------------
@@ -444,7 +466,7 @@ class Client:
             if lease_id < 0:
                 raise errors.InvalidArgument(f"lease_id must be positive, not {lease_id}")
             body["ID"] = lease_id
-        d = self._request("/v3/lease/grant", body, True, timeout, decode=codec.unary)
+        d = self.call("/v3/lease/grant", body, True, timeout, decode=codec.unary)
 
         def granted(obj: dict) -> Lease:
             if obj.get("error"):
@@ -456,7 +478,7 @@ class Client:
 
     def leases(self, timeout: Any = DEFAULT) -> defer.Deferred[list[Lease]]:
         """Every lease the cluster holds (``LeaseLeases``), as :class:`Lease` handles."""
-        d = self._request("/v3/lease/leases", {}, False, timeout, decode=codec.unary)
+        d = self.call("/v3/lease/leases", {}, False, timeout, decode=codec.unary)
         return d.addCallback(
             lambda obj: [Lease(self, int(x["ID"])) for x in obj.get("leases") or ()])
 
@@ -470,18 +492,18 @@ class Client:
             endpoint: ask this member (one of the client's URLs) and no other: fails
                 with Unavailable if it cannot answer.  By default any member answers.
         """
-        return self._request("/v3/maintenance/status", {}, False, timeout,
+        return self.call("/v3/maintenance/status", {}, False, timeout,
                              decode=codec.status_response, endpoint=endpoint)
 
     def alarms(self, timeout: Any = DEFAULT) -> defer.Deferred[list[Alarm]]:
         """The alarms raised in the cluster (NOSPACE, CORRUPT)."""
-        return self._request("/v3/maintenance/alarm", {"action": "GET"}, False, timeout,
+        return self.call("/v3/maintenance/alarm", {"action": "GET"}, False, timeout,
                              decode=codec.alarms)
 
     def disarm(self, alarm: Alarm, timeout: Any = DEFAULT) -> defer.Deferred[list[Alarm]]:
         """Deactivate ``alarm`` (after the cause was fixed, e.g. space freed)."""
         body = {"action": "DEACTIVATE", "memberID": alarm.member_id, "alarm": alarm.alarm.value}
-        return self._request("/v3/maintenance/alarm", body, True, timeout,
+        return self.call("/v3/maintenance/alarm", body, True, timeout,
                              decode=codec.alarms)
 
     def defragment(self, timeout: Any = DEFAULT, endpoint: str | None = None,
@@ -493,12 +515,12 @@ class Client:
                 member is asked.  By default, the member that answers -- with several
                 endpoints, name one: defragmenting is per member.
         """
-        return self._request("/v3/maintenance/defragment", {}, False, timeout,
+        return self.call("/v3/maintenance/defragment", {}, False, timeout,
                              decode=codec.defragment_response, endpoint=endpoint)
 
     def members(self, timeout: Any = DEFAULT) -> defer.Deferred[list[Member]]:
         """The cluster's members (``MemberList``)."""
-        return self._request("/v3/cluster/member/list", {}, False, timeout,
+        return self.call("/v3/cluster/member/list", {}, False, timeout,
                              decode=codec.members_response)
 
     # recipes ----------------------------------------------------------------------------------

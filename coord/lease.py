@@ -68,7 +68,7 @@ class Lease:
             LeaseExpired: the lease is gone (expired or revoked); etcd answers a
                 keep-alive for such a lease with TTL 0.
         """
-        return self._client._request("/v3/lease/keepalive", {"ID": self.lease_id}, False, timeout,
+        return self._client.call("/v3/lease/keepalive", {"ID": self.lease_id}, False, timeout,
                                      decode=self._refreshed, attempt_timeout=attempt_timeout)
 
     def _refreshed(self, obj: Any) -> int:
@@ -85,7 +85,7 @@ class Lease:
         body: dict[str, Any] = {"ID": self.lease_id}
         if keys:
             body["keys"] = True
-        return self._client._request("/v3/lease/timetolive", body, False, timeout,
+        return self._client.call("/v3/lease/timetolive", body, False, timeout,
                                      decode=self._check_alive)
 
     def _check_alive(self, obj: Any) -> dict:
@@ -124,5 +124,5 @@ class Lease:
         Raises:
             LeaseNotFound: the lease was already gone.
         """
-        return self._client._request("/v3/lease/revoke", {"ID": self.lease_id}, True, timeout,
+        return self._client.call("/v3/lease/revoke", {"ID": self.lease_id}, True, timeout,
                                      decode=codec.header_response)

@@ -248,9 +248,10 @@ class Transaction:
         self.__attrs_init__(*lists)
 
     def _json(self) -> dict:
-        return {"request_txn": self._body()}
+        return {"request_txn": self.request_body()}
 
-    def _body(self) -> dict:
+    def request_body(self) -> dict:
+        """The gateway's JSON body of ``POST /v3/kv/txn`` for this transaction."""
         body: dict[str, Any] = {}
         if self.compare:
             body["compare"] = [c._json() for c in self.compare]
@@ -260,14 +261,14 @@ class Transaction:
             body["failure"] = [op._json() for op in self.failure]
         return body
 
-    def _payload_bytes(self) -> int:
+    def payload_bytes(self) -> int:
         """Rough request size: the keys and values it carries (for the local size check)."""
         total = 0
         for c in self.compare:
             total += len(c.key.key) + len(getattr(c, "value", b""))
         for op in self.success + self.failure:
             if isinstance(op, Transaction):
-                total += op._payload_bytes()
+                total += op.payload_bytes()
             elif isinstance(op, OpSet):
                 total += len(op.key) + len(op.value)
             else:
