@@ -26,6 +26,7 @@ __all__ = [
     "check_name",
     "check_timeout",
     "detached",
+    "first",
     "positive_int",
     "seconds",
     "sleep",
@@ -70,6 +71,20 @@ class Shared:
         else:
             self._waiters.append(w)
         return w
+
+
+def first(**waits: defer.Deferred[Any]) -> defer.Deferred[tuple[str, Any]]:
+    """A Deferred firing with ``(name, result)`` of the first of ``waits`` to fire (a
+    failure comes as its Failure, not as an error).  Cancelling it cancels none of them."""
+    out: defer.Deferred[tuple[str, Any]] = defer.Deferred()
+
+    def fired(result: Any, name: str) -> None:
+        if not out.called:
+            out.callback((name, result))
+
+    for name, d in waits.items():
+        d.addBoth(fired, name)
+    return out
 
 
 def start(work: Any) -> defer.Deferred[Any]:

@@ -56,6 +56,7 @@ from coord.recipes._loop import (
     check_name,
     check_timeout,
     detached,
+    first,
     positive_int,
     seconds,
     sleep,
@@ -657,20 +658,8 @@ async def _run_as_leader(client: Client, name: bytes, value: bytes,
             lost = election.lost
             running = _call(fn, election)
             work = Shared(running)
-            outcome: defer.Deferred[tuple[str, Any]] = defer.Deferred()
-
-            def finished(result: Any, outcome: Any = outcome) -> None:
-                if not outcome.called:
-                    outcome.callback(("done", result))
-
-            def ended(reason: Any, outcome: Any = outcome) -> None:
-                if not outcome.called:
-                    outcome.callback(("lost", reason))
-
-            work.wait().addBoth(finished)
-            lost.addCallbacks(ended, lambda _: None)
             try:
-                kind, result = await outcome
+                kind, result = await first(done=work.wait(), lost=lost)
             except defer.CancelledError:
                 lost.cancel()
                 running.cancel()
