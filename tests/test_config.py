@@ -638,13 +638,14 @@ async def test_catch_up_after_a_restart_is_one_change_per_revision(etcd_factory)
     config = ConfigWatcher(client, P)
     rec = Recorder(config)
     flushed = []
-    flush = config._flush
+    mirror = config._mirror  # looks inside: the mirror's flush of buffered events
+    flush = mirror._flush
 
     def counting_flush():
-        flushed.append(len({e.revision for e in config._pending}))
+        flushed.append(len({e.revision for e in mirror.state.pending}))
         flush()
 
-    config._flush = counting_flush
+    mirror._flush = counting_flush
     try:
         await client.set(b"cfg/a", b"0")
         first = await config.start()
