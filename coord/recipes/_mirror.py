@@ -164,10 +164,10 @@ class Mirror(Generic[T]):
         if self.phase is not MirrorPhase.NEW:
             raise errors.InvalidArgument(f"{self!r} was started already")
         self.phase = MirrorPhase.LOADING
-        self._started = defer.Deferred(lambda _: self._stop_io())
+        started = self._started = defer.Deferred(lambda _: self._stop_io())
         self.task = defer.Deferred.fromCoroutine(self._run())
         self.task.addBoth(self._ran)
-        return self._started
+        return started
 
     def close(self) -> None:
         """Stop: no ``on_change`` after this returns; waits fail.  Idempotent."""
@@ -176,15 +176,10 @@ class Mirror(Generic[T]):
 
     def _end(self) -> None:
         self.phase = MirrorPhase.CLOSED
-        self._generation += 1
-        for call in (self._flush_call, self._progress_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._flush_call = self._progress_call = None
-        self.state.pending.clear()
-        watch, self.watch = self.watch, None
-        if watch is not None:
-            watch.cancel()
+        self._drop_watch()
+        if self._progress_call is not None and self._progress_call.active():
+            self._progress_call.cancel()
+        self._progress_call = None
         self._stop_io()
         query, self._progress_query = self._progress_query, None
         if query is not None:
@@ -267,14 +262,19 @@ class Mirror(Generic[T]):
                                  name=self._name, rev=revision,
                                  n=len(change.before.keys() | change.after.keys()))
                     self._read_once = True
+                    # Watch from R + 1 before the consumer sees the read: it may look at
+                    # the watch (its events wait for the end of this reactor turn).
+                    watch, generation = self._watch()
                     if not self._deliver(change):
+                        self._drop_watch()
                         pause = BUG_PAUSE
                         continue
-                    if self.phase is MirrorPhase.CLOSED:
-                        return
                     read = False
+                else:
+                    watch, generation = self._watch()
+                if self.phase is MirrorPhase.CLOSED:
+                    return
                 self.phase = MirrorPhase.WATCHING
-                watch, generation = self._watch()
                 if self._started is not None:
                     started, self._started = self._started, None
                     started.callback(None)
@@ -375,14 +375,21 @@ class Mirror(Generic[T]):
             if change is None:
                 return
             if not self._deliver(change):
-                # Drop the watch and what it buffered, and read the prefix afresh.
+                # Read the prefix afresh (the loop, once the watch is cancelled).
                 self.phase, self._again = MirrorPhase.RESYNCING, BUG_PAUSE
-                self._generation += 1
-                self.state.pending.clear()
-                watch, self.watch = self.watch, None
-                if watch is not None:
-                    watch.cancel()
+                self._drop_watch()
                 return
+
+    def _drop_watch(self) -> None:
+        """Cancel the watch, and forget what it buffered."""
+        self._generation += 1
+        self.state.pending.clear()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            watch.cancel()
 
     def _deliver(self, change: Change[T]) -> bool:
         """Hand ``change`` to on_change, then check the waits.  False if on_change
