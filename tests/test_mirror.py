@@ -451,3 +451,34 @@ async def test_wait_for_a_revision_elsewhere_is_confirmed_with_etcd(pool_client)
         assert not mirror.waiters
     finally:
         rec.mirror.close()
+
+
+# -- recipes on the mirror: async observe callbacks -----------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_async_observe_callback_is_started_not_awaited(pool_client, logged):
+    from coord.recipes.election import observe
+
+    gate = defer.Deferred()
+    started, finished = [], []
+
+    async def report(leader):
+        started.append(leader)
+        await gate
+        finished.append(leader)
+        raise RuntimeError("async observer bug")
+
+    observation = observe(pool_client, b"obs-async", report)
+    try:
+        assert await observation.ready is None
+        await pool_client.set(b"obs-async/1", b"me")
+        await wait_until(lambda: len(started) == 2)
+        assert started[0] is None and started[1].value == b"me" and finished == []
+        gate.callback(None)
+        assert finished == started
+        failures = _failures(logged)
+        assert [f["state"] for f in failures] == started  # logged with the state given
+        assert not observation.done.called
+    finally:
+        observation.close()

@@ -251,24 +251,11 @@ class Mirror(Generic[T]):
                 return
             try:
                 if read:
-                    revision, pages = await self._read()
-                    if self.phase is MirrorPhase.CLOSED:
-                        return
-                    self._backoff = PAUSE
-                    change = self.state.load(revision, pages)
-                    if self._read_once:
-                        self.resyncs += 1
-                        log.info("{name}: read afresh at revision {rev}: {n} keys differ",
-                                 name=self._name, rev=revision,
-                                 n=len(change.before.keys() | change.after.keys()))
-                    self._read_once = True
-                    # Watch from R + 1 before the consumer sees the read: it may look at
-                    # the watch (its events wait for the end of this reactor turn).
-                    watch, generation = self._watch()
-                    if not self._deliver(change):
-                        self._drop_watch()
+                    loaded = await self._load()
+                    if loaded is None:  # not taken by the consumer
                         pause = BUG_PAUSE
                         continue
+                    watch, generation = loaded
                     read = False
                 else:
                     watch, generation = self._watch()
@@ -305,6 +292,31 @@ class Mirror(Generic[T]):
             log.warn("{name}: {what} failed ({error!r}); again in about {pause} s",
                      name=self._name, what="reading the prefix" if read else "the watch",
                      error=error, pause=pause)
+
+    async def _load(self) -> tuple[WatchDeferred, int] | None:
+        """Read the prefix, watch from the read's revision + 1, hand the load over.
+
+        Returns:
+            The watch and its generation; None if the consumer did not take the load.
+        """
+        revision, pages = await self._read()
+        if self.phase is MirrorPhase.CLOSED:
+            raise defer.CancelledError()
+        self._backoff = PAUSE
+        change = self.state.load(revision, pages)
+        if self._read_once:
+            self.resyncs += 1
+            log.info("{name}: read afresh at revision {rev}: {n} keys differ",
+                     name=self._name, rev=revision,
+                     n=len(change.before.keys() | change.after.keys()))
+        self._read_once = True
+        # Watch from R + 1 before the consumer sees the read: it may look at the watch
+        # (whose events wait for the end of this reactor turn).
+        watched = self._watch()
+        if not self._deliver(change):
+            self._drop_watch()
+            return None
+        return watched  # (and the read's pages and change are let go)
 
     async def _read(self) -> tuple[int, list[list[KeyValue]]]:
         """Every key under the prefix as of one revision: ``(revision, pages of kvs)``.
