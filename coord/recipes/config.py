@@ -354,16 +354,7 @@ class ConfigWatcher:
             if self._on_change:
                 self._current()
             return
-        # 1. Decode (user code, may raise anything).
-        decoded: dict[bytes, Any] = {}
-        failed: list[ConfigDecodeError] = []
-        decode = self._decode
-        for key, kv in change.after.items():
-            try:
-                decoded[key] = decode(kv.value)
-            except Exception as exc:
-                failed.append(ConfigDecodeError(key, kv.mod_revision, exc))
-        gone = [key for key in change.before if key not in change.after]
+        decoded, failed, gone = _decoded(self._decode, change)  # 1. user code: may raise
         # 2. Apply (no user code): the view moves to the revision as a whole.  A key
         # whose new value failed keeps its last good value (or stays out).
         old = self._values
@@ -399,13 +390,12 @@ class ConfigWatcher:
             self._call(self._on_error, error, "config error callback {cb!r} raised")
         if previous is None or self.state is ConfigState.STOPPED:
             return
-        added = {k: v for k, v in decoded.items() if k not in old}
-        changed = {k: v for k, v in decoded.items() if k in old}
-        removed = {k: old[k] for k in gone if k in old}
+        added = MappingProxyType({k: v for k, v in decoded.items() if k not in old})
+        changed = MappingProxyType({k: v for k, v in decoded.items() if k in old})
+        removed = MappingProxyType({k: old[k] for k in gone if k in old})
         if added or changed or removed:
-            report = ConfigChange(change.revision, MappingProxyType(added),
-                                  MappingProxyType(changed), MappingProxyType(removed),
-                                  previous, self._current(), change.resync)
+            report = ConfigChange(change.revision, added, changed, removed, previous,
+                                  self._current(), change.resync)
             self._call(self._on_change, report, "config callback {cb!r} raised on "
                        "revision {rev}; the watcher goes on", rev=change.revision)
 
@@ -484,10 +474,7 @@ class ConfigWatcher:
     # writing ----------------------------------------------------------------------------------
 
     def _key(self, key: Any) -> bytes:
-        key = as_bytes(key, "key")
-        if not key.startswith(self.prefix):
-            raise errors.InvalidArgument(f"{key!r} is not under the prefix {self.prefix!r}")
-        return key
+        return _under(self.keys, key)
 
     def update(self, values: Mapping[Any, Any] | None = None, delete: Iterable[Any] = (), *,
                encode: Callable[[Any], bytes | str] | None = None,
@@ -525,41 +512,70 @@ class ConfigWatcher:
                 existing keys touched).
             TypeError: a key or encoded value that is not bytes/str.
         """
-        if values is not None and not isinstance(values, Mapping):
-            raise TypeError(f"values must be a mapping, not {type(values).__name__}")
-        values = dict(values or {})
-        if isinstance(delete, (bytes, str)):
-            raise TypeError("delete takes a list of keys, not one key")
-        writes: dict[bytes, Any] = {}
-        for k, v in values.items():
-            key = self._key(k)
-            if key in writes:  # the same key as str and bytes: etcd refuses duplicates
-                raise errors.InvalidArgument(f"{key!r} is given twice (as str and bytes)")
-            writes[key] = v
-        deletes = [self._key(k) for k in delete]
-        if set(deletes) & writes.keys():
-            raise errors.InvalidArgument("a key cannot be both written and deleted")
-        if not writes and not deletes:
-            raise errors.InvalidArgument("update() needs values to write or keys to delete")
-        encode = encode if encode is not None else self._encode
-        if encode is not None and not callable(encode):
-            raise TypeError(f"encode must be callable, not {type(encode).__name__}")
-        ops: list[Any] = [OpSet(k, as_bytes(encode(v) if encode else v, "value"))
-                          for k, v in writes.items()]
-        ops.extend(OpDel(k) for k in dict.fromkeys(deletes))
-        compare: list[Any] = []
-        if expect is not None:
-            if not isinstance(expect, ConfigSnapshot):
-                raise TypeError(f"expect must be a ConfigSnapshot, not {type(expect).__name__}")
-            # Every key under the prefix last written at or before the snapshot's
-            # revision (a range comparison holds when it holds for each key: rpc.proto
-            # Compare.range_end) ...
-            compare.append(CompModified(self.keys, "<", expect.revision + 1))
-            # ... and each key we touch that existed then still exists with the same mod
-            # revision (a deletion is invisible to the range comparison).
-            for key in list(writes) + deletes:
-                mod = expect.mod_revision(key)
-                if mod:
-                    compare.append(CompModified(key, "==", mod))
-        d = self.client.submit(Transaction(compare=compare, success=ops), timeout=timeout)
+        txn = _update_transaction(self.keys, values, delete,
+                                  encode if encode is not None else self._encode, expect)
+        d = self.client.submit(txn, timeout=timeout)
         return d.addCallback(lambda result: result.header.revision)
+
+
+def _decoded(decode: Callable[[bytes], Any], change: Change[int]
+             ) -> tuple[dict[bytes, Any], list[ConfigDecodeError], list[bytes]]:
+    """A mirror change decoded: (key -> value for the good new values, the decode
+    errors, the keys gone).  Raises what ``decode`` raises that is no Exception."""
+    decoded: dict[bytes, Any] = {}
+    failed: list[ConfigDecodeError] = []
+    for key, kv in change.after.items():
+        try:
+            decoded[key] = decode(kv.value)
+        except Exception as exc:
+            failed.append(ConfigDecodeError(key, kv.mod_revision, exc))
+    return decoded, failed, [key for key in change.before if key not in change.after]
+
+
+def _under(keys: KeySet, key: Any) -> bytes:
+    key = as_bytes(key, "key")
+    if not key.startswith(keys.key):
+        raise errors.InvalidArgument(f"{key!r} is not under the prefix {keys.key!r}")
+    return key
+
+
+def _update_transaction(keys: KeySet, values: Mapping[Any, Any] | None, delete: Iterable[Any],
+                        encode: Callable[[Any], bytes | str] | None,
+                        expect: ConfigSnapshot | None) -> Transaction:
+    """The transaction of :meth:`ConfigWatcher.update` (its arguments checked)."""
+    if values is not None and not isinstance(values, Mapping):
+        raise TypeError(f"values must be a mapping, not {type(values).__name__}")
+    values = dict(values or {})
+    if isinstance(delete, (bytes, str)):
+        raise TypeError("delete takes a list of keys, not one key")
+    writes: dict[bytes, Any] = {}
+    for k, v in values.items():
+        key = _under(keys, k)
+        if key in writes:  # the same key as str and bytes: etcd refuses duplicates
+            raise errors.InvalidArgument(f"{key!r} is given twice (as str and bytes)")
+        writes[key] = v
+    deletes = [_under(keys, k) for k in delete]
+    if set(deletes) & writes.keys():
+        raise errors.InvalidArgument("a key cannot be both written and deleted")
+    if not writes and not deletes:
+        raise errors.InvalidArgument("update() needs values to write or keys to delete")
+    if encode is not None and not callable(encode):
+        raise TypeError(f"encode must be callable, not {type(encode).__name__}")
+    ops: list[Any] = [OpSet(k, as_bytes(encode(v) if encode else v, "value"))
+                      for k, v in writes.items()]
+    ops.extend(OpDel(k) for k in dict.fromkeys(deletes))
+    compare: list[Any] = []
+    if expect is not None:
+        if not isinstance(expect, ConfigSnapshot):
+            raise TypeError(f"expect must be a ConfigSnapshot, not {type(expect).__name__}")
+        # Every key under the prefix last written at or before the snapshot's
+        # revision (a range comparison holds when it holds for each key: rpc.proto
+        # Compare.range_end) ...
+        compare.append(CompModified(keys, "<", expect.revision + 1))
+        # ... and each key we touch that existed then still exists with the same mod
+        # revision (a deletion is invisible to the range comparison).
+        for key in list(writes) + deletes:
+            mod = expect.mod_revision(key)
+            if mod:
+                compare.append(CompModified(key, "==", mod))
+    return Transaction(compare=compare, success=ops)
