@@ -9,8 +9,10 @@ turn ends and applied a revision at a time, so its consumer gets one
 :class:`~coord.recipes._mirror_state.Change` per revision.  When the watch cannot resume
 (``Compacted``), the prefix is read afresh at a new revision and the difference comes as
 one change (``resync``).  ``Unavailable`` and ``Timeout`` are retried after a growing
-pause (a read is read again, a watch watched again from where it stopped); any other error
-ends the mirror, as does a closed client.
+pause (a read is read again, a watch watched again from where it stopped; the first read
+only if asked to, else :meth:`Mirror.start` fails with them); any other error ends the
+mirror, as does a closed client.  A change its consumer fails to take is taken back and
+the prefix read afresh.
 
 Waits (:meth:`Mirror.wait`) are checked after each change; one for a revision the view
 has not reached has the mirror confirm, with one small read, that nothing under the prefix
