@@ -638,13 +638,14 @@ async def test_catch_up_after_a_restart_is_one_change_per_revision(etcd_factory)
     config = ConfigWatcher(client, P)
     rec = Recorder(config)
     flushed = []
-    flush = config._flush
+    mirror = config._mirror  # looks inside: the mirror's flush of buffered events
+    flush = mirror._flush
 
     def counting_flush():
-        flushed.append(len({e.revision for e in config._pending}))
+        flushed.append(len({e.revision for e in mirror.state.pending}))
         flush()
 
-    config._flush = counting_flush
+    mirror._flush = counting_flush
     try:
         await client.set(b"cfg/a", b"0")
         first = await config.start()
@@ -804,3 +805,44 @@ async def test_example_config_daemon_reloads(etcd, pool_client):
     assert "changed ['workers']" in output
     assert "added [] changed ['greeting'] removed ['workers']" in output
     assert "stopped" in output
+
+
+# -- async callbacks ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_async_on_change_is_started_not_awaited_and_its_failure_logged(pool_client):
+    """An ``async def`` on_change runs for each change; the next change is reported
+    without waiting for it; its exception is logged with the change it was given."""
+    from twisted.logger import globalLogPublisher
+
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    config = ConfigWatcher(pool_client, P)
+    gate = defer.Deferred()
+    started, finished = [], []
+
+    async def slow(change):
+        started.append(change.revision)
+        await gate
+        finished.append(change.revision)
+        if change.snapshot.get(b"cfg/a") == b"boom":
+            raise RuntimeError("async callback bug")
+
+    config.on_change(slow)
+    await config.start(timeout=10)
+    try:
+        r1 = (await pool_client.set(b"cfg/a", b"1")).revision
+        r2 = (await pool_client.set(b"cfg/a", b"boom")).revision
+        await config.wait_revision(r2, timeout=10)
+        assert started == [r1, r2] and finished == []  # both started, none awaited
+        gate.callback(None)
+        assert finished == [r1, r2]
+        (failure,) = [e for e in logged if e.get("log_failure") is not None]
+        assert failure["log_failure"].check(RuntimeError)
+        assert failure["value"].revision == r2  # the change it was given
+        failure["log_failure"].cleanFailure()
+        assert config.state is ConfigState.WATCHING
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+        config.stop()

@@ -1,34 +1,20 @@
-"""ConfigWatcher: a consistent, live view of every key under a config prefix.
+"""ConfigWatcher: a consistent, live view of every key under a config prefix, decoded.
 
-``start()`` reads the prefix at one revision R (paged: every page is read at R, so the
-pages make one state of the store) and then watches it from R + 1 -- the read-then-watch
-that never misses a change (DESIGN.md rules).  The watch (:meth:`coord.Client.watch`)
-resumes by itself, exactly once, across broken streams, etcd restarts and endpoint
-failover.
+The view comes from a prefix mirror (:mod:`coord.recipes._mirror`): one read of the
+prefix at a revision R (paged, every page at R), then a watch from R + 1 that resumes by
+itself across broken streams, etcd restarts and failover; one change per revision; a
+fresh read after ``Compacted`` whose difference is one change (``resync=True``).  This
+module adds what config needs on top: values decoded by ``decode`` (a value it refuses
+is reported as :class:`~coord.errors.ConfigDecodeError` and the key keeps its last good
+value), immutable :class:`ConfigSnapshot` mappings (the dicts are copied before a change
+once a snapshot holds them; the decoded values are shared), :class:`ConfigChange` reports
+to ``on_change`` callbacks (plain or ``async def``), ``wait_for`` / ``wait_revision``, and
+atomic, optionally guarded, multi-key updates.
 
-One view per revision: etcd gives a revision's events together (one transaction's puts
-and deletes share a revision and arrive in one watch response, in one reactor turn), so
-the events are buffered until the end of that reactor turn, grouped by mod revision and
-applied a revision at a time.  Callbacks then see one :class:`ConfigChange` per
-revision, and :meth:`ConfigWatcher.snapshot` only ever shows whole revisions (a revision
-is decoded in full before the view changes): a snapshot is immutable as a mapping (the
-watcher copies its dicts before changing them once a snapshot of them was handed out;
-the decoded values themselves are shared, not copied).
-
-The view's revision is a store revision at which etcd's state of the prefix is the view:
-the read's, then each change's -- or a later one, when ``wait_revision`` has the watcher
-confirm that nothing under the prefix changed since (``_check_progress``).  So
-``wait_revision(await update(...))`` always returns, with the update in view.
-
-A watch whose resume revision was compacted ends with :class:`~coord.errors.Compacted`
-(``coord.watch``: etcd cancels such a watch with ``compact_revision`` set).  The watcher
-then reads the prefix afresh at a new revision R' and reports the difference between the
-old view and that read as *one* change (``resync=True``), then watches from R' + 1.  Any
-other end of the watch does the same after a growing pause, logged.
-
-A value that ``decode`` refuses is reported (:class:`~coord.errors.ConfigDecodeError`
-with its key and revision, to ``on_error`` callbacks and the log); the view keeps the
-key's last good value (or leaves a new key out), and the watch goes on.
+A mirror change is decoded in full before the view moves, so a snapshot and a callback
+only ever see whole revisions.  The view's revision is a store revision at which etcd's
+state of the prefix is the view: the read's, each change's, or a later one that the
+mirror confirmed for ``wait_revision``.
 
 See ``docs/config.md``.
 """
@@ -36,15 +22,13 @@ See ``docs/config.md``.
 from __future__ import annotations
 
 import enum
-import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import txaio
-from twisted.internet import defer, task
-from twisted.python.failure import Failure
+from twisted.internet import defer
 
 from coord import errors
 from coord._checks import positive_int
@@ -52,8 +36,15 @@ from coord._sentinel import DEFAULT
 from coord.errors import ConfigDecodeError, ConfigStopped
 from coord.keyset import KeySet, as_bytes
 from coord.recipes._loop import check_timeout, with_timeout
+from coord.recipes._mirror import PAGE_SIZE, Mirror, MirrorPhase, invoke
+from coord.recipes._mirror_state import Change
 from coord.txn import CompModified, OpDel, OpSet, Transaction
-from coord.types import Event, EventType, KeyValue
+from coord.types import KeyValue
+
+log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
+
+if TYPE_CHECKING:
+    from coord.client import Client
 
 __all__ = [
     "ConfigChange",
@@ -63,27 +54,17 @@ __all__ = [
     "ConfigWatcher",
 ]
 
-log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
-
-# Keys per range request of a load.  The gateway has no practical response size limit
-# (a 40 MiB range read works on 3.4.23 and 3.5.1 here), but pages bound the memory of one
-# response and let a resync of a large prefix interleave with other work.
-PAGE_SIZE = 2000
-
-# wait_revision(rev) for a revision the view has not reached: how long the watcher lets
-# the watch deliver before it asks etcd whether anything under the prefix changed at all
-# (see ConfigWatcher._check_progress); the pause doubles, up to PROGRESS_MAX_DELAY, while
-# such checks leave a wait unsatisfied (a revision in the future).
-PROGRESS_DELAY = 0.05
-PROGRESS_MAX_DELAY = 2.0
-
 
 class ConfigState(enum.Enum):
     NEW = "NEW"  # not started, or the first read failed
     LOADING = "LOADING"  # the first read
     WATCHING = "WATCHING"
-    RESYNCING = "RESYNCING"  # reading afresh: the watch fell behind a compaction or ended
+    RESYNCING = "RESYNCING"  # reading afresh: the watch fell behind a compaction
     STOPPED = "STOPPED"
+
+
+_STATES = {phase: ConfigState[phase.name] for phase in MirrorPhase
+           if phase is not MirrorPhase.CLOSED} | {MirrorPhase.CLOSED: ConfigState.STOPPED}
 
 
 class ConfigSnapshot(Mapping[bytes, Any]):
@@ -98,7 +79,8 @@ class ConfigSnapshot(Mapping[bytes, Any]):
 
     __slots__ = ("_mods", "_values", "revision")
 
-    def __init__(self, values: dict[bytes, Any], mods: dict[bytes, int], revision: int) -> None:
+    def __init__(self, values: dict[bytes, Any], mods: Mapping[bytes, int],
+                 revision: int) -> None:
         self._values = values  # never changed once a snapshot holds it
         self._mods = mods
         self.revision = revision
@@ -138,7 +120,7 @@ class ConfigChange:
         removed: keys that disappeared, with the values they had.
         previous, snapshot: the view before and after.
         resync: True when the change is the difference between the view and a fresh
-            read (after a compaction or a watch that ended), not one revision's events.
+            read (after a compaction), not one revision's events.
     """
 
     revision: int
@@ -154,7 +136,8 @@ def _identity(value: bytes) -> bytes:
     return value
 
 
-_ABSENT = object()  # a key deleted by a revision being applied
+def _mod_revision(kv: KeyValue) -> int:
+    return kv.mod_revision
 
 
 class ConfigWatcher:
@@ -170,8 +153,7 @@ class ConfigWatcher:
         page_size: keys per range request when reading the prefix.
 
     Attributes:
-        prefix: the prefix.  state: a :class:`ConfigState`.
-        resyncs: how many times the view was read afresh after the first read.
+        prefix: the prefix.
 
     Raises:
         TypeError: a prefix that is not bytes/str, a decode/encode that is not callable.
@@ -179,7 +161,7 @@ class ConfigWatcher:
             page size.
     """
 
-    def __init__(self, client: Any, prefix: bytes | str,
+    def __init__(self, client: Client, prefix: bytes | str,
                  decode: Callable[[bytes], Any] | None = None,
                  encode: Callable[[Any], bytes | str] | None = None,
                  page_size: int = PAGE_SIZE) -> None:
@@ -195,40 +177,44 @@ class ConfigWatcher:
         self.keys = KeySet(prefix, prefix=True)
         self._decode = decode or _identity
         self._encode = encode
-        self._page_size = page_size
-        self._reactor = client.reactor
-        self.state = ConfigState.NEW
-        self.resyncs = 0
-        # The view: decoded values and each key's mod revision in etcd.  Once a snapshot
-        # shares these dicts (`_shared`), they are copied before the next change.
+        # The mirror keeps each key's mod revision; the watcher, the decoded values.
+        self._mirror: Mirror[int] = Mirror(
+            client, self.keys, self._apply, lambda error: None,
+            lambda: ConfigStopped(f"{self!r} is stopped"), keep=_mod_revision,
+            page_size=page_size, name=f"config {prefix!r}")
+        # Once a snapshot shares _values (`_shared`), it is copied before the next change.
         self._values: dict[bytes, Any] = {}
-        self._mods: dict[bytes, int] = {}
+        self._shared = False
         self._errors: dict[bytes, ConfigDecodeError] = {}
         self._revision = 0
-        self._loaded = False  # the first read completed (a view exists)
+        self._loaded = False  # the first read was applied (a view exists)
+        # The view now, once asked for.  Kept while there are on_change callbacks: each
+        # change's `previous` (the mirror's state has moved on when the change comes).
         self._snapshot: ConfigSnapshot | None = None
-        self._shared = False  # a snapshot holds _values/_mods: copy them before a change
         self._on_change: list[Callable[[ConfigChange], Any]] = []
         self._on_error: list[Callable[[ConfigDecodeError], Any]] = []
-        # (test, Deferred, revision awaited or None): see _wait and _check_waiters.
-        self._waiters: list[tuple[Callable[[ConfigSnapshot], tuple[bool, Any]],
-                                  defer.Deferred[Any], int | None]] = []
-        self._watch: Any = None
-        self._generation = 0  # of the watch: events of an earlier one are ignored
-        self._pending: list[Event] = []
-        self._flush_call: Any = None
-        self._task: defer.Deferred[Any] | None = None  # the first read or a resync
-        # Progress checks for wait_revision (see _check_progress).
-        self._progress_call: Any = None
-        self._progress_query: defer.Deferred[Any] | None = None
-        self._progress_delay = PROGRESS_DELAY
 
     def __repr__(self) -> str:
         errs = f" errors={len(self._errors)}" if self._errors else ""
         return (f"<ConfigWatcher {self.prefix!r} {self.state.name} revision={self._revision} "
                 f"keys={len(self._values)}{errs}>")
 
+    # What tests and benchmarks look at: the mirror's watch, waits and loop.
+    _watch = property(lambda self: self._mirror.watch)
+    _waiters = property(lambda self: self._mirror.waiters)
+    _task = property(lambda self: self._mirror.task)
+
     # the view ---------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ConfigState:
+        """NEW, LOADING, WATCHING, RESYNCING (reading afresh) or STOPPED."""
+        return _STATES[self._mirror.phase]
+
+    @property
+    def resyncs(self) -> int:
+        """How many times the view was read afresh after the first read."""
+        return self._mirror.resyncs
 
     @property
     def revision(self) -> int:
@@ -264,8 +250,8 @@ class ConfigWatcher:
 
     def _current(self) -> ConfigSnapshot:
         if self._snapshot is None:
-            self._snapshot = ConfigSnapshot(self._values, self._mods, self._revision)
-            self._shared = True  # copy the dicts before the next change
+            self._snapshot = ConfigSnapshot(self._values, self._mirror.view(), self._revision)
+            self._shared = True  # copy the dict before the next change
         return self._snapshot
 
     def get(self, key: bytes | str, default: Any = None) -> Any:
@@ -276,13 +262,19 @@ class ConfigWatcher:
         """Call ``callback(change)`` with a :class:`ConfigChange` for each revision that
         changes the view (and once per resync that does).  Not called for the first read.
 
-        A callback's exception is logged and the watcher goes on.  A callback removed
-        (or a watcher stopped) by an earlier callback of the same change is not called.
+        A callback's exception is logged and the watcher goes on.  An ``async def``
+        callback (or one returning a Deferred) is started and left to run: it is *not*
+        awaited before the next change is reported; its failure is logged with the
+        change it was given.  A callback removed (or a watcher stopped) by an earlier
+        callback of the same change is not called.
 
         Returns:
             A function that removes the callback.
         """
-        return self._subscribe(self._on_change, callback)
+        remove = self._subscribe(self._on_change, callback)
+        if self._loaded:
+            self._current()  # the next change's `previous`
+        return remove
 
     def on_error(self, callback: Callable[[ConfigDecodeError], Any]) -> Callable[[], None]:
         """Call ``callback(error)`` for each value that fails to decode (also on reads).
@@ -329,59 +321,16 @@ class ConfigWatcher:
         timeout = check_timeout(timeout, zero_ok=False)
         if self.state is not ConfigState.NEW:
             raise errors.InvalidArgument(f"{self!r} was started already")
-        self.state = ConfigState.LOADING
-        d = defer.Deferred.fromCoroutine(self._start())
-        self._task = d
-
-        def failed(failure: Failure) -> Failure:
-            if self.state is ConfigState.LOADING:
-                self.state = ConfigState.NEW
-            self._task = None
-            return failure
-
-        d.addErrback(failed)
-        return with_timeout(d, timeout, self._reactor,
+        d = self._mirror.start().addCallback(lambda _: self.snapshot())
+        return with_timeout(d, timeout, self.client.reactor,
                             f"could not read config prefix {self.prefix!r} within {timeout} s")
-
-    async def _start(self) -> ConfigSnapshot:
-        await self._load(resync=False)
-        if self.state is ConfigState.STOPPED:
-            # stop() from an on_error callback of the first read: cancelling this
-            # coroutine while it ran did nothing, so end it here.
-            raise defer.CancelledError(f"{self!r} was stopped while starting")
-        self._task = None
-        self.state = ConfigState.WATCHING
-        self._watch_from(self._revision + 1)
-        self._check_waiters()
-        return self.snapshot()
 
     def stop(self) -> None:
         """Stop watching: no callback after this returns; waiters fail with ConfigStopped.
 
         Idempotent.  The last view stays readable.
         """
-        if self.state is ConfigState.STOPPED:
-            return
-        self.state = ConfigState.STOPPED
-        self._generation += 1
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.cancel()
-        running, self._task = self._task, None
-        if running is not None:
-            running.cancel()
-        for call in (self._flush_call, self._progress_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._flush_call = self._progress_call = None
-        query, self._progress_query = self._progress_query, None
-        if query is not None:
-            query.cancel()
-        self._pending = []
-        waiters, self._waiters = self._waiters, []
-        for _, d, _ in waiters:
-            if not d.called:
-                d.errback(ConfigStopped(f"{self!r} was stopped"))
+        self._mirror.close()
 
     async def __aenter__(self) -> ConfigWatcher:
         await self.start()
@@ -390,347 +339,75 @@ class ConfigWatcher:
     async def __aexit__(self, *exc: object) -> None:
         self.stop()
 
-    # reading ----------------------------------------------------------------------------------
+    # applying the mirror's changes ------------------------------------------------------------
 
-    async def _read_pages(self) -> tuple[int, list[list[KeyValue]]]:
-        """Every key under the prefix as of one revision: ``(revision, pages of kvs)``.
+    def _apply(self, change: Change[int]) -> None:
+        """Make a change of the mirror (a revision, a load, a confirmed revision) the
+        view's, and report it.
 
-        The first page is read at the current revision R; the next ones start after the
-        last key so far and are read at R too, so all pages are of one revision (a
-        compaction past R in between raises Compacted, and the load starts over).
+        All or nothing: every value is decoded before the view changes, so a decode
+        that raises (a BaseException too) leaves the view at the last whole revision
+        (the mirror then takes its change back).
         """
-        first = await self.client.get(self.keys, limit=self._page_size)
-        revision = first.header.revision
-        pages = [first.kvs]
-        more = first.more
-        while more and pages[-1]:
-            after = KeySet(pages[-1][-1].key + b"\0", self.keys.range_end)
-            page = await self.client.get(after, limit=self._page_size, revision=revision)
-            pages.append(page.kvs)
-            more = page.more
-        return revision, pages
-
-    async def _load(self, resync: bool) -> None:
-        """Read the prefix and make it the view; for a resync, report the difference."""
-        while True:
-            try:
-                revision, pages = await self._read_pages()
-                break
-            except errors.Compacted:
-                continue  # compacted between two pages: read again at a newer revision
-        old_values, old_mods, old_errors = self._values, self._mods, self._errors
-        values: dict[bytes, Any] = {}
-        mods: dict[bytes, int] = {}
-        new_errors: dict[bytes, ConfigDecodeError] = {}
-        failed: list[ConfigDecodeError] = []
-        decoded: set[bytes] = set()  # keys whose value is new since the old view
-        decode = self._decode
-        # Nothing of the view changes until every value is decoded: a decode raising a
-        # BaseException leaves the old view whole.
-        for page in pages:
-            for kv in page:
-                key, mod = kv.key, kv.mod_revision
-                mods[key] = mod
-                if old_mods.get(key) == mod:  # unchanged since the old view
-                    if key in old_values:
-                        values[key] = old_values[key]
-                    if key in old_errors:
-                        new_errors[key] = old_errors[key]
-                    continue
-                try:
-                    values[key] = decode(kv.value)
-                    decoded.add(key)
-                except Exception as exc:
-                    error = ConfigDecodeError(key, mod, exc)
-                    new_errors[key] = error
-                    failed.append(error)
-                    if key in old_values:
-                        values[key] = old_values[key]  # the last good value
-        previous = self._snapshot_for_change() if resync and self._loaded else None
-        self._values, self._mods = values, mods
-        self._shared = False
-        # In place: decode_errors hands out a live read-only view of this dict.
-        self._errors.clear()
-        self._errors.update(new_errors)
-        self._revision = revision
-        self._snapshot = None
-        self._loaded = True
-        for error in failed:
-            self._report(error)
-            if self.state is ConfigState.STOPPED:
-                return  # an on_error callback stopped us: nothing more
-        if not resync:
+        if not change and not change.first:  # a confirmed revision: the same view, newer
+            self._revision, self._snapshot = change.revision, None
+            if self._on_change:
+                self._current()
             return
-        self.resyncs += 1
-        added = {k: v for k, v in values.items() if k not in old_values}
-        changed = {k: values[k] for k in decoded if k in old_values}
-        removed = {k: v for k, v in old_values.items() if k not in values}
-        log.info("config {prefix!r} read afresh at revision {rev}: {a} added, "
-                 "{c} changed, {r} removed", prefix=self.prefix, rev=revision,
-                 a=len(added), c=len(changed), r=len(removed))
-        if previous is not None:
-            self._publish(previous, added, changed, removed, resync=True)
+        decoded, failed, gone = _decoded(self._decode, change)  # 1. user code: may raise
+        # 2. Apply (no user code): the view moves to the revision as a whole.  A key
+        # whose new value failed keeps its last good value (or stays out).
+        old = self._values
+        previous = self._snapshot if self._on_change and not change.first else None
+        if change.first:
+            values = decoded
         else:
-            self._check_waiters()
-
-    # watching ---------------------------------------------------------------------------------
-
-    def _watch_from(self, revision: int) -> None:
-        self._generation += 1
-        generation = self._generation
-
-        def on_event(event: Event) -> None:
-            if generation != self._generation:
-                return
-            self._pending.append(event)
-            if self._flush_call is None:
-                # The rest of this revision's events come in this same reactor turn
-                # (one watch response): apply them together once it ends.
-                self._flush_call = self._reactor.callLater(0, self._flush)
-
-        self._watch = self.client.watch(self.keys, on_event, start_revision=revision)
-        self._watch.addBoth(self._watch_ended, generation)
-
-    def _flush(self) -> None:
-        """Apply the buffered events, a revision at a time.
-
-        Events stay in ``self._pending`` until their revision is taken for applying, so
-        an exception never loses the revisions after it: an Exception (a bug: callbacks'
-        and waiters' errors are caught earlier) is logged and the view is read afresh; a
-        BaseException (KeyboardInterrupt, ... from ``decode`` or a callback) stops the
-        watcher -- the view keeps the last whole revision -- and propagates.
-        """
-        self._flush_call = None
-        pending = self._pending
-        while pending and pending is self._pending and self.state is not ConfigState.STOPPED:
-            revision = pending[0].kv.mod_revision
-            n = 1
-            while n < len(pending) and pending[n].kv.mod_revision == revision:
-                n += 1
-            batch = pending[:n]
-            del pending[:n]
-            if revision <= self._revision:
-                continue  # the view reflects it already (see _check_progress)
-            try:
-                self._apply(batch)
-            except Exception:
-                log.failure("config {prefix!r}: applying revision {rev} failed; reading "
-                            "the prefix afresh", prefix=self.prefix, rev=revision)
-                self._restart()
-                return
-            except BaseException:
-                log.failure("config {prefix!r}: decode or a callback raised on revision "
-                            "{rev}; stopping", prefix=self.prefix, rev=revision)
-                self.stop()
-                raise
-
-    def _apply(self, events: list[Event]) -> None:
-        """Apply one revision's events to the view and report them as one change.
-
-        All or nothing: every value is decoded before the view changes.
-        """
-        revision = events[0].kv.mod_revision
-        old_values = self._values
-        # 1. Decode (user code, may raise anything): stage the new state of each key.
-        staged: dict[bytes, Any] = {}  # key -> new value, or _ABSENT
-        staged_mods: dict[bytes, int | None] = {}  # None: the key is gone
-        staged_errors: dict[bytes, ConfigDecodeError | None] = {}  # None: clear it
-        written: set[bytes] = set()  # keys given a new good value
-        failed: list[ConfigDecodeError] = []
-        for event in events:
-            key = event.kv.key
-            if event.type is EventType.DELETE:
-                staged[key] = _ABSENT
-                staged_mods[key] = None
-                staged_errors[key] = None
-                written.discard(key)
-                continue
-            staged_mods[key] = revision
-            try:
-                staged[key] = self._decode(event.kv.value)
-            except Exception as exc:
-                error = ConfigDecodeError(key, revision, exc)
-                staged_errors[key] = error
-                failed.append(error)
-                continue  # the view keeps the last good value, if any
-            staged_errors[key] = None
-            written.add(key)
-        # 2. Apply (no user code): the view moves to the revision as a whole.
-        previous = self._snapshot_for_change()
-        before = {key: (key in old_values, old_values.get(key)) for key in staged_mods}
-        if self._shared:  # copy on write: snapshots keep the old dicts
-            self._values, self._mods = dict(self._values), dict(self._mods)
-            self._shared = False
-        values, mods, errs = self._values, self._mods, self._errors
-        for key, value in staged.items():
-            if value is _ABSENT:
+            values = dict(old) if self._shared else old
+            values.update(decoded)
+            for key in gone:
                 values.pop(key, None)
-            else:
-                values[key] = value
-        for key, mod in staged_mods.items():
-            if mod is None:
-                mods.pop(key, None)
-            else:
-                mods[key] = mod
-        for key, err in staged_errors.items():
-            if err is None:
-                errs.pop(key, None)
-            else:
-                errs[key] = err
-        self._revision = revision
-        self._snapshot = None
+        errs = self._errors  # in place: decode_errors is a live view of it
+        for key in gone:
+            errs.pop(key, None)
+        for key in decoded:
+            errs.pop(key, None)
+        errs.update((error.key, error) for error in failed)
+        self._values, self._shared = values, False
+        self._revision, self._snapshot, self._loaded = change.revision, None, True
         # 3. Report.
-        for error in failed:
-            self._report(error)
-            if self.state is ConfigState.STOPPED:
-                return  # an on_error callback stopped us: no on_change, no waiter
-        added, changed, removed = {}, {}, {}
-        for key, (was, old) in before.items():
-            if key in values:
-                if not was:
-                    added[key] = values[key]
-                elif key in written:
-                    changed[key] = values[key]
-            elif was:
-                removed[key] = old
-        if previous is not None:
-            self._publish(previous, added, changed, removed, resync=False)
-        else:
-            self._check_waiters()
-
-    def _snapshot_for_change(self) -> ConfigSnapshot | None:
-        """The view before a change, when a change object will need it (callbacks).
-
-        Kept as the current snapshot, so that the change copies the dicts first.
-        """
-        return self._current() if self._on_change else None
-
-    def _publish(self, previous: ConfigSnapshot, added: dict, changed: dict, removed: dict,
-                 resync: bool) -> None:
-        if added or changed or removed:
-            change = ConfigChange(self._revision, MappingProxyType(added),
-                                  MappingProxyType(changed), MappingProxyType(removed),
-                                  previous, self._current(), resync)
-            for callback in list(self._on_change):
-                if self.state is ConfigState.STOPPED:
-                    return  # stopped by an earlier callback: no callback after stop()
-                if callback not in self._on_change:
-                    continue  # removed by an earlier callback of this change
-                try:
-                    callback(change)
-                except Exception:
-                    log.failure("config callback {cb!r} raised on revision {rev}; the "
-                                "watcher goes on", cb=callback, rev=self._revision)
-        if self.state is not ConfigState.STOPPED:
-            self._check_waiters()
-
-    def _report(self, error: ConfigDecodeError) -> None:
-        log.warn("config {prefix!r}: {error}; keeping the last good value",
-                 prefix=self.prefix, error=error)
-        for callback in list(self._on_error):
-            if self.state is ConfigState.STOPPED:
-                return
-            if callback not in self._on_error:
-                continue
-            try:
-                callback(error)
-            except Exception:
-                log.failure("config error callback {cb!r} raised", cb=callback)
-
-    def _watch_ended(self, result: Any, generation: int) -> None:
-        if generation != self._generation or self.state is ConfigState.STOPPED:
-            if isinstance(result, Failure):
-                result.trap(Exception)  # an earlier watch's end: nothing to report
-            return
-        self._watch = None
-        # Events the watch gave before it ended belong to whole revisions: apply them.
-        if self._flush_call is not None:
-            self._flush_call.cancel()
-            self._flush()
-        if self.state is not ConfigState.WATCHING:
-            return  # stopped by a callback, or the flush started a resync already
-        if result is None or not isinstance(result, Failure):
-            # Not cancelled by us: the client was closed.
-            log.info("config {prefix!r}: the watch was cancelled (client closed?): stopping",
-                     prefix=self.prefix)
-            self.stop()
-            return
-        if result.check(errors.Compacted):
-            log.info("config {prefix!r}: {error}; reading the prefix afresh",
-                     prefix=self.prefix, error=result.value)
-            delay = 0.0
-        else:
-            log.failure("config {prefix!r}: the watch ended; reading the prefix afresh",
-                        failure=result, prefix=self.prefix)
-            delay = 0.5
-        self._start_resync(delay)
-
-    def _restart(self) -> None:
-        """Drop the watch and what it buffered, and read the prefix afresh."""
-        self._generation += 1
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.cancel()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        self._pending = []
-        self._start_resync(0.5)
-
-    def _start_resync(self, delay: float) -> None:
-        self.state = ConfigState.RESYNCING
-        self._task = defer.Deferred.fromCoroutine(self._resync(delay))
-
-        def failed(failure: Failure) -> None:
-            if not failure.check(defer.CancelledError):
-                log.failure("config {prefix!r}: reading the prefix afresh failed",
-                            failure=failure, prefix=self.prefix)
-
-        self._task.addErrback(failed)
-
-    def _client_closed(self) -> bool:
-        if not self.client.closed:
-            return False
-        if self.state is not ConfigState.STOPPED:
-            log.info("config {prefix!r}: the client was closed: stopping", prefix=self.prefix)
-            self.stop()
-        return True
-
-    async def _resync(self, delay: float) -> None:
-        backoff = 0.1
         try:
-            while True:
-                if delay:
-                    # In slices, to notice a closed client soon.
-                    end = self._reactor.seconds() + delay * (0.5 + random.random() / 2)
-                    while (left := end - self._reactor.seconds()) > 0:
-                        await task.deferLater(self._reactor, min(left, 0.5), lambda: None)
-                        if self._client_closed():
-                            return
-                if self._client_closed():
-                    return
-                try:
-                    await self._load(resync=True)
-                    break
-                except defer.CancelledError:
-                    raise
-                except Exception as exc:
-                    if self.state is ConfigState.STOPPED or self._client_closed():
-                        return
-                    log.warn("config {prefix!r}: reading the prefix failed ({error!r}); "
-                             "again", prefix=self.prefix, error=exc)
-                    delay = backoff
-                    backoff = min(backoff * 2, 5.0)
-        except BaseException as exc:
-            if not isinstance(exc, defer.CancelledError) and \
-                    self.state is not ConfigState.STOPPED:
-                self.stop()  # decode raised e.g. KeyboardInterrupt: see _flush
+            self._report(change, failed, previous, old, decoded, gone)
+        except BaseException:
+            self._current()  # the view as it is: the mirror takes its change back
             raise
-        if self.state is ConfigState.RESYNCING:
-            self._task = None
-            self.state = ConfigState.WATCHING
-            self._watch_from(self._revision + 1)
-            self._want_progress()
+        if self._on_change:
+            self._current()  # the next change's `previous`
+
+    def _report(self, change: Change[int], failed: list[ConfigDecodeError],
+                previous: ConfigSnapshot | None, old: dict[bytes, Any],
+                decoded: dict[bytes, Any], gone: list[bytes]) -> None:
+        for error in failed:
+            self._call(self._on_error, error, "config error callback {cb!r} raised")
+        if previous is None or self.state is ConfigState.STOPPED:
+            return
+        added = MappingProxyType({k: v for k, v in decoded.items() if k not in old})
+        changed = MappingProxyType({k: v for k, v in decoded.items() if k in old})
+        removed = MappingProxyType({k: old[k] for k in gone if k in old})
+        if added or changed or removed:
+            report = ConfigChange(change.revision, added, changed, removed, previous,
+                                  self._current(), change.resync)
+            self._call(self._on_change, report, "config callback {cb!r} raised on "
+                       "revision {rev}; the watcher goes on", rev=change.revision)
+
+    def _call(self, callbacks: list[Any], value: Any, message: str, **fields: Any) -> None:
+        if isinstance(value, ConfigDecodeError):
+            log.warn("config {prefix!r}: {error}; keeping the last good value",
+                     prefix=self.prefix, error=value)
+        for callback in list(callbacks):
+            if self.state is ConfigState.STOPPED:
+                return  # stopped by an earlier callback: no callback after stop()
+            if callback in callbacks:  # not removed by an earlier callback
+                invoke(callback, value, message, cb=callback, value=value, **fields)
 
     # waiting ----------------------------------------------------------------------------------
 
@@ -759,13 +436,14 @@ class ConfigWatcher:
         if predicate is not None and not callable(predicate):
             raise TypeError(f"predicate must be callable, not {type(predicate).__name__}")
 
-        def test(snapshot: ConfigSnapshot) -> tuple[bool, Any]:
-            if key not in snapshot:
+        def test() -> tuple[bool, Any]:
+            values = self._values
+            if key not in values:
                 return False, None
-            value = snapshot[key]
+            value = values[key]
             return (predicate is None or bool(predicate(value))), value
 
-        return self._wait(test, timeout, f"{key!r} did not satisfy {predicate!r}")
+        return self._mirror.wait(test, timeout, f"{key!r} did not satisfy {predicate!r}")
 
     def wait_revision(self, revision: int, timeout: float | None = None
                       ) -> defer.Deferred[ConfigSnapshot]:
@@ -787,147 +465,16 @@ class ConfigWatcher:
             raise TypeError(f"revision must be an int, not {type(revision).__name__}")
         if revision < 0:
             raise errors.InvalidArgument(f"revision must be >= 0, not {revision}")
-        return self._wait(lambda snap: (snap.revision >= revision, snap), timeout,
-                          f"revision {revision} not reached", revision)
 
-    def _wait(self, test: Callable[[ConfigSnapshot], tuple[bool, Any]], timeout: Any,
-              what: str, revision: int | None = None) -> defer.Deferred[Any]:
-        timeout = check_timeout(timeout)
-        if self.state is ConfigState.STOPPED:
-            return defer.fail(ConfigStopped(f"{self!r} is stopped"))
-        entry: tuple[Any, defer.Deferred[Any], int | None]
+        def test() -> tuple[bool, Any]:
+            return self._revision >= revision, self._current()
 
-        def cancel(_: defer.Deferred[Any]) -> None:
-            if entry in self._waiters:
-                self._waiters.remove(entry)
-
-        d: defer.Deferred[Any] = defer.Deferred(cancel)
-        entry = (test, d, revision)
-        self._waiters.append(entry)
-        if self._loaded:
-            self._check_waiters()
-        return with_timeout(d, timeout, self._reactor,
-                            f"config {self.prefix!r}: {what} within {timeout} s")
-
-    def _check_waiters(self) -> None:
-        """Fire the waiters the view satisfies.  Re-entrant: a waiter's continuation may
-        wait again, cancel another waiter or stop the watcher."""
-        if not self._waiters:
-            self._want_progress()
-            return
-        snapshot = self._current()
-        ready: list[tuple[defer.Deferred[Any], Any]] = []
-        for entry in list(self._waiters):
-            if entry not in self._waiters:
-                continue  # removed by a predicate (stop(), cancel) meanwhile
-            test, d, _ = entry
-            if d.called:
-                self._waiters.remove(entry)
-                continue
-            try:
-                done, value = test(snapshot)
-            except Exception:
-                done, value = True, Failure()
-            if done and entry in self._waiters:
-                self._waiters.remove(entry)
-                ready.append((d, value))
-        # Fire after the loop: continuations run with the waiter list consistent, and
-        # may cancel a waiter of this same round (it is then skipped) or stop() (the
-        # rest then fail with ConfigStopped, as stop() promises).
-        for d, value in ready:
-            if d.called:
-                continue
-            if self.state is ConfigState.STOPPED:  # by an earlier continuation
-                d.errback(ConfigStopped(f"{self!r} was stopped"))
-            elif isinstance(value, Failure):
-                d.errback(value)
-            else:
-                d.callback(value)
-        self._want_progress()
-
-    def _waiting_revision(self) -> int | None:
-        """The lowest revision a wait_revision waits for beyond the view, if any."""
-        revisions = [r for _, d, r in self._waiters
-                     if r is not None and r > self._revision and not d.called]
-        return min(revisions) if revisions else None
-
-    def _want_progress(self) -> None:
-        if self._waiting_revision() is None:
-            self._progress_delay = PROGRESS_DELAY
-            return
-        if self.state is not ConfigState.WATCHING or self._progress_call is not None \
-                or self._progress_query is not None:
-            return
-        self._progress_call = self._reactor.callLater(self._progress_delay,
-                                                      self._check_progress)
-
-    def _check_progress(self) -> None:
-        """Move the view's revision forward without a change, for wait_revision.
-
-        The view is etcd's state of the prefix at any revision up to which nothing under
-        the prefix changed.  Two ways to know it: the watch's own progress (every event
-        before ``Watcher.revisions[0]`` was delivered -- a progress notification moves it
-        without an event), and a read at the current revision H of the keys under the
-        prefix with a mod revision after the view's: if there is none and the prefix
-        holds as many keys as the view, then every key at H existed in the view with
-        the same mod revision, so nothing changed up to H.  (A key created and deleted
-        in between is no change of the state; the watch then delivers events at or
-        before the view's new revision, which the view skips.)
-        """
-        self._progress_call = None
-        if self.state is not ConfigState.WATCHING or self._waiting_revision() is None:
-            return
-        watch = self._watch
-        if watch is not None and not self._pending and self._flush_call is None:
-            delivered = watch.watcher.revisions[0]
-            if delivered is not None and delivered - 1 > self._revision:
-                self._advance(delivered - 1)
-                if self._waiting_revision() is None or self.state is not ConfigState.WATCHING:
-                    return
-        revision, count, generation = self._revision, len(self._mods), self._generation
-        query = self.client.get(self.keys, keys_only=True, limit=1,
-                                min_mod_revision=revision + 1)
-        self._progress_query = query
-
-        def answered(result: Any) -> None:
-            self._progress_query = None
-            if generation != self._generation or self.state is not ConfigState.WATCHING:
-                self._want_progress()  # a resync ended meanwhile: check with the new watch
-                return
-            if self._revision == revision and not result.kvs and result.count == count:
-                self._advance(result.header.revision)
-            if self._waiting_revision() is not None:
-                # Not satisfied: a change is on its way (its application checks again)
-                # or the revision is in the future -- check again, less often.
-                self._progress_delay = min(self._progress_delay * 2, PROGRESS_MAX_DELAY)
-            self._want_progress()
-
-        def failed(failure: Failure) -> None:
-            self._progress_query = None
-            if failure.check(defer.CancelledError) or self._client_closed():
-                return
-            log.debug("config {prefix!r}: progress check failed: {error}",
-                      prefix=self.prefix, error=failure.value)
-            self._progress_delay = min(self._progress_delay * 2, PROGRESS_MAX_DELAY)
-            self._want_progress()
-
-        query.addCallbacks(answered, failed)
-
-    def _advance(self, revision: int) -> None:
-        """The view (unchanged) is known to reflect ``revision``: a newer snapshot."""
-        if revision <= self._revision:
-            return
-        self._revision = revision
-        self._snapshot = None  # a new snapshot, of the same (shared) dicts
-        self._check_waiters()
+        return self._mirror.wait(test, timeout, f"revision {revision} not reached", revision)
 
     # writing ----------------------------------------------------------------------------------
 
     def _key(self, key: Any) -> bytes:
-        key = as_bytes(key, "key")
-        if not key.startswith(self.prefix):
-            raise errors.InvalidArgument(f"{key!r} is not under the prefix {self.prefix!r}")
-        return key
+        return _under(self.keys, key)
 
     def update(self, values: Mapping[Any, Any] | None = None, delete: Iterable[Any] = (), *,
                encode: Callable[[Any], bytes | str] | None = None,
@@ -965,41 +512,70 @@ class ConfigWatcher:
                 existing keys touched).
             TypeError: a key or encoded value that is not bytes/str.
         """
-        if values is not None and not isinstance(values, Mapping):
-            raise TypeError(f"values must be a mapping, not {type(values).__name__}")
-        values = dict(values or {})
-        if isinstance(delete, (bytes, str)):
-            raise TypeError("delete takes a list of keys, not one key")
-        writes: dict[bytes, Any] = {}
-        for k, v in values.items():
-            key = self._key(k)
-            if key in writes:  # the same key as str and bytes: etcd refuses duplicates
-                raise errors.InvalidArgument(f"{key!r} is given twice (as str and bytes)")
-            writes[key] = v
-        deletes = [self._key(k) for k in delete]
-        if set(deletes) & writes.keys():
-            raise errors.InvalidArgument("a key cannot be both written and deleted")
-        if not writes and not deletes:
-            raise errors.InvalidArgument("update() needs values to write or keys to delete")
-        encode = encode if encode is not None else self._encode
-        if encode is not None and not callable(encode):
-            raise TypeError(f"encode must be callable, not {type(encode).__name__}")
-        ops: list[Any] = [OpSet(k, as_bytes(encode(v) if encode else v, "value"))
-                          for k, v in writes.items()]
-        ops.extend(OpDel(k) for k in dict.fromkeys(deletes))
-        compare: list[Any] = []
-        if expect is not None:
-            if not isinstance(expect, ConfigSnapshot):
-                raise TypeError(f"expect must be a ConfigSnapshot, not {type(expect).__name__}")
-            # Every key under the prefix last written at or before the snapshot's
-            # revision (a range comparison holds when it holds for each key: rpc.proto
-            # Compare.range_end) ...
-            compare.append(CompModified(self.keys, "<", expect.revision + 1))
-            # ... and each key we touch that existed then still exists with the same mod
-            # revision (a deletion is invisible to the range comparison).
-            for key in list(writes) + deletes:
-                mod = expect.mod_revision(key)
-                if mod:
-                    compare.append(CompModified(key, "==", mod))
-        d = self.client.submit(Transaction(compare=compare, success=ops), timeout=timeout)
+        txn = _update_transaction(self.keys, values, delete,
+                                  encode if encode is not None else self._encode, expect)
+        d = self.client.submit(txn, timeout=timeout)
         return d.addCallback(lambda result: result.header.revision)
+
+
+def _decoded(decode: Callable[[bytes], Any], change: Change[int]
+             ) -> tuple[dict[bytes, Any], list[ConfigDecodeError], list[bytes]]:
+    """A mirror change decoded: (key -> value for the good new values, the decode
+    errors, the keys gone).  Raises what ``decode`` raises that is no Exception."""
+    decoded: dict[bytes, Any] = {}
+    failed: list[ConfigDecodeError] = []
+    for key, kv in change.after.items():
+        try:
+            decoded[key] = decode(kv.value)
+        except Exception as exc:
+            failed.append(ConfigDecodeError(key, kv.mod_revision, exc))
+    return decoded, failed, [key for key in change.before if key not in change.after]
+
+
+def _under(keys: KeySet, key: Any) -> bytes:
+    key = as_bytes(key, "key")
+    if not key.startswith(keys.key):
+        raise errors.InvalidArgument(f"{key!r} is not under the prefix {keys.key!r}")
+    return key
+
+
+def _update_transaction(keys: KeySet, values: Mapping[Any, Any] | None, delete: Iterable[Any],
+                        encode: Callable[[Any], bytes | str] | None,
+                        expect: ConfigSnapshot | None) -> Transaction:
+    """The transaction of :meth:`ConfigWatcher.update` (its arguments checked)."""
+    if values is not None and not isinstance(values, Mapping):
+        raise TypeError(f"values must be a mapping, not {type(values).__name__}")
+    values = dict(values or {})
+    if isinstance(delete, (bytes, str)):
+        raise TypeError("delete takes a list of keys, not one key")
+    writes: dict[bytes, Any] = {}
+    for k, v in values.items():
+        key = _under(keys, k)
+        if key in writes:  # the same key as str and bytes: etcd refuses duplicates
+            raise errors.InvalidArgument(f"{key!r} is given twice (as str and bytes)")
+        writes[key] = v
+    deletes = [_under(keys, k) for k in delete]
+    if set(deletes) & writes.keys():
+        raise errors.InvalidArgument("a key cannot be both written and deleted")
+    if not writes and not deletes:
+        raise errors.InvalidArgument("update() needs values to write or keys to delete")
+    if encode is not None and not callable(encode):
+        raise TypeError(f"encode must be callable, not {type(encode).__name__}")
+    ops: list[Any] = [OpSet(k, as_bytes(encode(v) if encode else v, "value"))
+                      for k, v in writes.items()]
+    ops.extend(OpDel(k) for k in dict.fromkeys(deletes))
+    compare: list[Any] = []
+    if expect is not None:
+        if not isinstance(expect, ConfigSnapshot):
+            raise TypeError(f"expect must be a ConfigSnapshot, not {type(expect).__name__}")
+        # Every key under the prefix last written at or before the snapshot's
+        # revision (a range comparison holds when it holds for each key: rpc.proto
+        # Compare.range_end) ...
+        compare.append(CompModified(keys, "<", expect.revision + 1))
+        # ... and each key we touch that existed then still exists with the same mod
+        # revision (a deletion is invisible to the range comparison).
+        for key in list(writes) + deletes:
+            mod = expect.mod_revision(key)
+            if mod:
+                compare.append(CompModified(key, "==", mod))
+    return Transaction(compare=compare, success=ops)

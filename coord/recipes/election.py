@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import txaio
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from coord import errors
@@ -62,9 +62,11 @@ from coord.recipes._loop import (
     sleep,
     start,
 )
+from coord.recipes._mirror import Mirror, invoke
+from coord.recipes._mirror_state import Change
 from coord.session import DEFAULT_TTL, Session
 from coord.txn import CompCreated, OpGet, Transaction
-from coord.types import EventType, Header, KeyValue
+from coord.types import Header, KeyValue
 
 if TYPE_CHECKING:
     from coord.client import Client
@@ -343,8 +345,7 @@ def leader(client: Client, name: bytes | str) -> defer.Deferred[Leader]:
 
 # observe ------------------------------------------------------------------------------------
 
-
-def observe(client: Any, name: bytes | str,
+def observe(client: Client, name: bytes | str,
             callback: Callable[[Leader | None], Any] | None = None) -> Observation:
     """Report the leader of election ``name`` now and at every change, until closed.
 
@@ -353,7 +354,10 @@ def observe(client: Any, name: bytes | str,
         name: the election's name.
         callback: called with a :class:`Leader`, or None for "no leader", for the
             current state and then each change; without one, iterate over the returned
-            :class:`Observation` (``async for leader in observation: ...``).
+            :class:`Observation` (``async for leader in observation: ...``).  It may be
+            an ``async def`` function (or return a Deferred): each report's coroutine is
+            started and left to run -- it is *not* awaited before the next report, nor
+            cancelled by close(); its failure is logged with the report it was given.
 
     Returns:
         An :class:`Observation`.  See it for what is reported and when.
@@ -369,29 +373,27 @@ class Observation:
     What it reports: the leader (a :class:`Leader`) or None (no candidate at all) as of
     each store revision at which it differs from the last report -- a new leader, or the
     same leader with a new value -- once each, in revision order (``leader.revision``).
-    It keeps a copy of every key under the election's prefix, from one read and a watch
-    that goes on from the revision after that read, so every report is the true state at
-    its revision: after a broken connection the watch resumes where it stopped and the
-    changes missed meanwhile are reported then, in order.  If etcd compacted them away
-    the prefix is read again and only the current state is reported, if it differs
-    (``resyncs`` counts these).
+    The leader is the key with the lowest create revision in a prefix mirror
+    (:mod:`coord.recipes._mirror`): one read of every key under the election's prefix,
+    then a watch from the revision after it, one change per revision, so every report
+    is the true state at its revision: after a broken connection the watch resumes where
+    it stopped and the changes missed meanwhile are reported then, in order.  If etcd
+    compacted them away the prefix is read again and only the current state is
+    reported, if it differs (``resyncs`` counts these).  ``Unavailable`` and ``Timeout``
+    are retried after a pause; another error ends the observation (``done``).
 
     The first report is the state when the observation starts.  Reports go to the
     callback, or else wait in a queue for ``async for``.
 
     Attributes:
         leader: the last state reported (None before the first, or for no leader).
-        resyncs: how many times the prefix was read again after a compaction.
     """
 
-    def __init__(self, client: Any, prefix: bytes,
+    def __init__(self, client: Client, prefix: bytes,
                  callback: Callable[[Leader | None], Any] | None) -> None:
-        self._client = client
-        self._reactor = client.reactor
         self.prefix = prefix
         self._callback = callback
         self.leader: Leader | None = None
-        self.resyncs = 0
         self._reported = False
         self._queue: collections.deque[Leader | None] = collections.deque()
         self._waiter: defer.Deferred[None] | None = None
@@ -401,16 +403,22 @@ class Observation:
         self._ready_shared = Shared(self._ready)
         self._done: defer.Deferred[None] = defer.Deferred()
         self._done_shared = Shared(self._done)
-        self._model: dict[bytes, KeyValue] = {}
-        self._pending: int | None = None  # revision of changes applied, not yet reported
-        self._flush_call: Any = None
-        self._buffer: list[Any] | None = None
-        self._watch: Any = None
-        self._run = defer.Deferred.fromCoroutine(self._observe())
+        self._mirror: Mirror[KeyValue] = Mirror(
+            client, KeySet(prefix, prefix=True), self._changed, self._ended,
+            lambda: errors.CoordError("observation closed"), retry_first_read=True,
+            name=f"observation {prefix[:-1]!r}")
+        self._mirror.start().addErrback(self._not_started)
 
     def __repr__(self) -> str:
         state = "CLOSED" if self._closed else "OBSERVING"
         return f"<Observation {self.prefix[:-1]!r} {state} leader={self.leader!r}>"
+
+    _watch = property(lambda self: self._mirror.watch)  # what tests look at
+
+    @property
+    def resyncs(self) -> int:
+        """How many times the prefix was read again (after a compaction)."""
+        return self._mirror.resyncs
 
     @property
     def ready(self) -> defer.Deferred[Leader | None]:
@@ -424,86 +432,14 @@ class Observation:
         e.g. PermissionDenied)."""
         return self._done_shared.wait()
 
-    async def _observe(self) -> None:
-        keys = KeySet(self.prefix, prefix=True)
-        pause = 0.05
-        while not self._closed:
-            self._buffer = []  # events that come before the read: kept until it answers
-            watch = self._client.watch(keys, self._on_event)
-            self._watch = watch
-            try:
-                await watch.watcher.ready
-                if self._closed:
-                    return
-                result = await self._client.get(keys)
-            except (errors.Unavailable, errors.Timeout) as exc:
-                watch.cancel()
-                if self._closed:
-                    return
-                log.debug("{o}: {error}; reading again in {pause} s", o=self, error=exc,
-                          pause=pause)
-                await task.deferLater(self._reactor, pause, lambda: None)
-                pause = min(pause * 2, 2.0)
-                continue
-            except Exception as exc:
-                watch.cancel()
-                self._fail(exc)
-                return
-            if self._closed:
-                return
-            pause = 0.05
-            read_at = result.header.revision
-            self._model = {kv.key: kv for kv in result.kvs}
-            self._pending = None
-            self._evaluate(read_at)
-            buffered, self._buffer = self._buffer, None
-            for event in buffered:
-                if event.revision > read_at:
-                    self._apply(event)
-            try:
-                await watch
-            except errors.Compacted as exc:
-                self.resyncs += 1
-                log.info("{o}: {error}; reading the election again", o=self, error=exc)
-                continue
-            except Exception as exc:
-                self._fail(exc)
-                return
-            if not self._closed:
-                continue  # the watch ended without an error (cannot happen): start again
-
-    def _on_event(self, event: Any) -> None:
-        if self._buffer is not None:
-            self._buffer.append(event)
-        else:
-            self._apply(event)
-
-    def _apply(self, event: Any) -> None:
-        if self._closed:
+    def _changed(self, change: Change[KeyValue]) -> None:
+        if self._closed or not (change or change.first):
             return
-        if self._pending is not None and event.revision != self._pending:
-            self._evaluate(self._pending)  # the end of one revision's changes
-        if event.type is EventType.DELETE:
-            self._model.pop(event.kv.key, None)
-        else:
-            self._model[event.kv.key] = event.kv
-        self._pending = event.revision
-        if self._flush_call is None:
-            # A revision's events come in one reactor turn: report after it.
-            self._flush_call = self._reactor.callLater(0, self._flush)
-
-    def _flush(self) -> None:
-        self._flush_call = None
-        if self._pending is not None and not self._closed:
-            revision, self._pending = self._pending, None
-            self._evaluate(revision)
-
-    def _evaluate(self, revision: int) -> None:
-        if self._model:
-            kv = min(self._model.values(), key=lambda kv: kv.create_revision)
-            state: Leader | None = Leader.of(kv, revision)
-        else:
-            state = None
+        candidates = self._mirror.state.entries
+        state: Leader | None = None
+        if candidates:
+            kv = min(candidates.values(), key=lambda kv: kv.create_revision)
+            state = Leader.of(kv, change.revision)
         if self._reported and (state is self.leader is None
                                or (state is not None and state.same(self.leader))):
             return
@@ -514,14 +450,21 @@ class Observation:
             if self._closed:
                 return  # closed by code that awaited `ready`: nothing after close()
         if self._callback is not None:
-            try:
-                self._callback(state)
-            except Exception:
-                log.failure("{o}: callback {cb!r} raised on {state!r}; observing goes on",
-                            o=self, cb=self._callback, state=state)
+            invoke(self._callback, state, "{o}: callback {cb!r} raised on {state!r}; "
+                   "observing goes on", o=self, cb=self._callback, state=state)
         else:
             self._queue.append(state)
             self._wake()
+
+    def _not_started(self, failure: Failure) -> None:
+        if not failure.check(defer.CancelledError):  # (that is close())
+            self._fail(failure.value)  # type: ignore[arg-type]  # a Failure has a value
+
+    def _ended(self, error: BaseException | None) -> None:
+        if error is None:
+            self.close()  # the client was closed
+        else:
+            self._fail(error)
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
@@ -540,12 +483,7 @@ class Observation:
 
     def _end(self) -> None:
         self._closed = True
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.cancel()
+        self._mirror.close()
         self._wake()
 
     def close(self) -> None:
