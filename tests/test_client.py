@@ -6,7 +6,7 @@ import math
 
 import pytest
 import pytest_twisted
-from helpers import Scripted, http_answer, sleep
+from helpers import sleep
 from twisted.internet import reactor
 from twisted.web.client import Agent
 
@@ -40,6 +40,7 @@ from coord import (
     Unavailable,
 )
 from coord.lease import Lease
+from coord.testing import Scripted, http_answer
 from coord.types import Deleted
 
 # -- KV ----------------------------------------------------------------------------------------

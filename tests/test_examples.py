@@ -7,42 +7,14 @@ that show it did what it says (not merely that it ran).
 from __future__ import annotations
 
 import base64
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
-TIMEOUT = 60
-
-
-def run(*argv: str) -> str:
-    """Run ``python *argv`` from the repository root; return its stdout (exit 0 or fail)."""
-    proc = subprocess.run(
-        [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{argv} exited {proc.returncode}:\n{output}"
-    assert "Traceback" not in output, output
-    return proc.stdout
-
-
-def example(name: str, url: str) -> str:
-    return run(str(EXAMPLES / name), url)
-
-
-def lines_after(output: str, marker: str) -> list[str]:
-    """The lines after the first one containing ``marker``."""
-    lines = output.splitlines()
-    for i, line in enumerate(lines):
-        if marker in line:
-            return lines[i + 1:]
-    raise AssertionError(f"{marker!r} not in output:\n{output}")
+from helpers import EXAMPLE_TIMEOUT as TIMEOUT
+from helpers import EXAMPLES, ROOT, example, lines_after, run
 
 
 def test_every_example_is_tested():

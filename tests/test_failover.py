@@ -8,17 +8,7 @@ import time
 
 import pytest
 import pytest_twisted
-from helpers import (
-    HOLD,
-    Scripted,
-    answer,
-    dead_url,
-    http_answer,
-    preferred_url,
-    sleep,
-    sockets_of,
-    wait_until,
-)
+from helpers import dead_url, preferred_url, sleep, sockets_of, wait_until
 from twisted.internet import defer, reactor
 
 from coord import (
@@ -36,6 +26,7 @@ from coord import (
 from coord._failover import REPEATABLE, Expiry, Health, Plan, expiry_demotes, on_attempt_expired
 from coord.recipes import Lock
 from coord.session import Session, SessionLost, SessionState
+from coord.testing import HOLD, Scripted, answer, http_answer
 
 # ============================================================================================
 # Plan: which endpoint next, and what an answer or a failure means (no I/O)

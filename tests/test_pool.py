@@ -10,24 +10,13 @@ import socket
 
 import pytest
 import pytest_twisted
-from helpers import dead_url, sleep, sockets_of, wait_until
-from twisted.internet import base, defer, protocol, reactor, task, tcp
+from helpers import dead_url, ours, sleep, sockets_of, transport_for, wait_until
+from twisted.internet import defer, protocol, reactor, task
 
 from coord import Client, errors
 from coord._failover import Plan
-from coord._twisted.pool import Deadlines, HttpTransport, _Call, parse_endpoint
+from coord._twisted.pool import Deadlines, _Call
 from coord._wire import codec
-
-
-def ours(delayed_call) -> bool:
-    """Whether a reactor DelayedCall belongs to coord's transport or a socket it opened
-    (not to a recipe's session another test may have left behind)."""
-    func = delayed_call.func
-    owner = getattr(func, "__self__", None)
-    if isinstance(owner, (tcp.BaseClient, base.BaseConnector)):
-        return True
-    return getattr(func, "__module__", "").startswith("coord._twisted.")
-
 
 # ============================================================================================
 # Deadlines (one timer; re-entrant expiry)
@@ -170,10 +159,6 @@ def gateway():
 
 
 NO_LEADER = {"error": "etcdserver: no leader", "message": "etcdserver: no leader", "code": 14}
-
-
-def transport_for(*urls, **kwargs):
-    return HttpTransport(reactor, [parse_endpoint(u) for u in urls], **kwargs)
 
 
 # ============================================================================================

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from helpers import HEADER, HOLD, answer, sleep, wait_until
+from helpers import sleep, wait_until
 from twisted.internet import defer, reactor, task
 
 from coord import Client, LeaseExpired, errors
 from coord.session import Session, SessionLost, SessionState
+from coord.testing import HEADER, HOLD, answer
 
 
 @pytest_twisted.ensureDeferred
@@ -179,7 +180,7 @@ class FakeClient:
     attempt_timeout = 2.0
 
     def __init__(self, clock):
-        self._reactor = clock
+        self.reactor = clock  # Client.reactor
 
     def lease(self, ttl):
         return defer.succeed(FakeLease(ttl))
