@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import inspect
+import json
 import os
 import socket
 import subprocess
@@ -68,6 +70,16 @@ async def lease_ids(client):
     return sorted(lease.lease_id for lease in await client.leases())
 
 
+async def settle(client, prefix, expected_keys, expected_leases, timeout=5.0):
+    """Wait until ``prefix`` holds just ``expected_keys`` and the leases are ``expected_leases``."""
+
+    async def ok():
+        return (await keys_under(client, prefix) == expected_keys
+                and await lease_ids(client) == expected_leases)
+
+    await wait_until(ok, timeout=timeout, interval=0.05)
+
+
 def spawn(code, *args, **kwargs):
     """Run ``python -c code *args`` from the repository root, with text pipes."""
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT,
@@ -96,6 +108,30 @@ def preferred_url(client):
     """The URL of the endpoint ``client`` sends its next call to.  (Looks inside the
     client's transport: no public API tells, and none should be needed.)"""
     return client._transport.preferred.url
+
+
+# -- answers as etcd's gateway writes them ------------------------------------------------------
+
+_HEADER = b'{"header":{"cluster_id":"11","member_id":"22","revision":"%s","raft_term":"3"}'
+NO_LEADER_BODY = json.dumps({"error": "etcdserver: no leader", "message": "etcdserver: no leader",
+                             "code": 14}).encode()
+
+
+def hdr(rev=b"5"):
+    """The start of an answer: ``{"header":{...}`` at revision ``rev`` (bytes), unclosed."""
+    return _HEADER % rev
+
+
+def one_kv(kv_fields, tail=b"", rev=b"5"):
+    """A range answer with one key-value of ``kv_fields`` (the JSON inside its braces)."""
+    return hdr(rev) + b',"kvs":[{' + kv_fields + b"}]" + tail + b"}"
+
+
+def range_body(key, value, rev=5):
+    """A range answer finding ``key`` = ``value``, as etcd writes it."""
+    return one_kv(b'"key":"%s","create_revision":"2","mod_revision":"%d","version":"1",'
+                  b'"value":"%s"' % (base64.b64encode(key), rev, base64.b64encode(value)),
+                  b',"count":"1"', rev=b"%d" % rev)
 
 
 # -- examples/ scripts, run as users run them -------------------------------------------------

@@ -3,6 +3,10 @@ answer comes (coord._twisted.pool.drains): closing the connection would cancel t
 transaction inside etcd, and etcd 3.5.0-3.5.4 then panic ("unexpected error during txn",
 etcd issue 14110).  On etcd 3.5.1 the first test crashed the server within 10 to 54
 dropped transactions before the fix, for either transport and each way of giving up.
+
+Then what counts as read-only (nested transactions), the pool's connection accounting
+around a drain, close() in every state, a dropped call never re-sent (both transports),
+and recipes giving up -- on real etcds and on coord.testing's PathGateway.
 """
 
 from __future__ import annotations

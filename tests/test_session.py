@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from helpers import sleep, wait_until
+from helpers import lease_ids, sleep, wait_until
 from twisted.internet import defer, reactor, task
 
 from coord import Client, LeaseExpired, errors
+from coord.recipes.lock import Lock
 from coord.session import Session, SessionLost, SessionState
 from coord.testing import HEADER, HOLD, answer
 
@@ -154,6 +155,44 @@ async def test_bad_ttls_are_refused_at_once_and_grant_nothing(pool_client, ttl, 
 def test_resume_checks_the_lease_id(lease_id, exc):
     with pytest.raises(exc, match="lease_id"):
         Session.resume(Client(reactor, "http://127.0.0.1:1"), lease_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_huge_ttl_is_a_typed_error_and_leaks_nothing(pool_client):
+    before = await lease_ids(pool_client)
+    for ttl in (10**10, 2**63, 2**64 + 5):
+        with pytest.raises(errors.CoordError):
+            await Session.create(pool_client, ttl=ttl)
+    assert await lease_ids(pool_client) == before
+    # etcd's largest TTL (9e9 s) works, and the session's timers cope with it
+    s = await Session.create(pool_client, ttl=9_000_000_000)
+    lock = Lock(s, b"big")
+    await lock.acquire(timeout=5)
+    assert lock.held and s.state is SessionState.CONNECTED
+    await lock.release()
+    await s.close()
+    assert await lease_ids(pool_client) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_that_failed_can_be_retried(etcd_factory):
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=1.0)
+    try:
+        s = await Session.create(client, ttl=30)
+        await client.set(b"k", b"v", lease=s.lease_id)
+        server.pause()
+        try:
+            with pytest.raises((errors.Timeout, errors.Unavailable)):
+                await s.close()
+            assert s.state is SessionState.CLOSED
+        finally:
+            server.resume()
+        await s.close()  # tries the revoke again
+        assert (await client.get(b"k")).count == 0
+        assert s.lease not in await client.leases()  # revoked, long before its 30 s TTL
+    finally:
+        await client.close()
 
 
 # -- the deadline on a fake clock: counted from the keep-alive's send time -----------------
