@@ -217,9 +217,10 @@ class Session:
         they were added, after the session's state (and :attr:`reason`) changed and
         before the Deferreds of :attr:`lost` fire; nothing is reported when the state
         stays the same (keep-alives failing again while SUSPENDED).  If a callback
-        changes the state itself (say it calls :meth:`close`), that change is reported
-        once every listener has heard of the current one: each hears of every change,
-        in order.  A listener added from inside a callback hears of the next change.
+        changes the state itself (say it calls :meth:`close`), that change is queued and
+        reported once every listener has heard of the current one (so each hears of
+        every change, in order; the :attr:`lost` Deferreds may then fire first).  A
+        listener added from inside a callback hears of the next change.
 
         A callback that raises is logged; the other listeners and the session go on.
         One that returns a coroutine (an ``async def``) or a Deferred is not waited
