@@ -18,7 +18,9 @@ States (:class:`SessionState`):
 
 EXPIRED and CLOSED are final.  On entering either, every Deferred obtained from
 :attr:`Session.lost` fires with the reason (an exception instance, passed as the result,
-never as a failure).  A session that gives up at its deadline also revokes the lease in
+never as a failure).  :meth:`Session.listen` is called on every change of state, the
+final ones included (Curator's ConnectionStateListener), so a daemon can pause its work
+while SUSPENDED.  A session that gives up at its deadline also revokes the lease in
 the background, so that keys the server may still hold do not outlive our say-so.
 
 Based on etcd's ``client/v3/concurrency/session.go`` (one lease per session, ``Done()``,
@@ -28,13 +30,14 @@ Based on etcd's ``client/v3/concurrency/session.go`` (one lease per session, ``D
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import txaio
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from coord import errors
+from coord import _checks, errors
 from coord.errors import SessionLost
 
 if TYPE_CHECKING:
@@ -56,6 +59,17 @@ class SessionState(enum.Enum):
     SUSPENDED = "SUSPENDED"
     EXPIRED = "EXPIRED"
     CLOSED = "CLOSED"
+
+
+class _Listener:
+    """One :meth:`Session.listen` subscription (compared by identity: a callback added
+    twice is two subscriptions)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[SessionState, SessionState, BaseException | None], Any],
+                 ) -> None:
+        self.fn = fn
 
 
 class Session:
@@ -85,6 +99,9 @@ class Session:
         self._revoked = False
         self._revoking: defer.Deferred[Any] | None = None
         self._close_waiters: list[defer.Deferred[None]] = []
+        self._listeners: list[_Listener] = []
+        self._pending: list[tuple[SessionState, SessionState, BaseException | None]] = []
+        self._dispatching = False
         self._next = self._reactor.callLater(
             max(0.0, sent_at + self.interval - self._reactor.seconds()), self._keepalive)
         self._expiry = self._reactor.callLater(
@@ -188,6 +205,90 @@ class Session:
         self._observers.append(d)
         return d
 
+    def listen(self, callback: Callable[[SessionState, SessionState, BaseException | None],
+                                        Any]) -> Callable[[], None]:
+        """Call ``callback(old_state, new_state, reason)`` on every change of state.
+
+        The changes: CONNECTED -> SUSPENDED (a keep-alive failed; ``reason`` is its
+        error), SUSPENDED -> CONNECTED (answered again; ``reason`` None), and CONNECTED
+        or SUSPENDED -> EXPIRED or CLOSED (``reason`` the :class:`SessionLost`, as
+        :attr:`reason`).  Each change is reported once, to every listener in the order
+        they were added, after the session's state (and :attr:`reason`) changed and
+        before the Deferreds of :attr:`lost` fire; nothing is reported when the state
+        stays the same (keep-alives failing again while SUSPENDED).  If a callback
+        changes the state itself (say it calls :meth:`close`), that change is queued and
+        reported once every listener has heard of the current one (so each hears of
+        every change, in order; the :attr:`lost` Deferreds may then fire first).  A
+        listener added from inside a callback hears of the next change.
+
+        A callback that raises is logged; the other listeners and the session go on.
+        One that returns a coroutine (an ``async def``) or a Deferred is not waited
+        for: the coroutine is started, and a failure of either is logged.
+
+        A listener added after the session ended is never called (the session's state
+        can no longer change; read :attr:`state` or :attr:`reason`).
+
+        Args:
+            callback: called as ``callback(old_state, new_state, reason)``.
+
+        Returns:
+            A callable that unsubscribes (at once: a change being reported is not
+            reported to it any more); calling it again does nothing.
+
+        Raises:
+            TypeError: ``callback`` is not callable.
+        """
+        entry = _Listener(_checks.callback("callback", callback))
+        if self.reason is None:
+            self._listeners.append(entry)
+
+        def unsubscribe() -> None:
+            if entry in self._listeners:
+                self._listeners.remove(entry)
+
+        return unsubscribe
+
+    def _changed(self, old: SessionState, reason: BaseException | None) -> None:
+        """Tell the listeners that the state went from ``old`` to the current one.
+
+        A change made from inside a listener is queued, and reported to every listener
+        once the current one has been: each listener hears of every change, in order.
+        """
+        new = self._state
+        if new is old:
+            return
+        self._pending.append((old, new, reason))
+        if self._dispatching:
+            return
+        self._dispatching = True
+        try:
+            while self._pending:
+                change = self._pending.pop(0)
+                for entry in list(self._listeners):
+                    if entry in self._listeners:  # not unsubscribed by an earlier one
+                        self._call_listener(entry.fn, *change)
+        finally:
+            self._dispatching = False
+        if self.reason is not None:
+            self._listeners.clear()  # final: there is nothing more to report
+
+    def _call_listener(self, fn: Callable[..., Any], old: SessionState, new: SessionState,
+                       reason: BaseException | None) -> None:
+        try:
+            result = fn(old, new, reason)
+        except Exception:
+            self._listener_failed(Failure(), fn, old, new)
+            return
+        if isinstance(result, Coroutine):
+            result = defer.Deferred.fromCoroutine(result)
+        if isinstance(result, defer.Deferred):
+            result.addErrback(self._listener_failed, fn, old, new)
+
+    def _listener_failed(self, failure: Failure, fn: Callable[..., Any], old: SessionState,
+                         new: SessionState) -> None:
+        log.failure("{session}: listener {cb!r} failed on {old} -> {new}; the session goes on",
+                    failure, session=self, cb=fn, old=old.name, new=new.name)
+
     def check(self) -> None:
         """Raise the reason the session ended, if it has.
 
@@ -223,11 +324,12 @@ class Session:
         self.deadline = max(self.deadline, sent_at + ttl)
         if self._state is SessionState.SUSPENDED:
             log.info("{session}: keep-alive answered again", session=self)
-        self._state = SessionState.CONNECTED
+        old, self._state = self._state, SessionState.CONNECTED
         now = self._reactor.seconds()
         self._expiry.reset(max(0.0, self.deadline - now))
         self._next = self._reactor.callLater(max(0.0, sent_at + self.interval - now),
                                              self._keepalive)
+        self._changed(old, None)
 
     def _refresh_failed(self, failure: Failure) -> None:
         self._inflight = None
@@ -240,8 +342,9 @@ class Session:
         if self._state is SessionState.CONNECTED:
             log.warn("{session}: keep-alive failed ({error}); retrying until the lease's "
                      "deadline", session=self, error=failure.value)
-        self._state = SessionState.SUSPENDED
+        old, self._state = self._state, SessionState.SUSPENDED
         self._next = self._reactor.callLater(min(RETRY_PAUSE, self.interval), self._keepalive)
+        self._changed(old, failure.value)
 
     def lease_gone(self, error: BaseException | None) -> SessionLost:
         """Tell the session that etcd refused its lease as not found (for recipes whose
@@ -272,7 +375,7 @@ class Session:
     # ending -------------------------------------------------------------------------------
 
     def _end(self, state: SessionState, reason: SessionLost) -> None:
-        self._state = state
+        old, self._state = self._state, state
         self.reason = reason
         for timer in (self._next, self._expiry):
             if timer is not None and timer.active():
@@ -283,6 +386,7 @@ class Session:
             inflight.cancel()
         if state is SessionState.EXPIRED:
             log.warn("{session}: lost: {reason}", session=self, reason=reason)
+        self._changed(old, reason)
         observers, self._observers = self._observers, []
         for d in observers:
             d.callback(reason)
@@ -307,9 +411,9 @@ class Session:
         """
         if self.reason is None:
             what = "orphaned" if orphan else "revoked"
+            self._orphaned = orphan  # before _end: its listeners may call close() again
             self._end(SessionState.CLOSED,
                       SessionLost(f"session closed; lease {self.lease_id:#x} {what}"))
-            self._orphaned = orphan
         if self._state is SessionState.EXPIRED or self._orphaned or self._revoked:
             return defer.succeed(None)
         if self._revoking is None:

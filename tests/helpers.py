@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from twisted.internet import protocol, reactor, task, tcp
+from twisted.internet import base, reactor, task, tcp
 from twisted.internet.threads import deferToThread
+from twisted.web.client import Agent, HTTPConnectionPool
 
-from coord import KeySet
+from coord import Client, KeySet
+from coord._twisted.pool import HttpTransport, parse_endpoint
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+EXAMPLE_TIMEOUT = 60
+
+
+def make_client(url, transport="pool", **kwargs):
+    """A Client through coord's own pool, or through treq with a plain Agent."""
+    if transport == "treq":
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        kwargs["agent"] = Agent(reactor, pool=pool)
+    return Client(reactor, url, **kwargs)
 
 
 def dead_url():
@@ -56,6 +70,16 @@ async def lease_ids(client):
     return sorted(lease.lease_id for lease in await client.leases())
 
 
+async def settle(client, prefix, expected_keys, expected_leases, timeout=5.0):
+    """Wait until ``prefix`` holds just ``expected_keys`` and the leases are ``expected_leases``."""
+
+    async def ok():
+        return (await keys_under(client, prefix) == expected_keys
+                and await lease_ids(client) == expected_leases)
+
+    await wait_until(ok, timeout=timeout, interval=0.05)
+
+
 def spawn(code, *args, **kwargs):
     """Run ``python -c code *args`` from the repository root, with text pipes."""
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT,
@@ -86,153 +110,80 @@ def preferred_url(client):
     return client._transport.preferred.url
 
 
-# -- scripted gateways: HTTP answers written by hand ----------------------------------------
+# -- answers as etcd's gateway writes them ------------------------------------------------------
+
+_HEADER = b'{"header":{"cluster_id":"11","member_id":"22","revision":"%s","raft_term":"3"}'
+NO_LEADER_BODY = json.dumps({"error": "etcdserver: no leader", "message": "etcdserver: no leader",
+                             "code": 14}).encode()
 
 
-def http_answer(status, body, chunk=None, interim=False):
-    pre = b"HTTP/1.1 100 Continue\r\n\r\n" if interim else b""
-    if chunk is None:
-        return pre + (b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body))
-    out = [pre + b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n"
-           b"Transfer-Encoding: chunked\r\n\r\n" % status]
-    for i in range(0, len(body), chunk):
-        piece = body[i:i + chunk]
-        out.append(b"%x\r\n%s\r\n" % (len(piece), piece))
-    out.append(b"0\r\n\r\n")
-    return b"".join(out)
+def hdr(rev=b"5"):
+    """The start of an answer: ``{"header":{...}`` at revision ``rev`` (bytes), unclosed."""
+    return _HEADER % rev
 
 
-class _Scripted(protocol.Protocol):
-    def connectionMade(self):
-        self.factory.connections += 1
-
-    def dataReceived(self, data):
-        self.factory.seen.append(data)
-        for _ in range(data.count(b"POST ")):
-            self.factory.requests += 1
-            action = self.factory.next_action()
-            if action == "close":
-                self.transport.abortConnection()
-                return
-            if action == "hold":
-                self.factory.held.append(self)
-            elif callable(action):
-                action(self)
-            else:
-                self.transport.write(action)
+def one_kv(kv_fields, tail=b"", rev=b"5"):
+    """A range answer with one key-value of ``kv_fields`` (the JSON inside its braces)."""
+    return hdr(rev) + b',"kvs":[{' + kv_fields + b"}]" + tail + b"}"
 
 
-class Scripted(protocol.Factory):
-    """Answers request n with script[n] (the last entry repeats): bytes to write, "close"
-    (drop the connection), "hold" (answer later with release()), or a callable."""
-
-    protocol = _Scripted
-    noisy = False
-
-    def __init__(self, script):
-        self.script = list(script)
-        self.requests = 0
-        self.connections = 0
-        self.held = []
-        self.seen = []
-
-    def next_action(self):
-        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
-
-    def release(self, data):
-        self.held.pop(0).transport.write(data)
-
-    def drop_held(self):
-        held, self.held = self.held, []
-        for proto in held:
-            proto.transport.abortConnection()
+def range_body(key, value, rev=5):
+    """A range answer finding ``key`` = ``value``, as etcd writes it."""
+    return one_kv(b'"key":"%s","create_revision":"2","mod_revision":"%d","version":"1",'
+                  b'"value":"%s"' % (base64.b64encode(key), rev, base64.b64encode(value)),
+                  b',"count":"1"', rev=b"%d" % rev)
 
 
-# -- a gateway scripted per request path, and the sockets of a transport --------------------
-
-HEADER = {"cluster_id": "1", "member_id": "1", "revision": "5", "raft_term": "2"}
-STATUS = {"header": HEADER, "version": "3.5.1", "dbSize": "1", "leader": "1",
-          "raftIndex": "5", "raftTerm": "2"}
-ANSWERS = {
-    "/v3/maintenance/status": STATUS,
-    "/v3/kv/range": {"header": HEADER},
-    "/v3/kv/put": {"header": HEADER},
-    "/v3/kv/txn": {"header": HEADER, "succeeded": True},
-    "/v3/maintenance/defragment": {"header": HEADER},
-}
-HOLD = ("hold",)
+# -- examples/ scripts, run as users run them -------------------------------------------------
 
 
-def answer(delay=0.0, path=None, body=None):
-    """A gateway action: the usual answer to ``path`` (or ``body``), after ``delay`` s."""
-    return ("answer", delay, body if body is not None else ANSWERS.get(path, {}))
+def run(*argv: str) -> str:
+    """Run ``python *argv`` from the repository root; return its stdout (exit 0 or fail)."""
+    proc = subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+        timeout=EXAMPLE_TIMEOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{argv} exited {proc.returncode}:\n{output}"
+    assert "Traceback" not in output, output
+    return proc.stdout
 
 
+def example(name: str, url: str) -> str:
+    """Run ``examples/name`` with ``url`` as its argument; its stdout."""
+    return run(str(EXAMPLES / name), url)
 
 
-class _PathGatewayConnection(protocol.Protocol):
-    """One connection to a :class:`PathGateway`: parses requests, acts as its script says."""
-
-    def connectionMade(self):
-        self.buffer = b""
-        self.owed = []  # paths whose answer this connection still owes, in order
-        self.factory.open.add(self)
-
-    def connectionLost(self, reason=None):
-        self.factory.open.discard(self)
-        if self.owed:
-            self.factory.dropped.extend(self.owed)  # closed by the client while owing
-
-    def dataReceived(self, data):
-        self.buffer += data
-        while b"\r\n\r\n" in self.buffer:
-            head, rest = self.buffer.split(b"\r\n\r\n", 1)
-            lines = head.split(b"\r\n")
-            path = lines[0].split(b" ")[1].decode()
-            length = 0
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if len(rest) < length:
-                return
-            self.buffer = rest[length:]
-            self.factory.requests.append((path, reactor.seconds()))
-            action = self.factory.script(path)
-            if action[0] == "hold":
-                self.owed.append(path)  # owed for good
-                continue
-            _, delay, obj = action
-            self.owed.append(path)
-            self.factory.timers.append(reactor.callLater(delay, self._answer, path, obj))
-
-    def _answer(self, path, obj):
-        if self not in self.factory.open or path not in self.owed:
-            return
-        self.owed.remove(path)
-        raw = json.dumps(obj).encode()
-        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
+def lines_after(output: str, marker: str) -> list[str]:
+    """The lines after the first one containing ``marker``."""
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if marker in line:
+            return lines[i + 1:]
+    raise AssertionError(f"{marker!r} not in output:\n{output}")
 
 
-class PathGateway(protocol.Factory):
-    """A scripted etcd gateway: ``script(path)`` says what each request gets
-    (:data:`HOLD`: no answer ever; :func:`answer`).  Records every request
-    (``requests``: (path, when)) and every answer owed on a connection the client
-    closed (``dropped``)."""
+# -- coord's pool transport: made directly, its sockets and its timers ----------------------
 
-    protocol = _PathGatewayConnection
 
-    def __init__(self, script):
-        self.script = script
-        self.requests = []
-        self.dropped = []
-        self.open = set()
-        self.timers = []
+def transport_for(*urls, **kwargs):
+    """coord's pool transport (no Client) on ``urls``."""
+    return HttpTransport(reactor, [parse_endpoint(u) for u in urls], **kwargs)
 
-    def count(self, path, since=0.0):
-        return sum(1 for p, t in self.requests if p == path and t >= since)
+
+def ours(delayed_call) -> bool:
+    """Whether a reactor DelayedCall belongs to coord's transport or a socket it opened
+    (not to a recipe's session another test may have left behind)."""
+    func = delayed_call.func
+    owner = getattr(func, "__self__", None)
+    if isinstance(owner, (tcp.BaseClient, base.BaseConnector)):
+        return True
+    return getattr(func, "__module__", "").startswith("coord._twisted.")
+
+
+def no_coord_timers():
+    """The reactor's pending DelayedCalls that are coord transport's (see `ours`)."""
+    return [dc for dc in reactor.getDelayedCalls() if ours(dc)]
 
 
 def sockets_of(transport):

@@ -1,15 +1,18 @@
 """The scripts in benchmarks/ still run: each worker once, briefly, against the suite's etcd.
 
 They measure speed, which no test here judges; these only check that a user who runs them
-gets figures and not a traceback.
+gets figures and not a traceback -- and that the socket reference worker of kv.py reads
+what etcd sends (chunked answers) and says so when a connection is cut mid-answer.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,58 @@ def test_failover_round():
     lines = out.splitlines()
     row = next(line for line in lines if line.startswith("pool ") and "follower" in line)
     assert "kept" in row and "0.0%" in row, out
+
+
+# ============================================================================================
+# the socket reference worker of benchmarks/kv.py
+# ============================================================================================
+
+KV_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "kv.py"
+
+
+def kv_worker(*argv, timeout=60):
+    """Run ``kv.py *argv``: (exit code, its last stdout line as JSON, stderr)."""
+    proc = subprocess.run([sys.executable, str(KV_SCRIPT), *argv], capture_output=True,
+                          text=True, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    return proc.returncode, json.loads(lines[-1]) if lines else None, proc.stderr
+
+
+def test_socket_worker_reads_answers_etcd_sends_chunked(etcd):
+    # Go's net/http sends an answer of more than about 2 kB chunked, without a
+    # Content-Length: a get of a 3000-byte value is one.
+    for op in ("put", "get"):
+        rc, result, err = kv_worker("--value-size", "3000", "--worker", "socket", op, "1",
+                                    etcd.url, "0.2")
+        assert rc == 0 and result is not None and "error" not in result, (op, result, err)
+        assert result["requests"] > 0
+
+
+@pytest.mark.parametrize("partial", [
+    b"HTTP/1.1 200 OK\r\nContent-Len",  # the head cut short
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",  # no body
+    b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"header":',  # part of the body
+])
+def test_socket_worker_reports_a_connection_closed_mid_answer(partial):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(partial)  # then close
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        rc, result, err = kv_worker("--worker", "socket", "get", "1",
+                                    f"http://127.0.0.1:{server.getsockname()[1]}", "0.2",
+                                    timeout=30)
+    finally:
+        thread.join(5)
+        server.close()
+    # Not a measurement of 0 requests: the worker must say the connection was closed.
+    assert rc == 1 and result is not None and "closed" in result.get("error", ""), \
+        (result, err)

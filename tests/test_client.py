@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import pytest_twisted
-from helpers import Scripted, http_answer, sleep
+from helpers import sleep
 from twisted.internet import reactor
 from twisted.web.client import Agent
 
@@ -38,8 +39,10 @@ from coord import (
     Transaction,
     TransactionResult,
     Unavailable,
+    errors,
 )
 from coord.lease import Lease
+from coord.testing import Scripted, http_answer
 from coord.types import Deleted
 
 # -- KV ----------------------------------------------------------------------------------------
@@ -299,6 +302,37 @@ async def test_set_with_unknown_lease(client):
     with pytest.raises(LeaseNotFound):
         await client.set(b"k", b"v", lease=0x7777)
     assert (await client.get(b"k")).kvs == []
+
+
+# -- a streaming endpoint's refusal inside HTTP 200 (the lease keep-alive) ----------------
+
+
+STREAM_NO_LEADER = json.dumps({"error": {"grpc_code": 14, "http_code": 503,
+                                         "message": "etcdserver: no leader",
+                                         "http_status": "Service Unavailable"}}).encode()
+STREAM_DENIED = json.dumps({"error": {"grpc_code": 7, "http_code": 403,
+                                      "message": "etcdserver: permission denied",
+                                      "http_status": "Forbidden"}}).encode()
+KEPT_ALIVE = (b'{"result":{"header":{"cluster_id":"1","member_id":"2","revision":"3",'
+              b'"raft_term":"4"},"ID":"7","TTL":"30"}}')
+
+
+@pytest_twisted.ensureDeferred
+async def test_keepalive_refused_in_a_200_answer_is_retried_like_any_refusal(listen, new_client):
+    # "no leader" is retried (after a pause) whatever the status line said.
+    gw = Scripted([http_answer(200, STREAM_NO_LEADER), http_answer(200, KEPT_ALIVE)])
+    client = new_client(listen(gw), timeout=5)
+    assert await Lease(client, 7).refresh() == 30
+    assert gw.requests == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_keepalive_denied_in_a_200_answer_is_its_error(listen, new_client):
+    gw = Scripted([http_answer(200, STREAM_DENIED), http_answer(200, KEPT_ALIVE)])
+    client = new_client(listen(gw), timeout=5)
+    with pytest.raises(errors.PermissionDenied):
+        await Lease(client, 7).refresh()
+    assert gw.requests == 1  # not retried
 
 
 # -- maintenance ---------------------------------------------------------------------------------

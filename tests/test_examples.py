@@ -8,41 +8,17 @@ from __future__ import annotations
 
 import base64
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
-TIMEOUT = 60
-
-
-def run(*argv: str) -> str:
-    """Run ``python *argv`` from the repository root; return its stdout (exit 0 or fail)."""
-    proc = subprocess.run(
-        [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{argv} exited {proc.returncode}:\n{output}"
-    assert "Traceback" not in output, output
-    return proc.stdout
-
-
-def example(name: str, url: str) -> str:
-    return run(str(EXAMPLES / name), url)
-
-
-def lines_after(output: str, marker: str) -> list[str]:
-    """The lines after the first one containing ``marker``."""
-    lines = output.splitlines()
-    for i, line in enumerate(lines):
-        if marker in line:
-            return lines[i + 1:]
-    raise AssertionError(f"{marker!r} not in output:\n{output}")
+from helpers import EXAMPLE_TIMEOUT as TIMEOUT
+from helpers import EXAMPLES, ROOT, example, lines_after, run
 
 
 def test_every_example_is_tested():
@@ -199,6 +175,84 @@ def test_example_boilerplate(script):
     assert "react(main)" in text
     assert "sys.argv[1] if len(sys.argv) > 1 else 'http://localhost:2379'" in text
     assert 20 <= len(text.splitlines()) <= 70
+
+
+def _lines(proc):
+    """A queue of ``proc``'s stdout lines, read in a thread (None at the end)."""
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def _until(lines, wanted, seen, timeout=15):
+    while True:
+        line = lines.get(timeout=timeout)
+        assert line is not None, f"{wanted!r} never printed:\n" + "\n".join(seen)
+        seen.append(line)
+        if wanted in line:  # (txaio's logging puts a timestamp first)
+            return line
+
+
+def test_session_listener_pauses_while_suspended(etcd_factory):
+    server = etcd_factory()
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / "session_listener.py"), server.url,
+                             "5"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen: list[str] = []
+    try:
+        lines = _lines(proc)
+        time.sleep(1.0)  # working
+        server.pause()  # unreachable: the keep-alives fail, the worker pauses
+        try:
+            _until(lines, "session CONNECTED -> SUSPENDED", seen)
+            assert re.search(r" pausing work: (Timeout|Unavailable)$", lines.get(timeout=5))
+            time.sleep(0.5)
+        finally:
+            server.resume()
+        _until(lines, "session SUSPENDED -> CONNECTED", seen)
+        assert lines.get(timeout=5).endswith(" resuming work")
+        last = _until(lines, "work done: ", seen)
+        assert lines.get(timeout=15).endswith(" session CONNECTED -> CLOSED")  # close()
+        assert "Main loop terminated" in lines.get(timeout=15)  # and nothing else
+        assert lines.get(timeout=15) is None
+        proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert proc.returncode == 0
+    done, skipped = map(int, re.search(
+        r" work done: (\d+), skipped while paused: (\d+); session CONNECTED$", last).groups())
+    assert done > 0 and skipped >= 3, last  # paused for at least 0.5 s of 0.1 s ticks
+
+
+def test_docs_session_listener_example_is_the_script():
+    """docs/locks.md shows examples/session_listener.py verbatim (run above)."""
+    text = (DOCS / "locks.md").read_text()
+    block = text.split("<!-- example: session_listener.py -->\n```python\n", 1)[1]
+    assert block.split("\n```\n", 1)[0] + "\n" == (EXAMPLES / "session_listener.py").read_text()
+
+
+def test_testing_example_is_a_passing_suite(etcd):
+    """docs/testing.md's example, run as a user's own pytest run: coord.testing's client,
+    sessions and path_gateway (this suite's conftest.py is not loaded there)."""
+    out = run("-m", "pytest", "-q", "-p", "no:cacheprovider",
+              str(EXAMPLES / "testing" / "test_with_coord.py"))
+    assert re.search(r"^4 passed\b", out, re.MULTILINE), out
+
+
+def test_docs_testing_example_is_the_file():
+    """docs/testing.md shows examples/testing/test_with_coord.py verbatim (run above)."""
+    text = (DOCS / "testing.md").read_text()
+    block = text.split("<!-- example: testing/test_with_coord.py -->\n```python\n", 1)[1]
+    assert (block.split("\n```\n", 1)[0] + "\n"
+            == (EXAMPLES / "testing" / "test_with_coord.py").read_text())
 
 
 # -- the docs: every example is named there, every Python snippet there is valid Python ------

@@ -1,22 +1,23 @@
 """Failover (coord._failover, and both transports acting on it): its sans-IO rules as
 tables, then timeouts, cancellation, unknown outcomes and hung members against real,
-misbehaving etcds -- a 3-member cluster with a member stopped by SIGSTOP."""
+misbehaving etcds -- a 3-member cluster with a member stopped by SIGSTOP -- and scripted
+gateways (coord.testing)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 import pytest_twisted
 from helpers import (
-    HOLD,
-    Scripted,
-    answer,
+    NO_LEADER_BODY,
     dead_url,
-    http_answer,
     preferred_url,
+    range_body,
     sleep,
     sockets_of,
+    transport_for,
     wait_until,
 )
 from twisted.internet import defer, reactor
@@ -34,8 +35,10 @@ from coord import (
     errors,
 )
 from coord._failover import REPEATABLE, Expiry, Health, Plan, expiry_demotes, on_attempt_expired
+from coord._wire import codec
 from coord.recipes import Lock
 from coord.session import Session, SessionLost, SessionState
+from coord.testing import HOLD, Scripted, answer, http_answer
 
 # ============================================================================================
 # Plan: which endpoint next, and what an answer or a failure means (no I/O)
@@ -604,6 +607,224 @@ async def test_every_attempt_expires_at_its_own_deadline(etcd, listen, new_clien
     assert reactor.seconds() - started < 4.6
     ranges = [sum(data.count(b"/v3/kv/range") for data in gw.seen) for gw in (a, b)]
     assert ranges == [2, 2]  # each read tried each hung member once (the rest: probes)
+
+
+# ============================================================================================
+# failover with the lazily made plan
+# ============================================================================================
+
+
+@pytest.mark.parametrize("write", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_plan_starts_where_the_first_attempt_went(write):
+    urls = [dead_url(), dead_url(), dead_url()]
+    t = transport_for(*urls)
+    try:
+        t._preferred = 1
+        d = t.request("/v3/kv/range", b"{}", write, 5)
+        # The preferred endpoint changes before the first attempt fails: the retries
+        # still follow on from the endpoint the first attempt went to.
+        t._preferred = 2
+        with pytest.raises(errors.Unavailable) as info:
+            await d
+        assert not isinstance(info.value, errors.OutcomeUnknown)
+        assert f"(tried {urls[1]}, {urls[2]}, {urls[0]})" in str(info.value)
+    finally:
+        await t.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_first_endpoint_then_etcd(etcd):
+    dead = dead_url()
+    client = Client(reactor, [dead, etcd.url], timeout=5)
+    try:
+        call_plans = []
+        real = client._transport._dispatch
+
+        def spy(call, exc=None):
+            call_plans.append(call.plan)
+            real(call, exc)
+
+        client._transport._dispatch = spy
+        await client.set(b"k", b"v")  # never sent to the dead one: safe to move on
+        assert call_plans == [None]  # the plan was made by the retry, not before
+        assert (await client.get(b"k")).kvs[0].value == b"v"
+        assert client._transport.preferred.url == etcd.url
+        assert len(call_plans) == 1  # later calls go straight to etcd
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sent_read_is_retried_sent_write_is_not(listen, etcd):
+    closer = Scripted(["close"])
+    curl = listen(closer)
+    t = transport_for(curl, etcd.url)
+    try:
+        r = await t.request("/v3/kv/range", b'{"key":"Zm9v"}', False, 5, codec.range_response)
+        assert r.kvs == [] and closer.requests == 1
+        assert t.preferred.url == etcd.url
+    finally:
+        await t.close()
+    t = transport_for(curl, etcd.url)
+    try:
+        body = codec.encode({"key": b"w", "value": b"1"})
+        with pytest.raises(errors.OutcomeUnknown):
+            await t.request("/v3/kv/put", body, True, 5, codec.put_response)
+        assert closer.requests == 2  # not re-sent anywhere
+        r = await t.request("/v3/kv/range", codec.encode({"key": b"w"}), False, 5,
+                            codec.range_response)
+        assert r.kvs == []
+    finally:
+        await t.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_broken_after_sending_all_move_on_and_writes_do_not(listen, etcd):
+    gw = Scripted(["hold"])
+    closer = Scripted(["close"])
+    t = transport_for(listen(gw), listen(closer), etcd.url)
+    try:
+        reads = [t.request("/v3/kv/range", codec.encode({"key": b"r%d" % i}), False, 5,
+                           codec.range_response) for i in range(3)]
+        write = t.request("/v3/kv/put", codec.encode({"key": b"w", "value": b"1"}), True, 5)
+        await wait_until(lambda: len(gw.held) == 4)
+        gw.drop_held()  # all four were sent; their connections break one after another
+        for r in await defer.gatherResults(reads):
+            assert r.kvs == [] and r.header.revision > 0
+        with pytest.raises(errors.OutcomeUnknown):
+            await write
+        # Each read: endpoint 0 (sent, broken), then 1 (the closer, sent, broken), then 2.
+        assert closer.requests == 3 and gw.requests == 4
+        assert t.preferred.url == etcd.url
+        r = await t.request("/v3/kv/range", codec.encode({"key": b"w"}), False, 5,
+                            codec.range_response)
+        assert r.kvs == []  # the write was not re-sent anywhere
+    finally:
+        await t.close()
+
+
+INVALID_TOKEN = json.dumps({"error": "etcdserver: invalid auth token", "code": 16,
+                            "message": "etcdserver: invalid auth token"}).encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_authentication_through_a_failover_and_a_token_refresh(listen):
+    a, b = range_body(b"a", b"A"), range_body(b"b", b"B")
+    gw = Scripted([http_answer(200, b'{"header":{},"token":"T1"}'), http_answer(200, a, 3),
+                   http_answer(401, INVALID_TOKEN), http_answer(200, b'{"header":{},"token":"T2"}'),
+                   http_answer(200, b)])
+    t = transport_for(dead_url(), listen(gw), credentials=("u", "p"))
+    try:
+        # The authentication request fails over from the dead endpoint to the gateway.
+        assert (await t.request("/v3/kv/range", b"{}", False, 5,
+                                codec.range_response)).kvs[0].value == b"A"
+        assert (await t.request("/v3/kv/range", b"{}", False, 5,
+                                codec.range_response)).kvs[0].value == b"B"
+        assert gw.requests == 5
+        seen = b"".join(gw.seen)
+        assert seen.count(b"/v3/auth/authenticate") == 2
+        assert seen.count(b"Authorization: T1") == 2 and seen.count(b"Authorization: T2") == 1
+    finally:
+        await t.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_answered_calls_are_never_expired_later(etcd):
+    t = transport_for(etcd.url)
+    calls = []
+    expired = []
+    real_add = t._deadlines.add
+    real_expire = t._deadlines._expire
+
+    def add(call, timeout):
+        calls.append(call)
+        real_add(call, timeout)
+
+    def expire(call, timeout):
+        expired.append(call)
+        real_expire(call, timeout)
+
+    t._deadlines.add = add
+    t._deadlines._expire = expire
+    try:
+        for timeout in (0.2, 0.1, 0.15):
+            await t.request("/v3/kv/range", b'{"key":"Zm9v"}', False, timeout,
+                            codec.range_response)
+            await t.request("/v3/kv/put", b'{"key":"Zm9v"}', True, timeout,
+                            codec.put_response)
+        assert len(calls) == 6 and all(c.done for c in calls)
+        await sleep(0.3)
+        assert expired == []
+        assert t._deadlines._timer is None and t._deadlines._fifos == {}
+    finally:
+        await t.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_single_endpoint_gets_exactly_one_extra_try(listen):
+    closer = Scripted(["close"])
+    url = listen(closer)
+    t = transport_for(url)
+    try:
+        with pytest.raises(errors.Unavailable) as info:
+            await t.request("/v3/kv/range", b"{}", False, 5)
+        assert closer.requests == 2 and url in str(info.value)
+    finally:
+        await t.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_leader_moves_on_to_the_next_endpoint(listen, etcd, monkeypatch):
+    monkeypatch.setattr(Plan, "UNAVAILABLE_PAUSES", (0.01,) * 3)
+    gw = Scripted([http_answer(503, NO_LEADER_BODY)])
+    t = transport_for(listen(gw), etcd.url)
+    try:
+        rev = await t.request("/v3/kv/put", codec.encode({"key": b"n", "value": b"1"}), True,
+                              5, codec.put_response)
+        assert gw.requests == 1 and t.preferred.url == etcd.url
+        r = await t.request("/v3/kv/range", codec.encode({"key": b"n"}), False, 5,
+                            codec.range_response)
+        assert r.kvs[0].value == b"1" and r.kvs[0].mod_revision == rev.revision
+    finally:
+        await t.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_leader_then_answer_on_the_same_endpoint(listen, monkeypatch):
+    monkeypatch.setattr(Plan, "UNAVAILABLE_PAUSES", (0.01,) * 3)
+    ok = range_body(b"k", b"v")
+    gw = Scripted([http_answer(503, NO_LEADER_BODY), http_answer(503, NO_LEADER_BODY, 3),
+                   http_answer(200, ok, 4)])
+    t = transport_for(listen(gw))
+    try:
+        r = await t.request("/v3/kv/range", b"{}", False, 5, codec.range_response)
+        assert r == codec.range_response(json.loads(ok))
+        assert gw.requests == 3
+    finally:
+        await t.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pinned_requests_never_move(listen, etcd):
+    closer = Scripted(["close"])
+    curl = listen(closer)
+    dead = dead_url()
+    t = transport_for(curl, etcd.url, dead)
+    try:
+        with pytest.raises(errors.Unavailable) as info:
+            await t.request("/v3/maintenance/status", b"{}", False, 5, endpoint=0)
+        assert closer.requests == 2 and etcd.url not in str(info.value)
+        with pytest.raises(errors.Unavailable) as info:
+            await t.request("/v3/maintenance/status", b"{}", False, 5, endpoint=2)
+        assert dead in str(info.value) and etcd.url not in str(info.value)
+        status = await t.request("/v3/maintenance/status", b"{}", False, 5,
+                                 codec.status_response, endpoint=1)
+        assert status.version
+        r = await t.request("/v3/kv/range", b'{"key":"Zm9v"}', False, 5, codec.range_response)
+        assert r.kvs == []
+    finally:
+        await t.close()
 
 
 # ============================================================================================

@@ -6,13 +6,20 @@ time, not reply time).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+
 import pytest
 import pytest_twisted
-from helpers import HEADER, HOLD, answer, sleep, wait_until
+from helpers import lease_ids, sleep, wait_until
 from twisted.internet import defer, reactor, task
 
 from coord import Client, LeaseExpired, errors
+from coord.recipes.lock import Lock
+from coord.server import find_etcdctl
 from coord.session import Session, SessionLost, SessionState
+from coord.testing import HEADER, HOLD, answer
 
 
 @pytest_twisted.ensureDeferred
@@ -155,6 +162,44 @@ def test_resume_checks_the_lease_id(lease_id, exc):
         Session.resume(Client(reactor, "http://127.0.0.1:1"), lease_id)
 
 
+@pytest_twisted.ensureDeferred
+async def test_session_huge_ttl_is_a_typed_error_and_leaks_nothing(pool_client):
+    before = await lease_ids(pool_client)
+    for ttl in (10**10, 2**63, 2**64 + 5):
+        with pytest.raises(errors.CoordError):
+            await Session.create(pool_client, ttl=ttl)
+    assert await lease_ids(pool_client) == before
+    # etcd's largest TTL (9e9 s) works, and the session's timers cope with it
+    s = await Session.create(pool_client, ttl=9_000_000_000)
+    lock = Lock(s, b"big")
+    await lock.acquire(timeout=5)
+    assert lock.held and s.state is SessionState.CONNECTED
+    await lock.release()
+    await s.close()
+    assert await lease_ids(pool_client) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_that_failed_can_be_retried(etcd_factory):
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=1.0)
+    try:
+        s = await Session.create(client, ttl=30)
+        await client.set(b"k", b"v", lease=s.lease_id)
+        server.pause()
+        try:
+            with pytest.raises((errors.Timeout, errors.Unavailable)):
+                await s.close()
+            assert s.state is SessionState.CLOSED
+        finally:
+            server.resume()
+        await s.close()  # tries the revoke again
+        assert (await client.get(b"k")).count == 0
+        assert s.lease not in await client.leases()  # revoked, long before its 30 s TTL
+    finally:
+        await client.close()
+
+
 # -- the deadline on a fake clock: counted from the keep-alive's send time -----------------
 
 
@@ -179,7 +224,7 @@ class FakeClient:
     attempt_timeout = 2.0
 
     def __init__(self, clock):
-        self._reactor = self.reactor = clock
+        self.reactor = clock  # Client.reactor
 
     def lease(self, ttl):
         return defer.succeed(FakeLease(ttl))
@@ -269,6 +314,174 @@ def test_suspended_then_answered_is_connected_again():
     d.callback(9)
     assert session.state is SessionState.CONNECTED
     assert session.deadline == 1012.5
+
+
+# -- listeners: every change of state, once, in order ---------------------------------------
+
+C, S, E, X = (SessionState.CONNECTED, SessionState.SUSPENDED, SessionState.EXPIRED,
+              SessionState.CLOSED)
+
+
+class Heard:
+    """Listeners that record ``(name, old, new, reason)`` in one list, in call order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def listener(self, name):
+        return lambda old, new, reason: self.calls.append((name, old, new, reason))
+
+    def changes(self, name=None):
+        return [(old, new) for n, old, new, _ in self.calls if name in (None, n)]
+
+
+@contextlib.contextmanager
+def logged_failures():
+    """The failures logged (txaio -> twisted.logger) while the block runs."""
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        events[:] = [e for e in events if e.get("log_failure") is not None]
+
+
+@pytest_twisted.ensureDeferred
+async def test_listeners_hear_suspended_connected_and_expired_once_in_order(etcd_factory):
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=2.0)
+    try:
+        session = await Session.create(client, ttl=2)
+        heard = Heard()
+        session.listen(heard.listener("a"))
+        session.listen(heard.listener("b"))
+        server.pause()  # unreachable: SUSPENDED ...
+        try:
+            await wait_until(lambda: session.state is S, timeout=3.0)
+        finally:
+            server.resume()  # ... and back before the deadline: CONNECTED
+        await wait_until(lambda: session.state is C, timeout=3.0)
+        server.pause()  # then unreachable past the deadline: EXPIRED
+        try:
+            reason = await session.lost
+        finally:
+            server.resume()
+        await sleep(0.3)  # keep-alives have stopped: nothing more to hear
+        assert heard.changes() == [(C, S), (C, S), (S, C), (S, C), (C, S), (C, S), (S, E),
+                                   (S, E)]
+        assert [n for n, *_ in heard.calls] == ["a", "b"] * 4  # in the order added
+        suspended, _, connected, _, _, _, expired, _ = (r for *_, r in heard.calls)
+        assert isinstance(suspended, errors.CoordError)  # the failed keep-alive's error
+        assert connected is None
+        assert expired is reason is session.reason
+        await session.close()  # an EXPIRED session closes without a change of state
+        assert len(heard.calls) == 8
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_listener_hears_expired_when_the_lease_is_revoked_elsewhere(pool_client,
+                                                                          etcd):
+    session = await Session.create(pool_client, ttl=3)
+    heard = Heard()
+    session.listen(heard.listener("a"))
+    subprocess.run([find_etcdctl(), "--endpoints", etcd.url, "lease", "revoke",
+                    f"{session.lease_id:x}"], check=True, capture_output=True, timeout=30,
+                   env={**os.environ, "ETCDCTL_API": "3"})
+    reason = await session.lost
+    assert heard.calls == [("a", C, E, reason)]
+    assert "expired or was revoked" in str(reason)
+    await session.close()
+    assert heard.calls == [("a", C, E, reason)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_listener_hears_closed_from_close_and_nothing_after(pool_client):
+    session = await Session.create(pool_client, ttl=5)
+    heard = Heard()
+    session.listen(heard.listener("a"))
+    lost = session.lost
+    order = []
+    session.listen(lambda old, new, reason: order.append(("listener", lost.called)))
+    await session.close()
+    assert heard.calls == [("a", C, X, session.reason)]
+    assert order == [("listener", False)]  # before `lost` fired
+    await session.close()  # idempotent: no second report
+    late = session.listen(heard.listener("late"))  # after the end: never called
+    late()
+    late()
+    assert heard.calls == [("a", C, X, session.reason)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_listener_that_raises_is_logged_and_stops_neither_the_others_nor_the_session(
+        pool_client):
+    session = await Session.create(pool_client, ttl=5)
+    heard = Heard()
+
+    def bad(old, new, reason):
+        raise RuntimeError(f"listener failed on {new.name}")
+
+    async def bad_later(old, new, reason):
+        await sleep(0)
+        raise ValueError("async listener failed")
+
+    session.listen(bad)
+    session.listen(bad_later)
+    session.listen(heard.listener("after"))
+    with logged_failures() as failures:
+        await session.close()
+        await sleep(0.05)
+    assert heard.calls == [("after", C, X, session.reason)]
+    assert session.state is X and (await pool_client.leases()) == []  # closed and revoked
+    assert sorted(type(e["log_failure"].value).__name__ for e in failures) == [
+        "RuntimeError", "ValueError"]
+
+
+def test_listeners_on_a_fake_clock_raise_unsubscribe_and_reenter():
+    session = fake_session(ttl=9)
+    lease = session.lease
+    heard = Heard()
+    calls = []
+
+    def bad(old, new, reason):
+        calls.append(new)
+        raise RuntimeError("boom")
+
+    session.listen(bad)
+    stop_a = session.listen(heard.listener("a"))
+    session.listen(heard.listener("b"))
+    with logged_failures() as failures:
+        clock.advance(3)
+        lease.refreshes[-1][1].errback(errors.Unavailable("refused"))  # CONNECTED -> SUSPENDED
+        clock.advance(0.5)
+        lease.refreshes[-1][1].errback(errors.Unavailable("refused"))  # still SUSPENDED
+        clock.advance(0.5)
+        lease.refreshes[-1][1].callback(9)  # SUSPENDED -> CONNECTED: the session went on
+    assert calls == [S, C] and len(failures) == 2
+    assert heard.changes("a") == heard.changes("b") == [(C, S), (S, C)]
+    stop_a()
+    stop_a()  # twice: nothing more
+    # a listener that closes the session: the change it makes is reported after the one
+    # it was told of, to everyone
+    session.listen(lambda old, new, reason: new is S and session.close())
+    clock.advance(3)
+    lease.refreshes[-1][1].errback(errors.Timeout("no answer"))
+    assert heard.changes("a") == [(C, S), (S, C)]  # unsubscribed
+    assert heard.changes("b") == [(C, S), (S, C), (C, S), (S, X)]
+    assert session.state is X and calls == [S, C, S, X]
+
+
+def test_listen_needs_a_callable():
+    session = fake_session()
+    with pytest.raises(TypeError, match="callback must be callable, not NoneType"):
+        session.listen(None)
+    with pytest.raises(TypeError, match="callback must be callable, not str"):
+        session.listen("print")
 
 
 # -- the keep-alive's attempt deadline ----------------------------------------------

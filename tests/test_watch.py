@@ -6,7 +6,7 @@ import gc
 
 import pytest
 import pytest_twisted
-from helpers import HEADER, HOLD, answer, dead_url, preferred_url, sleep, wait_until
+from helpers import dead_url, preferred_url, sleep, wait_until
 from twisted.internet import defer, protocol, reactor, tcp
 
 from coord import (
@@ -21,6 +21,7 @@ from coord import (
     Transaction,
     Unavailable,
 )
+from coord.testing import HEADER, HOLD, answer
 
 
 def sockets_to(url):

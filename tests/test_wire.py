@@ -3,26 +3,30 @@ and the JSON of transactions.
 
 Every expectation is written out by hand (from etcd's rpc.proto / the gateway's actual
 output) or computed with an independent tool (stdlib base64/json, httptools' request
-parser), never by calling the function under test.
+parser), never by calling the function under test -- except for the answer fast path
+(codec.answer, decode, header), whose direct parses are compared with the JSON path
+(``convert(decode(body))``) on bodies built to sit at the edge of its regular expressions.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import pickle
+import weakref
 
 import attrs
 import httptools
 import pytest
-from hypothesis import given, settings
+from helpers import hdr, one_kv
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coord import errors
+from coord import KeySet, errors
 from coord._wire import codec
 from coord._wire.http11 import ProtocolError, ResponseParser, build_request, request_head
 from coord._wire.stream import LineSplitter
-from coord.keyset import KeySet
 from coord.lease import Lease
 from coord.txn import (
     CompCreated,
@@ -872,6 +876,81 @@ def test_callback_errors_propagate_with_their_cause():
 
 
 # ============================================================================================
+# http11: ResponseParser(heads=False) gives the same answers, without heads
+# ============================================================================================
+
+
+class _Recorder(ResponseParser):
+    def __init__(self, heads):
+        self.events = []
+        super().__init__(heads)
+
+    def on_head(self, status):
+        self.events.append(("head", status))
+
+    def on_body(self, body):
+        if self.events and self.events[-1][0] == "body":
+            self.events[-1] = ("body", self.events[-1][1] + body)
+        else:
+            self.events.append(("body", body))
+
+    def on_complete(self):
+        self.events.append(("complete", self.status, self.keep_alive))
+
+
+ODD_STREAM = [  # (bytes, the events with heads)
+    (b"HTTP/1.1 100 Continue\r\n\r\n"
+     b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
+     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+     [("head", 200), ("body", b"{}"), ("complete", 200, True)]),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", [("head", 204), ("complete", 204, True)]),
+    (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n",  # no body, whatever it says
+     [("head", 304), ("complete", 304, True)]),
+    (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+     [("head", 404), ("complete", 404, True)]),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Service Unavailable\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: 1\r\n\r\n",
+     [("head", 503), ("body", b"abcde"), ("complete", 503, True)]),
+    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nx",
+     [("head", 200), ("body", b"x"), ("complete", 200, True)]),
+    (b"HTTP/1.1 500 Internal\r\nConnection: close\r\nContent-Length: 1\r\n\r\n!",
+     [("head", 500), ("body", b"!"), ("complete", 500, False)]),
+]
+ODD_BYTES = b"".join(raw for raw, _ in ODD_STREAM)
+ODD_EVENTS = [e for _, events in ODD_STREAM for e in events]
+
+
+def _splits(data):
+    yield [data]
+    yield [data[i:i + 1] for i in range(len(data))]
+    yield [data[i:i + 7] for i in range(0, len(data), 7)]
+    for at in range(1, len(data)):
+        yield [data[:at], data[at:]]
+
+
+@pytest.mark.parametrize("heads", [True, False])
+def test_parser_odd_answers_back_to_back_at_every_split(heads):
+    expected = ODD_EVENTS if heads else [e for e in ODD_EVENTS if e[0] != "head"]
+    for pieces in _splits(ODD_BYTES):
+        parser = _Recorder(heads)
+        for piece in pieces:
+            parser.feed(piece)
+        assert parser.events == expected, pieces[0][-40:]
+
+
+@pytest.mark.parametrize("heads", [True, False])
+def test_parser_refuses_an_upgrade_and_garbage_after_an_answer(heads):
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    for bad in (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade"
+                b"\r\n\r\n", b"NOT HTTP\r\n\r\n"):
+        parser = _Recorder(heads)
+        with pytest.raises(ProtocolError):
+            parser.feed(ok + bad)
+        assert parser.events[-2:] == [("body", b"{}"), ("complete", 200, True)]
+        assert (("head", 200) in parser.events) is heads
+
+
+# ============================================================================================
 # stream.LineSplitter
 # ============================================================================================
 
@@ -1347,6 +1426,469 @@ def test_answer_table_equals_json_path(raw):
 def test_answer_not_json():
     with pytest.raises(errors.MalformedAnswer):
         codec.answer(b"<html>", codec.range_response)
+
+
+# ============================================================================================
+# codec.answer: the direct parses equal convert(decode(body)), value or exception type
+# ============================================================================================
+
+CONVERTERS = [codec.range_response, codec.put_response, codec.delete_response,
+              codec.txn_response, None]
+
+
+def outcome(fn, *args):
+    try:
+        return ("value", fn(*args))
+    except Exception as e:  # the exception's type is what must agree
+        return ("raises", type(e))
+
+
+def reference(body, convert):
+    def run():
+        obj = codec.decode(body)
+        return codec.unary(obj) if convert is None else convert(obj)
+
+    return outcome(run)
+
+
+def assert_same(body, convert):
+    expected = reference(body, convert)
+    got = outcome(codec.answer, body, convert)
+    assert got == expected, (body[:300], convert)
+    if got[0] == "value" and convert is codec.range_response:
+        r = got[1]
+        assert type(r.count) is int and type(r.more) is bool
+        for kv in r.kvs:
+            assert type(kv.key) is bytes and type(kv.value) is bytes
+            assert all(type(x) is int for x in (kv.create_revision, kv.mod_revision,
+                                                kv.version, kv.lease))
+        assert all(type(x) is int for x in (r.header.cluster_id, r.header.member_id,
+                                            r.header.revision, r.header.raft_term))
+    return got
+
+
+def fast_hit(body):
+    return bool(codec._HEADER_ONLY.fullmatch(body) or codec._ONE_KV.fullmatch(body))
+
+
+
+
+# (body, whether the direct parse takes it: a table row that never reaches the direct
+# parse would only compare the JSON path with itself)
+EDGE_BODIES = [
+    (hdr() + b"}", True),
+    (hdr(b"007") + b"}", True),  # leading zeros
+    (hdr(b"0") + b"}", True),
+    (hdr(b"00000000000000000000000000000000000000042") + b"}", True),
+    (hdr(b"18446744073709551616123456789") + b"}", True),  # beyond int64
+    (hdr(b"9" * 4301) + b"}", True),  # beyond int()'s digit limit: ValueError both ways
+    (hdr(b"0" * 4400 + b"1") + b"}", True),
+    (hdr("١٢٣".encode()) + b"}", False),  # unicode digits: int() takes them, \d does not
+    (hdr(b"-3") + b"}", False),
+    (hdr(b"+3") + b"}", False),
+    (hdr(b"1_000") + b"}", False),
+    (hdr(b" 7") + b"}", False),
+    (hdr(b"") + b"}", False),
+    (hdr() + b"}\n", False),  # etcd's stream framing
+    (hdr() + b"} \t\r\n", False),
+    (b" " + hdr() + b"}", False),
+    (hdr() + b"}x", False),
+    (hdr() + b"}}", False),
+    (hdr() + b"}\xff", False),  # not UTF-8
+    (hdr() + b',"count":"0"}', True),  # not etcd's (it omits a zero), same value
+    (hdr() + b',"count":"2"}', True),  # count_only answer
+    (hdr() + b',"more":true,"count":"2"}', True),
+    (hdr() + b',"kvs":[]}', False),
+    (one_kv(b'"key":"Zm9v"'), True),  # keys_only, nothing else
+    (one_kv(b'"key":"Zm9v","value":""'), True),  # empty value field
+    (one_kv(b'"key":"Zm9v","value":"=="'), True),
+    (one_kv(b'"key":"Zm9v","value":"="'), True),
+    (one_kv(b'"key":"Zg=="'), True),
+    (one_kv(b'"key":"Zg="'), True),  # bad padding: binascii.Error both ways
+    (one_kv(b'"key":"Zg"'), True),  # no padding
+    (one_kv(b'"key":"Z"'), True),
+    (one_kv(b'"key":"Zg==Zg=="'), False),  # padding in the middle
+    (one_kv(b'"key":"Z===" '), False),
+    (one_kv(b'"key":"=="'), False),
+    (one_kv(b'"key":""'), False),  # empty key
+    (one_kv(b'"key":"Zm9v","value":"Y=Fy"'), False),
+    (one_kv(b'"key":"Zm9v","value":"YmFy"'), True),
+    (one_kv(b'"key":"Zm9v","value":"YmFy","lease":"7587858"'), True),  # lease field
+    (one_kv(b'"key":"Zm9v","lease":"1"'), True),
+    (one_kv(b'"key":"Zm9v","value":"YmFy"', b',"more":true'), True),  # more, no count
+    (one_kv(b'"key":"Zm9v","value":"YmFy"', b',"more":false'), False),
+    (one_kv(b'"key":"Zm9v","value":"YmFy"', b',"more":true,"count":"3"'), True),
+    (one_kv(b'"key":"Zm9v","value":"YmFy"', b',"count":"1","more":true'), False),
+    (one_kv(b'"key":"Zm9v","value":"YmFy"', b',"count":"007"'), True),
+    (one_kv(b'"key":"Zm9v","value":"YmFy"', b',"count":"1","count":"2"'), False),  # dup
+    (one_kv(b'"key":"Zm9v","key":"YmFy"'), False),  # duplicate field: JSON keeps the last
+    (one_kv(b'"key":"Zm9v","create_revision":"2","create_revision":"3"'), False),
+    (one_kv(b'"key":"Zm9v","create_revision":"2","mod_revision":"3","version":"1",'
+            b'"value":"YmFy","lease":"9"', b',"count":"1"'), True),
+    (one_kv(b'"key":"Zm9v","create_revision":"007","mod_revision":"0","version":"00"'),
+     True),
+    (one_kv(b'"key":"Zm9v","mod_revision":"3","create_revision":"2"'), False),  # order
+    (one_kv(b'"key":"Zm9v","create_revision":2'), False),  # a JSON number
+    (one_kv(b'"key":"Zm9v","create_revision":"2\\u0030"'), False),  # an escape
+    (one_kv(b'"key":"Zm9v\\/"'), False),
+    (one_kv(b'"key":"Zm9v","value":null'), False),
+    (one_kv(b'"key":"Zm9v"', b',"count":null'), False),
+    (hdr() + b',"kvs":[{"key":"Zm9v"},{"key":"YmFy"}],"count":"2"}', False),
+    (hdr() + b',"kvs":[{"key":"Zm9v"}],"kvs":[]}', False),
+    (hdr() + b',"prev_kv":{"key":"Zm9v","value":"YmFy"}}', False),  # put, return_previous
+    (b'{"header":{"cluster_id":"1","member_id":"2","revision":"3","raft_term":"4",'
+     b'"extra":"5"}}', False),
+    (b'{"header":{"cluster_id":"1","member_id":"2","revision":"3"}}', False),  # one missing
+    (b'{"header":{}}', False),
+    (b'{"header":null}', False),
+    (b'{"header":[1]}', False),
+    (b'{"header":"x"}', False),
+    (b"{}", False),
+    (b"null", False),
+    (b"[]", False),
+    (b"", False),
+    (b"   ", False),
+    (b"<html>", False),
+    (b"\xef\xbb\xbf{}", False),  # a UTF-8 byte order mark
+    (b"[" * 3000 + b"]" * 3000, False),  # deeper than the recursion limit
+]
+
+
+@pytest.mark.parametrize(("body", "fast"), EDGE_BODIES)
+def test_answer_equals_json_path_on_edge_bodies(body, fast):
+    assert fast_hit(body) is fast
+    for convert in CONVERTERS:
+        assert_same(body, convert)
+
+
+def test_answer_big_value_and_real_shapes():
+    value = bytes(range(256)) * 400
+    body = one_kv(b'"key":"%s","create_revision":"2","mod_revision":"9","version":"4",'
+                  b'"value":"%s"' % (base64.b64encode(b"k" * 300), base64.b64encode(value)),
+                  b',"count":"1"')
+    assert fast_hit(body)
+    got = assert_same(body, codec.range_response)
+    assert got[1].kvs[0].value == value and got[1].kvs[0].key == b"k" * 300
+
+
+# A grammar around the two shapes: every field can be missing, mis-typed, escaped, out of
+# order, duplicated; numbers and base64 take their odd forms.
+nums = st.one_of(
+    st.integers(min_value=0, max_value=2**70).map(str),
+    st.sampled_from(["0", "00", "007", "-1", "+1", "1_0", "١٢", " 1", "", "1e3", "1.0",
+                     "9" * 4301]),
+)
+b64s = st.one_of(
+    st.binary(max_size=20).map(lambda b: base64.b64encode(b).decode()),
+    st.binary(min_size=1, max_size=20).map(lambda b: base64.b64encode(b).decode().rstrip("=")),
+    st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=",
+            max_size=10),
+    st.sampled_from(["", "=", "==", "Zg=", "Zg==Zg==", "Z", "\\u005a\\u0067\\u003d\\u003d"]),
+)
+
+
+def jstr(s):
+    return '"' + s + '"'
+
+
+@st.composite
+def near_etcd_bodies(draw):
+    def num_field(name):
+        how = draw(st.sampled_from(["str", "str", "str", "num", "null", "escaped"]))
+        n = draw(nums)
+        if how == "num":
+            return f'"{name}":{n if n.isdigit() else "1"}'
+        if how == "null":
+            return f'"{name}":null'
+        if how == "escaped" and n:
+            return f'"{name}":"\\u00{ord(n[0]):02x}{n[1:]}"'
+        return f'"{name}":{jstr(n)}'
+
+    def maybe(items):
+        kept = [x for x in items if draw(st.booleans()) or x.startswith('"key"')]
+        if draw(st.integers(0, 9)) == 0 and kept:
+            kept.append(draw(st.sampled_from(kept)))  # a duplicate field
+        if draw(st.integers(0, 9)) == 0:
+            kept = draw(st.permutations(kept))
+        return ",".join(kept)
+
+    head_fields = [num_field(n) for n in ("cluster_id", "member_id", "revision", "raft_term")]
+    if draw(st.integers(0, 5)) == 0:
+        head = maybe(head_fields)
+    else:
+        head = ",".join(head_fields)
+    parts = ['"header":{' + head + "}"]
+    shape = draw(st.sampled_from(["header", "one", "one", "one", "two", "prev"]))
+    kv = maybe([f'"key":{jstr(draw(b64s))}', num_field("create_revision"),
+                num_field("mod_revision"), num_field("version"),
+                f'"value":{jstr(draw(b64s))}', num_field("lease")])
+    if shape == "one":
+        parts.append('"kvs":[{' + kv + "}]")
+    elif shape == "two":
+        parts.append('"kvs":[{' + kv + '},{"key":"Zm9v"}]')
+    elif shape == "prev":
+        parts.append('"prev_kv":{' + kv + "}")
+    if draw(st.booleans()):
+        parts.append('"more":' + draw(st.sampled_from(["true", "true", "false", '"true"'])))
+    if draw(st.booleans()):
+        parts.append(num_field("count"))
+    body = "{" + ",".join(parts) + "}"
+    body = draw(st.sampled_from(["", "", "", " ", "\n"])) + body
+    body += draw(st.sampled_from(["", "", "", "\n", " \r\n", "x", "\x0c", "\u00a0"]))
+    return body.encode()
+
+
+@given(near_etcd_bodies())
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_answer_equals_json_path_on_near_etcd_bodies(body):
+    for convert in (codec.range_response, codec.put_response):
+        assert_same(body, convert)
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_answer_equals_json_path_on_any_bytes(body):
+    for convert in CONVERTERS:
+        assert_same(body, convert)
+
+
+# ============================================================================================
+# codec.answer: the one-kv pattern (_ONE_KV) on its edge bodies, against the JSON path
+# ============================================================================================
+
+BIG = b"9" * 4301  # beyond int()'s digit limit: ValueError
+
+MERGED_EDGE_BODIES = [
+    (hdr() + b',"more":true}', True),  # more, no kvs, no count
+    (hdr() + b',"more":true,"more":true}', False),
+    (hdr() + b',"count":"3","more":true}', False),  # order
+    (hdr() + b',"count":2}', False),  # a JSON number
+    (hdr() + b',"count":""}', False),
+    (hdr() + b',"kvs":[{}]}', False),
+    (hdr() + b',"kvs":null}', False),
+    (hdr() + b',"kvs":[],"count":"2"}', False),
+    (hdr() + b',"kvs":[{"key":"Zm9v"}],"kvs":[{"key":"YmFy"}]}', False),
+    (hdr() + b',"kvs":[{"key":"Zm9v"}],"more":true,"count":"0"}', True),  # count < len(kvs)
+    (hdr() + b',"count":"' + b"1" * 300 + b'"}', True),  # a big int, the same both ways
+    (hdr() + b',"count":"' + BIG + b'"}', True),
+    (hdr(BIG) + b',"count":"2"}', True),
+    # Which error comes first: the key's base64 (binascii.Error), then count, then header.
+    (one_kv(b'"key":"Zg="', b',"count":"' + BIG + b'"'), True),
+    (one_kv(b'"key":"Zm9v","value":"Zg="', b',"count":"1"', rev=BIG), True),
+    (one_kv(b'"key":"Zm9v","lease":"' + BIG + b'"', b',"count":"' + BIG + b'"', rev=BIG), True),
+    (one_kv(b'"key":"Zg=","lease":"' + BIG + b'"'), True),
+    (one_kv(b'"key":"Zm9v","value":"YmFy","value":"YmFy"'), False),
+    (one_kv(b'"key":"Zm9v"', b',"more":true,"more":true'), False),
+    (one_kv(b'"key":"Zm9v"', b',"more":false,"count":"1"'), False),
+    (one_kv(b'"key":"Zm9v===="'), False),
+    (one_kv(b'"key":"Zm9v","value":"YmFy==="'), False),
+    (one_kv(b'"key":"+/+/","value":"////"'), True),
+    (one_kv(b'"key":"Zm9v","mod_revision":"3"', b',"more":true'), True),
+    (hdr()[:-1] + b',"extra":"1"},"count":"2"}', False),
+    (hdr() + b',"count":"2"}\x00', False),
+    (hdr() + b',"count":"2"}\n', False),
+    (hdr() + b',"count":"2"}{}', False),
+    (hdr() + b"}" + hdr() + b"}", False),
+    (b"{" + hdr()[1:] + b"}", True),  # (the same body: a sanity check of the table)
+]
+
+
+@pytest.mark.parametrize(("body", "fast"), MERGED_EDGE_BODIES)
+def test_merged_regex_equals_json_path(body, fast):
+    assert fast_hit(body) is fast
+    for convert in CONVERTERS:
+        assert_same(body, convert)
+
+
+# ============================================================================================
+# codec.decode: the scanner called directly
+# ============================================================================================
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{}", b" {}", b"\n{}\n", b"\t\r\n {}", b"{} ", b'{"a":1}\n', b"[1, 2]", b"1", b'"s"',
+     b"null", b"true", b"NaN", b"-Infinity", b'{"a":"\\u00e9"}', '{"a":"é"}'.encode(),
+     b'{"a":1,"a":2}', b"1 ", b" 1 "],
+)
+def test_decode_takes_json_like_json_loads(body):
+    assert json.dumps(codec.decode(body)) == json.dumps(json.loads(body))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b" ", b"\n", b"{", b"{}x", b"{} x", b" {} x", b"{}{}", b"1 2", b"\xff", b"{}\xff",
+     b"\xef\xbb\xbf{}", b"<html>", b"{'a': 1}", b"{}\x00", b'{"a":"\x01"}', b"nul",
+     b"[1,]", b" \x0c{}"],
+)
+def test_decode_refuses_what_is_not_json(body):
+    with pytest.raises(errors.MalformedAnswer):
+        codec.decode(body)
+
+
+@pytest.mark.parametrize("tail", ["\x0b", "\x0c", "\x1c", "\u00a0", "\u2028"])
+def test_decode_refuses_non_json_whitespace_after_the_value(tail):
+    with pytest.raises(errors.MalformedAnswer):
+        codec.decode(("{}" + tail).encode())
+
+
+def test_decode_refuses_nesting_too_deep_to_parse():
+    # A RecursionError from the parser is a body coord cannot take: the same typed error.
+    with pytest.raises(errors.MalformedAnswer):
+        codec.decode(b"[" * 100000 + b"]" * 100000)
+
+
+# ============================================================================================
+# codec.header: the subscript fast path equals the get() path
+# ============================================================================================
+
+
+def header_by_get(obj):
+    if not obj:
+        return Header()
+    g = obj.get
+    return Header(int(g("cluster_id", 0)), int(g("member_id", 0)), int(g("revision", 0)),
+                  int(g("raft_term", 0)))
+
+
+@given(st.dictionaries(
+    st.sampled_from(["cluster_id", "member_id", "revision", "raft_term", "other"]),
+    st.one_of(st.integers(0, 2**64).map(str), st.integers(0, 9), st.just(None),
+              st.sampled_from(["x", "007", ""]))))
+@settings(max_examples=500, deadline=None)
+def test_header_fast_path_equals_get_path(obj):
+    assert outcome(codec.header, obj) == outcome(header_by_get, obj)
+
+
+# ============================================================================================
+# codec: values built without __init__ are the same objects in every way a user can tell
+# ============================================================================================
+
+U64 = st.integers(0, 2**64 - 1)
+I64 = st.integers(0, 2**63 - 1)
+
+
+def b64str(data):
+    return base64.b64encode(data).decode()
+
+
+@st.composite
+def etcd_answers(draw):
+    """A put's or a range's answer in etcd's own shape (the direct parse takes it)."""
+    body: dict = {"header": {"cluster_id": str(draw(U64)), "member_id": str(draw(U64)),
+                             "revision": str(draw(I64)), "raft_term": str(draw(I64))}}
+    if draw(st.booleans()):
+        return json.dumps(body, separators=(",", ":")).encode(), codec.put_response
+    if draw(st.booleans()):
+        kv = {"key": b64str(draw(st.binary(min_size=1, max_size=30)))}
+        for name in ("create_revision", "mod_revision", "version", "value", "lease"):
+            if name == "value":
+                value = draw(st.binary(max_size=30))
+                if value:
+                    kv["value"] = b64str(value)
+            else:
+                n = draw(st.one_of(st.just(0), I64))
+                if n:
+                    kv[name] = str(n)
+        body["kvs"] = [kv]
+    if draw(st.booleans()):
+        body["more"] = True
+    count = draw(st.one_of(st.just(0), I64))
+    if count:
+        body["count"] = str(count)
+    return json.dumps(body, separators=(",", ":")).encode(), codec.range_response
+
+
+def assert_indistinguishable(got, expected):
+    assert type(got) is type(expected)
+    if isinstance(expected, list):
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected, strict=True):
+            assert_indistinguishable(g, e)
+        return
+    if not attrs.has(type(expected)):
+        assert got == expected
+        return
+    assert got == expected and expected == got and not got != expected
+    assert repr(got) == repr(expected)
+    assert attrs.asdict(got) == attrs.asdict(expected)
+    assert attrs.astuple(got) == attrs.astuple(expected)
+    assert outcome(hash, got) == outcome(hash, expected)  # (a Range holds a list: TypeError)
+    assert not hasattr(got, "__dict__") and weakref.ref(got)() is got
+    for proto in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert pickle.dumps(got, proto) == pickle.dumps(expected, proto)
+        again = pickle.loads(pickle.dumps(got, proto))
+        assert type(again) is type(expected) and again == expected
+    for other in (copy.copy(got), copy.deepcopy(got), attrs.evolve(got)):
+        assert type(other) is type(expected) and other == expected
+    for field in attrs.fields(type(expected)):
+        value = getattr(got, field.name)  # every slot is set (an unset one raises)
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            setattr(got, field.name, value)
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            delattr(got, field.name)
+        assert_indistinguishable(value, getattr(expected, field.name))
+        changed = attrs.evolve(got, **{field.name: value})
+        assert changed == expected and changed is not got
+
+
+@given(etcd_answers())
+@settings(max_examples=300, deadline=None)
+def test_direct_values_are_indistinguishable_from_init_built_ones(answer):
+    raw, convert = answer
+    assert fast_hit(raw)
+    assert_indistinguishable(codec.answer(raw, convert), convert(json.loads(raw)))
+
+
+@pytest.mark.parametrize("raw", [
+    hdr() + b"}",  # a missing key
+    hdr() + b',"count":"2"}',  # count only
+    one_kv(b'"key":"Zm9v","value":"YmFy"'),
+])
+def test_each_range_gets_its_own_kvs_list(raw):
+    # The JSON path makes a new list per answer: a user may append to r.kvs, and a list
+    # shared between answers would carry that into every later answer.
+    a = codec.answer(raw, codec.range_response)
+    b = codec.answer(raw, codec.range_response)
+    assert a.kvs is not b.kvs
+    a.kvs.append(KeyValue(b"junk"))
+    clean = codec.range_response(json.loads(raw))
+    assert b == clean and codec.answer(raw, codec.range_response) == clean
+
+
+# ============================================================================================
+# codec._setters: refused for every class whose construction does more than store fields
+# ============================================================================================
+
+
+@attrs.frozen
+class _PreInit:
+    a: int = 0
+
+    def __attrs_pre_init__(self):
+        pass
+
+
+@attrs.frozen(init=False)
+class _OwnInit:
+    a: int = 0
+
+    def __init__(self, a=0):
+        self.__attrs_init__(abs(a))  # __init__ does more than store: a direct build differs
+
+
+@attrs.frozen
+class _OwnNew:
+    a: int = 0
+
+    def __new__(cls, *args, **kwargs):  # e.g. interning: object.__new__ would bypass it
+        return super().__new__(cls)
+
+
+@pytest.mark.parametrize("cls", [_PreInit, _OwnInit, _OwnNew])
+def test_setters_refuse_classes_whose_construction_does_more(cls):
+    with pytest.raises(TypeError, match="no longer plain"):
+        codec._setters(cls, "a")
 
 
 # ============================================================================================
