@@ -1302,3 +1302,123 @@ async def test_acquire_lock_waiter_losing_its_key_leaks_no_lease(pool_client, se
 
 async def _same_leases(client, expected):
     return await lease_ids(client) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_range_delete_of_the_whole_queue_leaves_no_holder(pool_client, sessions):
+    """`etcdctl del --prefix` of a lock's and a semaphore's whole queue while held and
+    waited for: the predecessor and our own key go at one revision; no waiter reports
+    the lock held (its confirming read is guarded on its own key), every one is told
+    LockLost, and nothing is left."""
+    for make in (lambda s: Lock(s, b"wipe"), lambda s: Semaphore(s, b"wipe", 2)):
+        all_sessions = await sessions(5)
+        locks = [make(s) for s in all_sessions]
+        holders = locks[:locks[0]._permits]
+        for lock in holders:
+            await lock.acquire()
+        lost = [lock.lost for lock in holders]
+        pending = []
+        for lock in locks[len(holders):]:
+            pending.append(lock.acquire(timeout=30))
+            n = len(holders) + len(pending)
+            await wait_until(lambda n=n: count_is(pool_client, b"wipe/", n))
+        await sleep(0.2)
+        await pool_client.delete(KeySet(b"wipe/", prefix=True))
+        for d in pending:
+            await wait_until(lambda d=d: d.called, timeout=2)
+            with pytest.raises(LockLost):
+                await d
+        for d in lost:
+            assert isinstance(await d, LockLost)
+        assert not any(lock.held for lock in locks)
+        assert await keys_under(pool_client, b"wipe/") == []
+        for lock in locks:
+            await lock.release()
+        assert all(s.alive for s in all_sessions)
+        for s in all_sessions:
+            await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleting_every_other_waiter_at_one_revision_keeps_fifo_and_exclusion(
+        pool_client, sessions):
+    """Eight waiters; one transaction deletes the keys of waiters 2, 4 and 6 (so waiters
+    3, 5 and 7 lose their predecessor at the same revision their predecessor's own
+    waiter is told): those three fail with LockLost, the others are let in one at a
+    time, in their order."""
+    from coord import OpDel
+
+    all_sessions = await sessions(9)
+    locks = [Lock(s, b"alt") for s in all_sessions]
+    await locks[0].acquire()
+    pending = {}
+    for i, lock in enumerate(locks[1:], 1):
+        pending[i] = lock.acquire(timeout=30)
+        await wait_until(lambda i=i: count_is(pool_client, b"alt/", i + 1))
+    await sleep(0.2)
+    await pool_client.submit(Transaction(success=[OpDel(locks[i].key) for i in (2, 4, 6)]))
+    for i in (2, 4, 6):
+        await wait_until(lambda i=i: pending[i].called, timeout=2)
+        with pytest.raises(LockLost):
+            await pending[i]
+    order = []
+    holder = locks[0]
+    for i in (1, 3, 5, 7, 8):
+        await sleep(0.05)
+        assert not any(pending[j].called for j in (1, 3, 5, 7, 8) if j not in order)
+        await holder.release()
+        await pending[i]
+        order.append(i)
+        holder = locks[i]
+        assert [lk for lk in locks if lk.held] == [holder]
+    await holder.release()
+    assert [locks[i].token for i in order] == sorted(locks[i].token for i in order)
+    assert await keys_under(pool_client, b"alt/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_lost_read_after_a_compaction_past_the_hold_reports_only_a_real_loss(
+        pool_client, sessions):
+    """`lost` read long after the hold, once the revision it was proven at is compacted
+    away: the watch of our key cannot start there; the core reads the key again and
+    watches on.  No false LockLost; a later deletion still fires it."""
+    (s,) = await sessions()
+    lock = Lock(s, b"compact")
+    await lock.acquire()
+    for i in range(5):
+        await pool_client.set(b"noise", b"%d" % i)
+    current = (await pool_client.get(b"noise")).header.revision
+    await pool_client.compact(current, physical=True)
+    lost = lock.lost
+    await sleep(0.5)
+    assert not lost.called and lock.held
+    await pool_client.delete(lock.key)
+    reason = await lost
+    assert isinstance(reason, LockLost) and s.alive
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_holder_whose_process_stalls_past_its_ttl_is_lost_and_fenced(
+        pool_client, sessions):
+    """The whole process stalls (GC, swap: here the reactor is blocked) past the
+    holder's TTL while a waiter with a long TTL waits: once it runs again the holder is
+    not held at once (not when a keep-alive answers), `lost` says SessionLost, its guard
+    fails, and the waiter gets the lock with a larger token."""
+    short, = await sessions(1, ttl=2)
+    long_, = await sessions(1, ttl=30)
+    holder, waiter = Lock(short, b"stall"), Lock(long_, b"stall")
+    await holder.acquire()
+    lost = holder.lost
+    d = waiter.acquire(timeout=30)
+    await wait_until(lambda: count_is(pool_client, b"stall/", 2))
+    await sleep(0.2)
+    time.sleep(short.ttl + 2.5)  # the reactor stalls: no keep-alive, the lease expires
+    assert not holder.held  # before any timer of ours ran
+    await d
+    assert waiter.held and waiter.token > holder.token
+    reason = await lost
+    assert isinstance(reason, SessionLost) and reason is short.reason
+    with pytest.raises(Failed):
+        await pool_client.submit(Transaction(compare=[holder.guard()],
+                                             success=[OpSet(b"res", b"1")]))
+    await waiter.release()
