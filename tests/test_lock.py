@@ -1422,3 +1422,29 @@ async def test_a_holder_whose_process_stalls_past_its_ttl_is_lost_and_fenced(
         await pool_client.submit(Transaction(compare=[holder.guard()],
                                              success=[OpSet(b"res", b"1")]))
     await waiter.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_acquire_lock_release_that_failed_is_tried_again(etcd_factory):
+    """acquire_lock's lock releases by closing its session (revoking the lease).  If
+    etcd cannot be reached then, release() fails (typed); a later release() must try
+    the revoke again -- not hand back the first failure while our key and lease live on
+    until the TTL."""
+    from coord import errors
+
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=1.0)
+    try:
+        lock = await acquire_lock(client, b"relagain", ttl=30)
+        server.pause()
+        try:
+            with pytest.raises((errors.Timeout, errors.Unavailable)):
+                await lock.release()
+        finally:
+            server.resume()
+        assert lock.state is LockState.UNLOCKED
+        await lock.release()  # the revoke again, now that etcd answers
+        assert await keys_under(client, b"relagain/") == []
+        assert await lease_ids(client) == []  # revoked, long before its 30 s TTL
+    finally:
+        await client.close()
