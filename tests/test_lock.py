@@ -1448,3 +1448,46 @@ async def test_acquire_lock_release_that_failed_is_tried_again(etcd_factory):
         assert await lease_ids(client) == []  # revoked, long before its 30 s TTL
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiters_watches_of_their_own_key_and_predecessor_survive_an_etcd_restart(
+        etcd_factory):
+    """Two waiters across an etcd restart: their watches resume, so a deletion of the
+    first waiter's key after the restart is told to it at once (LockLost), and the
+    second -- which watched it as its predecessor -- gets the lock at the holder's
+    release, with nothing left behind."""
+    from twisted.internet.threads import deferToThread
+
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=2.0)
+    made = []
+    try:
+        for _ in range(3):
+            made.append(await Session.create(client, ttl=10))
+        holder, first, second = (Lock(s, b"rsw") for s in made)
+        await holder.acquire()
+        d1 = first.acquire(timeout=30)
+        await wait_until(lambda: count_is(client, b"rsw/", 2))
+        d2 = second.acquire(timeout=30)
+        await wait_until(lambda: count_is(client, b"rsw/", 3))
+        await sleep(0.2)
+        await deferToThread(server.restart)
+        await sleep(1.5)
+        assert not d1.called and not d2.called
+        await client.delete(first.key)
+        await wait_until(lambda: d1.called, timeout=3)
+        with pytest.raises(LockLost):
+            await d1
+        await sleep(0.3)
+        assert not d2.called
+        await holder.release()
+        await d2
+        assert second.held and second.token > holder.token
+        await second.release()
+        assert await keys_under(client, b"rsw/") == []
+    finally:
+        for s in made:
+            await s.close()
+        await client.close()
+
