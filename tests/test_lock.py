@@ -1491,3 +1491,43 @@ async def test_waiters_watches_of_their_own_key_and_predecessor_survive_an_etcd_
             await s.close()
         await client.close()
 
+
+@pytest_twisted.ensureDeferred
+async def test_takes_that_do_not_wait_are_not_held_hostage_by_a_hung_etcd(etcd_factory):
+    """try_acquire, acquire(timeout=0) and a Semaphore's try_acquire say "do not wait".
+    If etcd hangs, each still ends within the client's timeout plus the clean-up grace
+    (as a timed acquire does): typed, not after the session's 30 s TTL while the removal
+    of a key that may have been written is retried.  Once etcd answers again, the
+    removals finish in the background and leave no key."""
+    from coord import errors
+    from coord.recipes import _loop
+
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=1.0)
+    made = []
+    try:
+        takes = {
+            "try_acquire": lambda s: Lock(s, b"hang").try_acquire(),
+            "acquire(timeout=0)": lambda s: Lock(s, b"hang").acquire(timeout=0),
+            "Semaphore.try_acquire": lambda s: Semaphore(s, b"hang", 2).try_acquire(),
+        }
+        sessions_of = {}
+        for what in takes:
+            sessions_of[what] = await Session.create(client, ttl=30)
+            made.append(sessions_of[what])
+        server.pause()
+        try:
+            for what, take in takes.items():
+                started = time.monotonic()
+                d = take(sessions_of[what])
+                with pytest.raises((errors.Timeout, errors.Unavailable)):
+                    await d
+                took = time.monotonic() - started
+                assert took < client.timeout + _loop.CLEANUP_GRACE + 1.5, (what, took)
+        finally:
+            server.resume()
+        await wait_until(lambda: count_is(client, b"hang/", 0), timeout=10)
+    finally:
+        for s in made:
+            await s.close()
+        await client.close()
