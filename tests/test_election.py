@@ -1257,3 +1257,36 @@ async def test_an_election_and_a_lock_of_one_session_and_name_share_a_key_and_ex
         election.campaign(b"v")
     await lock.release()
     assert await keys_under(pool_client, b"shared/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_campaign_timeout_zero_is_not_held_hostage_by_a_hung_etcd(etcd_factory):
+    """campaign(timeout=0) says "do not wait": if etcd hangs it ends within the client's
+    timeout plus the clean-up grace (typed), not after the session's 30 s TTL while the
+    removal of a key that may have been written is retried; the removal finishes once
+    etcd answers again."""
+    from coord import errors
+    from coord.recipes import _loop
+
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=1.0)
+    session = None
+    try:
+        session = await Session.create(client, ttl=30)
+        election = Election(session, b"ehang")
+        server.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises((errors.Timeout, errors.Unavailable)):
+                await election.campaign(b"v", timeout=0)
+            assert time.monotonic() - started < client.timeout + _loop.CLEANUP_GRACE + 1.5
+            assert election.state is ElectionState.IDLE
+        finally:
+            server.resume()
+        await wait_until(lambda: count_is(client, b"ehang/", 0), timeout=10)
+        assert await election.campaign(b"v", timeout=0) is election  # after the removal
+        await election.resign()
+    finally:
+        if session is not None:
+            await session.close()
+        await client.close()

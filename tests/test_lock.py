@@ -1531,3 +1531,85 @@ async def test_takes_that_do_not_wait_are_not_held_hostage_by_a_hung_etcd(etcd_f
         for s in made:
             await s.close()
         await client.close()
+
+
+def _late_txn_proxy(etcd_url, delay):
+    """A TCP proxy to ``etcd_url`` that hands the first ``/v3/kv/txn`` request to etcd
+    only ``delay`` seconds after it came, even if the client has given up on it by then
+    (a request stuck on its way: a slow link, a busy member).  Returns (factory, port)."""
+    from urllib.parse import urlsplit
+
+    from twisted.internet import protocol
+    from twisted.protocols import portforward
+
+    host, port = urlsplit(etcd_url).hostname, urlsplit(etcd_url).port
+
+    class Late(protocol.Protocol):
+        def connectionMade(self):
+            self.transport.write(self.factory.request)
+            self.factory.owner.delivered = True
+            # stay connected a while: the request is served, not cancelled
+            self.factory.owner.timers.append(
+                reactor.callLater(2.0, self.transport.loseConnection))
+
+    class Server(portforward.ProxyServer):
+        held = False
+
+        def dataReceived(self, data):
+            if self.held:
+                self.late.append(data)  # the rest of the held request
+                return
+            if self.factory.pending and b"/v3/kv/txn" in data:
+                self.factory.pending = False
+                self.held, self.late = True, [data]
+                self.factory.timers.append(reactor.callLater(delay, self._late))
+                return
+            super().dataReceived(data)
+
+        def _late(self):
+            late = protocol.ClientFactory.forProtocol(Late)
+            late.request, late.owner = b"".join(self.late), self.factory
+            reactor.connectTCP(host, port, late)
+
+    factory = portforward.ProxyFactory(host, port)
+    factory.protocol = Server
+    factory.pending, factory.delivered, factory.timers = True, False, []
+    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    return factory, listening
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_take_whose_write_reaches_etcd_after_its_removal_leaves_no_key(etcd,
+                                                                              pool_client):
+    """try_acquire's write is delayed on its way to etcd past the client's timeout: the
+    take fails (its outcome unknown) and removes "whatever key our lease has there" --
+    nothing yet.  Then the write arrives and is applied.  A key of ours must not stay
+    behind in the queue while our session lives (it would block every other session's
+    acquire until then)."""
+    from coord import errors
+
+    factory, listening = _late_txn_proxy(etcd.url, delay=2.0)
+    client = Client(reactor, f"http://127.0.0.1:{listening.getHost().port}", timeout=1.0)
+    session = None
+    try:
+        session = await Session.create(client, ttl=30)
+        lock = Lock(session, b"late")
+        with pytest.raises((errors.Timeout, errors.Unavailable)):
+            await lock.try_acquire()
+        await wait_until(lambda: factory.delivered, timeout=5)
+        await sleep(1.0)
+        assert session.alive
+        other = await Session.create(pool_client, ttl=5)
+        try:
+            assert await Lock(other, b"late").try_acquire(), \
+                f"blocked by our leftover key: {await keys_under(pool_client, b'late/')}"
+        finally:
+            await other.close()
+    finally:
+        for timer in factory.timers:
+            if timer.active():
+                timer.cancel()
+        if session is not None:
+            await session.close()
+        await client.close()
+        await listening.stopListening()
