@@ -1796,3 +1796,295 @@ async def test_candidate_whose_key_is_deleted_is_told_at_once(pool_client, sessi
     await dc
     assert ec.is_leader
     await ec.resign()
+
+
+# -- the owned-key core: races and loss reasons ------------------------------------------------
+
+
+async def _session_checked_through(client, hung_client, ttl=30):
+    """A Session on ``client`` whose lease is refreshed and checked (``remaining()``)
+    through ``hung_client``, which never answers: the core's lease check, when our key
+    goes, cannot reach etcd (the keys, watches and transactions still can)."""
+    granted = await client.lease(ttl)
+    return Session(client, Lease(hung_client, granted.lease_id, granted.ttl),
+                   reactor.seconds())
+
+
+async def _end_checked_session(client, session):
+    from coord.errors import LeaseNotFound
+
+    await session.close(orphan=True)
+    try:
+        await Lease(client, session.lease_id).revoke()
+    except LeaseNotFound:
+        pass
+
+
+def _hung_gateway(listen, new_client):
+    """A gateway that accepts every request and answers none; a Client on it."""
+    from helpers import Scripted
+
+    gateway = Scripted(["hold"])
+    return gateway, new_client(listen(gateway), timeout=10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_leader_key_deleted_while_the_lease_check_hangs_is_leadership_lost_in_time(
+        client, new_client, listen):
+    """The leader's key is deleted while its lease lives and the lease check cannot
+    reach etcd: `lost` fires with LeadershipLost once the check's 2 s are up; the
+    session lives on; proclaim says NotLeader.  Through each transport."""
+    from coord.recipes import _core
+
+    gateway, hung = _hung_gateway(listen, new_client)
+    session = await _session_checked_through(client, hung)
+    try:
+        election = Election(session, b"ehung")
+        await election.campaign(b"v")
+        lost = election.lost
+        await sleep(0.1)
+        started = time.monotonic()
+        await client.delete(election.key)
+        reason = await lost
+        took = time.monotonic() - started
+        assert isinstance(reason, LeadershipLost) and not isinstance(reason, SessionLost)
+        assert _core.LEASE_CHECK_TIMEOUT - 0.2 <= took < _core.LEASE_CHECK_TIMEOUT + 1.5
+        assert session.reason is None and election.state is ElectionState.LOST
+        with pytest.raises(NotLeader):
+            await election.proclaim(b"w")
+        assert await keys_under(client, b"ehung/") == []
+        await election.resign()
+        assert election.state is ElectionState.IDLE
+    finally:
+        gateway.drop_held()
+        await _end_checked_session(client, session)
+
+
+@pytest_twisted.ensureDeferred
+async def test_resign_during_the_lease_check_returns_at_once_and_lost_never_fires(
+        pool_client, new_client, listen):
+    gateway, hung = _hung_gateway(listen, new_client)
+    session = await _session_checked_through(pool_client, hung)
+    try:
+        election = Election(session, b"eres")
+        await election.campaign(b"v")
+        old = election.token
+        lost = election.lost
+        await sleep(0.1)
+        await pool_client.delete(election.key)
+        await sleep(0.3)  # the watch saw it; the check hangs
+        started = time.monotonic()
+        await election.resign()
+        assert time.monotonic() - started < 0.5
+        assert election.state is ElectionState.IDLE
+        await election.campaign(b"again")
+        assert election.token > old and election.is_leader
+        await sleep(2.3)  # past the check's timeout
+        assert not lost.called and election.is_leader
+        assert (await election.leader()).value == b"again"
+        await election.resign()
+        assert await keys_under(pool_client, b"eres/") == []
+    finally:
+        gateway.drop_held()
+        await _end_checked_session(pool_client, session)
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_lease_of_leader_and_candidate_is_session_lost_through_each_transport(
+        client):
+    leader_session = await Session.create(client, ttl=6)
+    candidate_session = await Session.create(client, ttl=6)
+    try:
+        first, second = Election(leader_session, b"etrev"), Election(candidate_session, b"etrev")
+        await first.campaign(b"a")
+        lost = first.lost
+        d = second.campaign(b"b", timeout=30)
+        await wait_until(lambda: count_is(client, b"etrev/", 2))
+        await sleep(0.2)
+        started = time.monotonic()
+        await Lease(client, candidate_session.lease_id).revoke()
+        with pytest.raises(SessionLost) as raised:
+            await d
+        assert time.monotonic() - started < candidate_session.interval
+        assert raised.value is candidate_session.reason
+        assert candidate_session.state.name == "EXPIRED"
+        assert first.is_leader and not lost.called
+        started = time.monotonic()
+        await Lease(client, leader_session.lease_id).revoke()
+        reason = await lost
+        assert reason is leader_session.reason and leader_session.state.name == "EXPIRED"
+        assert time.monotonic() - started < leader_session.interval
+        with pytest.raises(NotLeader):
+            await first.proclaim(b"x")
+        assert await keys_under(client, b"etrev/") == []
+        assert await lease_ids(client) == []
+    finally:
+        await leader_session.close()
+        await candidate_session.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lease_revoked_behind_the_session_fails_campaign_and_resume(
+        pool_client, sessions):
+    """The session has not noticed its lease is revoked: campaign (with and without
+    timeout=0) writes with a lease etcd refuses and raises SessionLost, ending the
+    session at once; resume finds no key (it went with the lease).  Nothing written."""
+    for how in ("campaign", "timeout=0", "resume"):
+        (s,) = await sessions(1, ttl=30)
+        election = Election(s, b"ebrev")
+        if how == "resume":
+            await election.campaign(b"v")
+            await Lease(pool_client, s.lease_id).revoke()
+            await wait_until(lambda e=election: e.state is ElectionState.LOST, timeout=2)
+            with pytest.raises(SessionLost):
+                await election.resume()
+        else:
+            await Lease(pool_client, s.lease_id).revoke()
+            assert s.alive
+            with pytest.raises(SessionLost) as raised:
+                await election.campaign(b"v", timeout=0 if how == "timeout=0" else None)
+            assert raised.value is s.reason
+        assert s.state.name == "EXPIRED", how
+        assert await keys_under(pool_client, b"ebrev/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_campaign_timeout_zero_behind_a_leader_removes_only_our_key(
+        client):
+    """campaign(timeout=0) with a leader there: Timeout, our key removed, the leader's
+    key untouched; with nobody there: leads at once.  Through each transport."""
+    a = await Session.create(client, ttl=5)
+    b = await Session.create(client, ttl=5)
+    try:
+        ea, eb = Election(a, b"ezero"), Election(b, b"ezero")
+        await ea.campaign(b"a")
+        with pytest.raises(Timeout):
+            await eb.campaign(b"b", timeout=0)
+        assert eb.state is ElectionState.IDLE
+        assert await keys_under(client, b"ezero/") == [ea.key]
+        assert ea.is_leader and (await ea.leader()).value == b"a"
+        await ea.resign()
+        assert await eb.campaign(b"b", timeout=0) is eb
+        assert eb.is_leader
+        await eb.resign()
+        assert await keys_under(client, b"ezero/") == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_leader_key_recreated_under_our_name_is_leadership_lost_and_resign_spares_it(
+        pool_client, sessions):
+    (s,) = await sessions()
+    election = Election(s, b"erec")
+    await election.campaign(b"v")
+    lost = election.lost
+    await sleep(0.1)
+    await pool_client.delete(election.key)
+    await pool_client.set(election.key, b"other", lease=s.lease_id)
+    reason = await lost
+    assert isinstance(reason, LeadershipLost) and s.alive
+    with pytest.raises(NotLeader):
+        await election.proclaim(b"mine")
+    with pytest.raises(Failed):
+        await pool_client.submit(Transaction(compare=[election.guard()],
+                                             success=[OpSet(b"res", b"1")]))
+    await election.resign()
+    assert (await pool_client.get(election.key)).kvs[0].value == b"other"
+
+
+@pytest_twisted.ensureDeferred
+async def test_resumed_leader_and_candidate_are_told_when_their_keys_go(etcd, pool_client,
+                                                                         sessions):
+    """Election.resume (a restarted process: another client, the same lease) adopts our
+    key: a leader leads at once with its old token and loses with LeadershipLost when
+    the key is deleted; a resumed candidate is told at once when its key is deleted.  A
+    resume with no key raises NotLeader and writes nothing."""
+    a, b = await sessions(2)
+    first, candidate = Election(a, b"eresume"), Election(b, b"eresume")
+    await first.campaign(b"a")
+    d = candidate.campaign(b"b", timeout=30)
+    await wait_until(lambda: count_is(pool_client, b"eresume/", 2))
+    restarted = Client(reactor, etcd.url)
+    try:
+        ra = await Session.resume(restarted, a.lease_id)
+        rb = await Session.resume(restarted, b.lease_id)
+        resumed, queued = Election(ra, b"eresume"), Election(rb, b"eresume")
+        await resumed.resume()
+        assert resumed.token == first.token and resumed.value == b"a" and resumed.is_leader
+        dq = queued.resume(timeout=30)
+        await sleep(0.3)
+        assert not dq.called and queued.state is ElectionState.CAMPAIGNING
+        await pool_client.delete(queued.key)
+        await wait_until(lambda: dq.called and d.called, timeout=2)
+        for waiting in (dq, d):
+            with pytest.raises(LeadershipLost):
+                await waiting
+        lost = resumed.lost
+        await pool_client.delete(resumed.key)
+        assert isinstance(await lost, LeadershipLost)
+        with pytest.raises(NotLeader):
+            await resumed.resume()
+        assert await keys_under(pool_client, b"eresume/") == []
+        await ra.close(orphan=True)
+        await rb.close(orphan=True)
+    finally:
+        await restarted.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_election_and_a_lock_of_one_session_and_name_share_a_key_and_exclude(
+        pool_client, sessions):
+    """Go's layout gives a Lock and an Election of one name and session the same key: a
+    second object on it is refused while the first is in use (its release would delete
+    the other's hold)."""
+    from coord.recipes.lock import Lock
+
+    (s,) = await sessions()
+    election, lock = Election(s, b"shared"), Lock(s, b"shared")
+    assert election.key == lock.key
+    await election.campaign(b"v")
+    with pytest.raises(InvalidArgument):
+        lock.acquire()
+    with pytest.raises(InvalidArgument):
+        lock.try_acquire()
+    await election.resign()
+    await lock.acquire()
+    with pytest.raises(InvalidArgument):
+        election.campaign(b"v")
+    await lock.release()
+    assert await keys_under(pool_client, b"shared/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_campaign_timeout_zero_is_not_held_hostage_by_a_hung_etcd(etcd_factory):
+    """campaign(timeout=0) says "do not wait": if etcd hangs it ends within the client's
+    timeout plus the clean-up grace (typed), not after the session's 30 s TTL while the
+    removal of a key that may have been written is retried."""
+    from coord import errors
+    from coord.recipes import _loop
+
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=1.0)
+    session = None
+    try:
+        session = await Session.create(client, ttl=30)
+        election = Election(session, b"ehang")
+        server.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises((errors.Timeout, errors.Unavailable)):
+                await election.campaign(b"v", timeout=0)
+            assert time.monotonic() - started < client.timeout + _loop.CLEANUP_GRACE + 1.5
+            assert election.state is ElectionState.IDLE
+        finally:
+            server.resume()
+        # (a key of ours etcd wrote only after it resumed is reused: we lead)
+        assert await election.campaign(b"v", timeout=0) is election
+        await election.resign()
+        assert await keys_under(client, b"ehang/") == []
+    finally:
+        if session is not None:
+            await session.close()
+        await client.close()

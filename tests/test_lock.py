@@ -1734,3 +1734,738 @@ async def test_nested_names_block_one_way_as_in_go(pool_client, sessions):
     assert outer.held and inner.held
     await inner.release()
     await outer.release()
+
+
+# -- the owned-key core: races and loss reasons ------------------------------------------------
+
+
+async def _session_checked_through(client, hung_client, ttl=30):
+    """A Session on ``client`` whose lease is refreshed and checked (``remaining()``)
+    through ``hung_client``, which never answers: the core's lease check, when our key
+    goes, cannot reach etcd (the keys, watches and transactions still can)."""
+    from coord.lease import Lease
+
+    granted = await client.lease(ttl)
+    lease = Lease(hung_client, granted.lease_id, granted.ttl)
+    return Session(client, lease, reactor.seconds())
+
+
+async def _end_checked_session(client, session):
+    """Close a session of :func:`_session_checked_through`: orphan it (its own lease
+    handle cannot reach etcd) and revoke the lease through ``client``."""
+    from coord.errors import LeaseNotFound
+    from coord.lease import Lease
+
+    await session.close(orphan=True)
+    try:
+        await Lease(client, session.lease_id).revoke()
+    except LeaseNotFound:
+        pass
+
+
+def _hung_gateway(listen, new_client):
+    """A gateway that accepts every request and answers none; a Client on it."""
+    from helpers import Scripted
+
+    gateway = Scripted(["hold"])
+    return gateway, new_client(listen(gateway), timeout=10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_key_deleted_while_the_lease_check_hangs_is_lock_lost_within_its_timeout(
+        client, new_client, listen):
+    """Our key is deleted while the lease lives, and the lease check cannot reach etcd:
+    `lost` still fires, with LockLost, once the check's 2 s are up (not never, not
+    SessionLost); the session is not ended by it.  Through each transport."""
+    from coord.recipes import _core
+
+    gateway, hung = _hung_gateway(listen, new_client)
+    session = await _session_checked_through(client, hung)
+    try:
+        lock = Lock(session, b"hungcheck")
+        await lock.acquire()
+        lost, again = lock.lost, None
+        await sleep(0.1)
+        started = time.monotonic()
+        await client.delete(lock.key)
+        await sleep(0.3)
+        again = lock.lost  # read again while the check runs: fires with the same reason
+        assert not lost.called and lock.state is LockState.HELD
+        reason = await lost
+        took = time.monotonic() - started
+        assert isinstance(reason, LockLost) and not isinstance(reason, SessionLost)
+        assert _core.LEASE_CHECK_TIMEOUT - 0.2 <= took < _core.LEASE_CHECK_TIMEOUT + 1.5
+        assert (await again) is reason
+        assert session.reason is None and lock.state is LockState.LOST and not lock.held
+        await lock.release()
+        assert lock.state is LockState.UNLOCKED
+        assert await keys_under(client, b"hungcheck/") == []
+    finally:
+        gateway.drop_held()
+        await _end_checked_session(client, session)
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_during_the_lease_check_returns_at_once_and_lost_never_fires(
+        pool_client, new_client, listen):
+    """release() while the core still asks etcd why our key went: the release wins (it
+    does not wait for the check), `lost` never fires, and a new acquire is not disturbed
+    by the check's late answer."""
+    gateway, hung = _hung_gateway(listen, new_client)
+    session = await _session_checked_through(pool_client, hung)
+    try:
+        lock = Lock(session, b"relcheck")
+        await lock.acquire()
+        old = lock.token
+        lost = lock.lost
+        await sleep(0.1)
+        await pool_client.delete(lock.key)
+        await sleep(0.3)  # the watch saw it; the check hangs
+        started = time.monotonic()
+        await lock.release()
+        assert time.monotonic() - started < 0.5
+        assert lock.state is LockState.UNLOCKED
+        await lock.acquire()
+        assert lock.token > old and lock.held
+        await sleep(2.3)  # past the check's timeout
+        assert not lost.called
+        assert lock.held and lock.state is LockState.HELD
+        await lock.release()
+        assert await keys_under(pool_client, b"relcheck/") == []
+    finally:
+        gateway.drop_held()
+        await _end_checked_session(pool_client, session)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_and_timeout_during_a_waiters_lease_check_leave_nothing(
+        pool_client, new_client, listen):
+    """A waiter's key is deleted; while the core asks (in vain) whether the lease lives,
+    the acquire is cancelled (one waiter) or times out (another): each ends promptly,
+    typed, with nothing left behind and the holder untouched."""
+    gateway, hung = _hung_gateway(listen, new_client)
+    holder_session = await Session.create(pool_client, ttl=5)
+    a = await _session_checked_through(pool_client, hung)
+    b = await _session_checked_through(pool_client, hung)
+    try:
+        holder = Lock(holder_session, b"wcheck")
+        await holder.acquire()
+        wa, wb = Lock(a, b"wcheck"), Lock(b, b"wcheck")
+        da = wa.acquire()
+        await wait_until(lambda: count_is(pool_client, b"wcheck/", 2))
+        db = wb.acquire(timeout=1.0)
+        await wait_until(lambda: count_is(pool_client, b"wcheck/", 3))
+        await sleep(0.2)
+        started = time.monotonic()
+        await pool_client.delete(wa.key)
+        await pool_client.delete(wb.key)
+        await sleep(0.2)
+        da.cancel()
+        with pytest.raises(defer.CancelledError):
+            await da
+        assert time.monotonic() - started < 0.6
+        with pytest.raises((Timeout, LockLost)):
+            await db
+        assert time.monotonic() - started < 2.0
+        assert wa.state is LockState.UNLOCKED and wb.state is LockState.UNLOCKED
+        assert holder.held
+        assert await keys_under(pool_client, b"wcheck/") == [holder.key]
+        await holder.release()
+        assert await wa.try_acquire()  # the sessions live on
+        await wa.release()
+    finally:
+        gateway.drop_held()
+        await _end_checked_session(pool_client, a)
+        await _end_checked_session(pool_client, b)
+        await holder_session.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoked_lease_is_session_lost_for_holder_and_waiter_through_each_transport(
+        client):
+    """Through each transport: a revoked lease ends a holder's hold and a waiter's
+    acquire with the session's own SessionLost, at once, and ends the session then."""
+    from coord.lease import Lease
+
+    holder_session = await Session.create(client, ttl=6)
+    waiter_session = await Session.create(client, ttl=6)
+    try:
+        holder, waiter = Lock(holder_session, b"trev"), Lock(waiter_session, b"trev")
+        await holder.acquire()
+        lost, holder_ended = holder.lost, holder_session.lost
+        d = waiter.acquire(timeout=30)
+        await wait_until(lambda: count_is(client, b"trev/", 2))
+        await sleep(0.2)
+        started = time.monotonic()
+        await Lease(client, waiter_session.lease_id).revoke()
+        with pytest.raises(SessionLost) as raised:
+            await d
+        assert time.monotonic() - started < waiter_session.interval
+        assert raised.value is waiter_session.reason
+        assert waiter_session.state.name == "EXPIRED"
+        assert holder.held and not lost.called
+        started = time.monotonic()
+        await Lease(client, holder_session.lease_id).revoke()
+        reason = await lost
+        assert reason is holder_session.reason
+        assert holder_session.state.name == "EXPIRED"
+        assert (await holder_ended) is reason  # (fired in the same turn)
+        assert time.monotonic() - started < holder_session.interval
+        assert holder.state is LockState.LOST
+        assert await keys_under(client, b"trev/") == []
+        assert await lease_ids(client) == []
+    finally:
+        await holder_session.close()
+        await waiter_session.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lease_revoked_behind_the_session_fails_every_take_with_session_lost(
+        pool_client, sessions):
+    """The lease is revoked and the session has not noticed yet (no keep-alive since):
+    acquire, try_acquire, a Semaphore's try_acquire and a ReadLock's acquire write with
+    a lease etcd refuses.  Each raises SessionLost at once, the session ends then, and
+    nothing is written."""
+    from coord.lease import Lease
+
+    for take in ("acquire", "try_acquire", "semaphore", "read"):
+        (s,) = await sessions(1, ttl=30)  # its next keep-alive is 10 s away
+        await Lease(pool_client, s.lease_id).revoke()
+        assert s.alive
+        if take == "semaphore":
+            d = Semaphore(s, b"brev", 3).try_acquire()
+        elif take == "read":
+            d = RWLock(s, b"brev").read.acquire(timeout=5)
+        else:
+            d = getattr(Lock(s, b"brev"), take)()
+        with pytest.raises(SessionLost) as raised:
+            await d
+        assert raised.value is s.reason, take
+        assert s.state.name == "EXPIRED" and not s.alive
+        assert await keys_under(pool_client, b"brev/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiter_key_recreated_by_someone_else_is_lock_lost_and_the_new_key_is_spared(
+        pool_client, sessions):
+    """Someone deletes a waiter's key and writes one again under its name (a new create
+    revision): the waiter is told at once (LockLost: its lease lives), and its clean-up,
+    guarded on its own create revision, leaves the stranger's key alone.  A new acquire
+    of the same session then adopts that key (our lease and an empty value)."""
+    a, b = await sessions(2)
+    holder, waiter = Lock(a, b"recreate"), Lock(b, b"recreate")
+    await holder.acquire()
+    d = waiter.acquire(timeout=30)
+    await wait_until(lambda: count_is(pool_client, b"recreate/", 2))
+    await sleep(0.2)
+    await pool_client.delete(waiter.key)
+    await pool_client.set(waiter.key, b"stranger")
+    await wait_until(lambda: d.called, timeout=2)
+    with pytest.raises(LockLost):
+        await d
+    assert waiter.state is LockState.UNLOCKED and b.alive
+    kv = (await pool_client.get(waiter.key)).kvs[0]
+    assert kv.value == b"stranger" and kv.lease == 0
+    again = waiter.acquire(timeout=10)
+    await sleep(0.2)
+    kv = (await pool_client.get(waiter.key)).kvs[0]
+    assert (kv.value, kv.lease) == (b"", b.lease_id)  # adopted, its lease set
+    await holder.release()
+    await again
+    assert waiter.token == kv.create_revision
+    await b.lease.revoke()  # the adopted key goes with our lease now
+    assert await keys_under(pool_client, b"recreate/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_key_recreated_under_our_name_is_lock_lost_and_release_spares_it(
+        pool_client, sessions):
+    """A holder's key is deleted and re-created (say, with our lease, by etcdctl put
+    --lease): a new create revision is not our hold.  `lost` fires with LockLost, the
+    guard fails, and release() does not delete the other key."""
+    (s,) = await sessions()
+    lock = Lock(s, b"rehold")
+    await lock.acquire()
+    lost = lock.lost
+    await sleep(0.1)
+    await pool_client.delete(lock.key)
+    await pool_client.set(lock.key, b"x", lease=s.lease_id)
+    reason = await lost
+    assert isinstance(reason, LockLost) and s.alive
+    with pytest.raises(Failed):
+        await pool_client.submit(Transaction(compare=[lock.guard()],
+                                             success=[OpSet(b"res", b"1")]))
+    await lock.release()
+    assert (await pool_client.get(lock.key)).kvs[0].value == b"x"
+    assert (await pool_client.get(b"res")).kvs == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_semaphore_deleting_keys_queued_after_ours_frees_no_permit(pool_client, sessions):
+    """Semaphore(2) held twice; the keys of two waiters queued after the first waiter are
+    deleted: they are told (LockLost), and the first waiter is not let in (the deleted
+    keys came after its own).  Only a holder's release lets it in."""
+    a, b, c, d, e = await sessions(5)
+    sa, sb, sc, sd, se = (Semaphore(s, b"after", 2) for s in (a, b, c, d, e))
+    await sa.acquire()
+    await sb.acquire()
+    dc = sc.acquire(timeout=30)
+    await wait_until(lambda: count_is(pool_client, b"after/", 3))
+    dd = sd.acquire(timeout=30)
+    await wait_until(lambda: count_is(pool_client, b"after/", 4))
+    de = se.acquire(timeout=30)
+    await wait_until(lambda: count_is(pool_client, b"after/", 5))
+    await sleep(0.2)
+    await pool_client.delete(sd.key)
+    await pool_client.delete(se.key)
+    for waiting in (dd, de):
+        with pytest.raises(LockLost):
+            await waiting
+    await sleep(0.3)
+    assert not dc.called and sc.state is LockState.WAITING
+    assert sorted(await keys_under(pool_client, b"after/")) == sorted([sa.key, sb.key, sc.key])
+    await sb.release()
+    await dc
+    assert sa.held and sc.held and sc.token > sa.token
+    await sa.release()
+    await sc.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_semaphore_try_acquire_when_full_takes_its_key_back_behind_a_waiter(
+        pool_client, sessions):
+    """A full Semaphore(2) with a waiter: try_acquire (which writes, looks and takes its
+    key back) and acquire(timeout=0) say no and leave no key; the waiter keeps its turn
+    and gets the next permit."""
+    a, b, c, d = await sessions(4)
+    sa, sb, sc, sd = (Semaphore(s, b"tryfull", 2) for s in (a, b, c, d))
+    await sa.acquire()
+    await sb.acquire()
+    waiting = sc.acquire(timeout=30)
+    await wait_until(lambda: count_is(pool_client, b"tryfull/", 3))
+    assert await sd.try_acquire() is False
+    with pytest.raises(Timeout):
+        await sd.acquire(timeout=0)
+    assert sd.state is LockState.UNLOCKED
+    assert sorted(await keys_under(pool_client, b"tryfull/")) == sorted(
+        [sa.key, sb.key, sc.key])
+    await sa.release()
+    await waiting
+    assert await sd.try_acquire() is False  # b and c hold
+    await sb.release()
+    assert await sd.try_acquire() is True
+    assert sc.held and sd.held
+    await sc.release()
+    await sd.release()
+    assert await keys_under(pool_client, b"tryfull/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_rwlock_queued_reader_and_writer_are_told_at_once_when_their_keys_go(
+        pool_client, sessions):
+    """A reader queued behind a writer, and a writer queued behind readers: each is told
+    at once when its own key goes -- LockLost when deleted by hand, SessionLost when its
+    lease is revoked -- and the others' places are untouched."""
+    w, r1, r2, w2, w3 = await sessions(5)
+    writer = RWLock(w, b"rwdel").write
+    await writer.acquire()
+    reader, reader2 = RWLock(r1, b"rwdel").read, RWLock(r2, b"rwdel").read
+    dr = reader.acquire(timeout=30)
+    dr2 = reader2.acquire(timeout=30)
+    await wait_until(lambda: count_is(pool_client, b"rwdel/", 3))
+    await sleep(0.2)
+    await pool_client.delete(reader.key)
+    await wait_until(lambda: dr.called, timeout=2)
+    with pytest.raises(LockLost):
+        await dr
+    await r2.lease.revoke()
+    await wait_until(lambda: dr2.called, timeout=2)
+    with pytest.raises(SessionLost):
+        await dr2
+    assert writer.held and r1.alive and not r2.alive
+    await writer.release()
+    # readers hold; writers queue behind them
+    await reader.acquire()
+    writer2, writer3 = RWLock(w2, b"rwdel").write, RWLock(w3, b"rwdel").write
+    dw2 = writer2.acquire(timeout=30)
+    await wait_until(lambda: count_is(pool_client, b"rwdel/", 2))
+    dw3 = writer3.acquire(timeout=30)
+    await wait_until(lambda: count_is(pool_client, b"rwdel/", 3))
+    await sleep(0.2)
+    await pool_client.delete(writer2.key)
+    await wait_until(lambda: dw2.called, timeout=2)
+    with pytest.raises(LockLost):
+        await dw2
+    assert not dw3.called
+    await reader.release()
+    await dw3
+    assert writer3.held
+    await writer3.release()
+    assert await keys_under(pool_client, b"rwdel/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_left_by_hand_under_our_name_gets_our_lease_and_keeps_its_place(
+        pool_client, sessions):
+    """A key under our name written without a lease (by hand) is reused as Go's Mutex
+    does: it keeps its create revision (its place in the queue, our token), and gets our
+    lease and an empty value, so it cannot outlive the session."""
+    a, b = await sessions(2)
+    holder, lock = Lock(a, b"left"), Lock(b, b"left")
+    await holder.acquire()
+    await pool_client.set(lock.key, b"junk")
+    created = (await pool_client.get(lock.key)).kvs[0].create_revision
+    d = lock.acquire(timeout=10)
+    await sleep(0.2)
+    kv = (await pool_client.get(lock.key)).kvs[0]
+    assert (kv.value, kv.lease, kv.create_revision) == (b"", b.lease_id, created)
+    assert not d.called
+    await holder.release()
+    await d
+    assert lock.token == created
+    await b.lease.revoke()
+    assert await keys_under(pool_client, b"left/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_acquire_lock_waiter_losing_its_key_leaks_no_lease(pool_client, sessions):
+    """acquire_lock's waiter whose key is deleted (LockLost) or whose lease is revoked
+    (SessionLost) fails at once and leaves no key and no lease of its own."""
+    (s,) = await sessions()
+    holder = Lock(s, b"alk")
+    await holder.acquire()
+    before = await lease_ids(pool_client)
+    for how in ("delete", "revoke"):
+        d = acquire_lock(pool_client, b"alk", timeout=30)
+        await wait_until(lambda: count_is(pool_client, b"alk/", 2))
+        await sleep(0.2)
+        (mine,) = [k for k in await keys_under(pool_client, b"alk/") if k != holder.key]
+        if how == "delete":
+            await pool_client.delete(mine)
+        else:
+            from coord.lease import Lease
+
+            await Lease(pool_client, int(mine.rsplit(b"/", 1)[1], 16)).revoke()
+        await wait_until(lambda d=d: d.called, timeout=2)
+        with pytest.raises(LockLost if how == "delete" else SessionLost):
+            await d
+        await wait_until(lambda: _same_leases(pool_client, before))
+        assert await keys_under(pool_client, b"alk/") == [holder.key]
+    assert holder.held
+    await holder.release()
+
+
+async def _same_leases(client, expected):
+    return await lease_ids(client) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_range_delete_of_the_whole_queue_leaves_no_holder(pool_client, sessions):
+    """`etcdctl del --prefix` of a lock's and a semaphore's whole queue while held and
+    waited for: the predecessor and our own key go at one revision; no waiter reports
+    the lock held (its confirming read is guarded on its own key), every one is told
+    LockLost, and nothing is left."""
+    for make in (lambda s: Lock(s, b"wipe"), lambda s: Semaphore(s, b"wipe", 2)):
+        all_sessions = await sessions(5)
+        locks = [make(s) for s in all_sessions]
+        holders = locks[:locks[0]._permits]
+        for lock in holders:
+            await lock.acquire()
+        lost = [lock.lost for lock in holders]
+        pending = []
+        for lock in locks[len(holders):]:
+            pending.append(lock.acquire(timeout=30))
+            n = len(holders) + len(pending)
+            await wait_until(lambda n=n: count_is(pool_client, b"wipe/", n))
+        await sleep(0.2)
+        await pool_client.delete(KeySet(b"wipe/", prefix=True))
+        for d in pending:
+            await wait_until(lambda d=d: d.called, timeout=2)
+            with pytest.raises(LockLost):
+                await d
+        for d in lost:
+            assert isinstance(await d, LockLost)
+        assert not any(lock.held for lock in locks)
+        assert await keys_under(pool_client, b"wipe/") == []
+        for lock in locks:
+            await lock.release()
+        assert all(s.alive for s in all_sessions)
+        for s in all_sessions:
+            await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_deleting_every_other_waiter_at_one_revision_keeps_fifo_and_exclusion(
+        pool_client, sessions):
+    """Eight waiters; one transaction deletes the keys of waiters 2, 4 and 6 (so waiters
+    3, 5 and 7 lose their predecessor at the same revision their predecessor's own
+    waiter is told): those three fail with LockLost, the others are let in one at a
+    time, in their order."""
+    from coord import OpDel
+
+    all_sessions = await sessions(9)
+    locks = [Lock(s, b"alt") for s in all_sessions]
+    await locks[0].acquire()
+    pending = {}
+    for i, lock in enumerate(locks[1:], 1):
+        pending[i] = lock.acquire(timeout=30)
+        await wait_until(lambda i=i: count_is(pool_client, b"alt/", i + 1))
+    await sleep(0.2)
+    await pool_client.submit(Transaction(success=[OpDel(locks[i].key) for i in (2, 4, 6)]))
+    for i in (2, 4, 6):
+        await wait_until(lambda i=i: pending[i].called, timeout=2)
+        with pytest.raises(LockLost):
+            await pending[i]
+    order = []
+    holder = locks[0]
+    for i in (1, 3, 5, 7, 8):
+        await sleep(0.05)
+        assert not any(pending[j].called for j in (1, 3, 5, 7, 8) if j not in order)
+        await holder.release()
+        await pending[i]
+        order.append(i)
+        holder = locks[i]
+        assert [lk for lk in locks if lk.held] == [holder]
+    await holder.release()
+    assert [locks[i].token for i in order] == sorted(locks[i].token for i in order)
+    assert await keys_under(pool_client, b"alt/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_lost_read_after_a_compaction_past_the_hold_reports_only_a_real_loss(
+        pool_client, sessions):
+    """`lost` read long after the hold, once the revision it was proven at is compacted
+    away: the watch of our key cannot start there; the core reads the key again and
+    watches on.  No false LockLost; a later deletion still fires it."""
+    (s,) = await sessions()
+    lock = Lock(s, b"compact")
+    await lock.acquire()
+    for i in range(5):
+        await pool_client.set(b"noise", b"%d" % i)
+    current = (await pool_client.get(b"noise")).header.revision
+    await pool_client.compact(current, physical=True)
+    lost = lock.lost
+    await sleep(0.5)
+    assert not lost.called and lock.held
+    await pool_client.delete(lock.key)
+    reason = await lost
+    assert isinstance(reason, LockLost) and s.alive
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_holder_whose_process_stalls_past_its_ttl_is_lost_and_fenced(
+        pool_client, sessions):
+    """The whole process stalls (GC, swap: here the reactor is blocked) past the
+    holder's TTL while a waiter with a long TTL waits: once it runs again the holder is
+    not held at once (not when a keep-alive answers), `lost` says SessionLost, its guard
+    fails, and the waiter gets the lock with a larger token."""
+    short, = await sessions(1, ttl=2)
+    long_, = await sessions(1, ttl=30)
+    holder, waiter = Lock(short, b"stall"), Lock(long_, b"stall")
+    await holder.acquire()
+    lost = holder.lost
+    d = waiter.acquire(timeout=30)
+    await wait_until(lambda: count_is(pool_client, b"stall/", 2))
+    await sleep(0.2)
+    time.sleep(short.ttl + 2.5)  # the reactor stalls: no keep-alive, the lease expires
+    assert not holder.held  # before any timer of ours ran
+    await d
+    assert waiter.held and waiter.token > holder.token
+    reason = await lost
+    assert isinstance(reason, SessionLost) and reason is short.reason
+    with pytest.raises(Failed):
+        await pool_client.submit(Transaction(compare=[holder.guard()],
+                                             success=[OpSet(b"res", b"1")]))
+    await waiter.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_acquire_lock_release_that_failed_is_tried_again(etcd_factory):
+    """acquire_lock's lock releases by closing its session (revoking the lease).  If
+    etcd cannot be reached then, release() fails (typed); a later release() must try
+    the revoke again -- not hand back the first failure while our key and lease live on
+    until the TTL."""
+    from coord import errors
+
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=1.0)
+    try:
+        lock = await acquire_lock(client, b"relagain", ttl=30)
+        server.pause()
+        try:
+            with pytest.raises((errors.Timeout, errors.Unavailable)):
+                await lock.release()
+        finally:
+            server.resume()
+        assert lock.state is LockState.UNLOCKED
+        await lock.release()  # the revoke again, now that etcd answers
+        assert await keys_under(client, b"relagain/") == []
+        assert await lease_ids(client) == []  # revoked, long before its 30 s TTL
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiters_watches_of_their_own_key_and_predecessor_survive_an_etcd_restart(
+        etcd_factory):
+    """Two waiters across an etcd restart: their watches resume, so a deletion of the
+    first waiter's key after the restart is told to it at once (LockLost), and the
+    second -- which watched it as its predecessor -- gets the lock at the holder's
+    release, with nothing left behind."""
+    from twisted.internet.threads import deferToThread
+
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=2.0)
+    made = []
+    try:
+        for _ in range(3):
+            made.append(await Session.create(client, ttl=10))
+        holder, first, second = (Lock(s, b"rsw") for s in made)
+        await holder.acquire()
+        d1 = first.acquire(timeout=30)
+        await wait_until(lambda: count_is(client, b"rsw/", 2))
+        d2 = second.acquire(timeout=30)
+        await wait_until(lambda: count_is(client, b"rsw/", 3))
+        await sleep(0.2)
+        await deferToThread(server.restart)
+        await sleep(1.5)
+        assert not d1.called and not d2.called
+        await client.delete(first.key)
+        await wait_until(lambda: d1.called, timeout=3)
+        with pytest.raises(LockLost):
+            await d1
+        await sleep(0.3)
+        assert not d2.called
+        await holder.release()
+        await d2
+        assert second.held and second.token > holder.token
+        await second.release()
+        assert await keys_under(client, b"rsw/") == []
+    finally:
+        for s in made:
+            await s.close()
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_takes_that_do_not_wait_are_not_held_hostage_by_a_hung_etcd(etcd_factory):
+    """try_acquire, acquire(timeout=0) and a Semaphore's try_acquire say "do not wait".
+    If etcd hangs, each still ends within the client's timeout plus the clean-up grace
+    (as a timed acquire does): typed, not after the session's 30 s TTL while the removal
+    of a key that may have been written is retried."""
+    from coord import errors
+    from coord.recipes import _loop
+
+    server = etcd_factory()
+    client = Client(reactor, server.url, timeout=1.0)
+    made = []
+    try:
+        for _ in range(3):
+            made.append(await Session.create(client, ttl=30))
+        locks = [Lock(made[0], b"hang"), Lock(made[1], b"hang"), Semaphore(made[2], b"hangsem", 2)]
+        takes = {
+            "try_acquire": locks[0].try_acquire,
+            "acquire(timeout=0)": lambda: locks[1].acquire(timeout=0),
+            "Semaphore.try_acquire": locks[2].try_acquire,
+        }
+        server.pause()
+        try:
+            for what, take in takes.items():
+                started = time.monotonic()
+                d = take()
+                with pytest.raises((errors.Timeout, errors.Unavailable)):
+                    await d
+                took = time.monotonic() - started
+                assert took < client.timeout + _loop.CLEANUP_GRACE + 1.5, (what, took)
+        finally:
+            server.resume()
+        # (Whether the removals catch a write etcd applies only after it resumed is
+        # test_a_take_whose_write_reaches_etcd_after_its_removal_leaves_no_key's.)
+        assert await locks[2].try_acquire()  # etcd answers: a permit (after the removal)
+        await locks[2].release()
+    finally:
+        for s in made:
+            await s.close()
+        await client.close()
+
+
+def _late_txn_proxy(etcd_url, delay):
+    """A TCP proxy to ``etcd_url`` that hands the first ``/v3/kv/txn`` request to etcd
+    only ``delay`` seconds after it came, even if the client has given up on it by then
+    (a request stuck on its way: a slow link, a busy member).  Returns (factory, port)."""
+    from urllib.parse import urlsplit
+
+    from twisted.internet import protocol
+    from twisted.protocols import portforward
+
+    host, port = urlsplit(etcd_url).hostname, urlsplit(etcd_url).port
+
+    class Late(protocol.Protocol):
+        def connectionMade(self):
+            self.transport.write(self.factory.request)
+            self.factory.owner.delivered = True
+            # stay connected a while: the request is served, not cancelled
+            self.factory.owner.timers.append(
+                reactor.callLater(2.0, self.transport.loseConnection))
+
+    class Server(portforward.ProxyServer):
+        held = False
+
+        def dataReceived(self, data):
+            if self.held:
+                self.late.append(data)  # the rest of the held request
+                return
+            if self.factory.pending and b"/v3/kv/txn" in data:
+                self.factory.pending = False
+                self.held, self.late = True, [data]
+                self.factory.timers.append(reactor.callLater(delay, self._late))
+                return
+            super().dataReceived(data)
+
+        def _late(self):
+            late = protocol.ClientFactory.forProtocol(Late)
+            late.request, late.owner = b"".join(self.late), self.factory
+            reactor.connectTCP(host, port, late)
+
+    factory = portforward.ProxyFactory(host, port)
+    factory.protocol = Server
+    factory.pending, factory.delivered, factory.timers = True, False, []
+    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    return factory, listening
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_take_whose_write_reaches_etcd_after_its_removal_leaves_no_key(etcd,
+                                                                              pool_client):
+    """try_acquire's write is delayed on its way to etcd past the client's timeout: the
+    take fails (its outcome unknown) and removes "whatever key our lease has there" --
+    nothing yet.  Then the write arrives and is applied.  A key of ours must not stay
+    behind in the queue while our session lives (it would block every other session's
+    acquire until then)."""
+    from coord import errors
+
+    factory, listening = _late_txn_proxy(etcd.url, delay=2.0)
+    client = Client(reactor, f"http://127.0.0.1:{listening.getHost().port}", timeout=1.0)
+    session = None
+    try:
+        session = await Session.create(client, ttl=30)
+        lock = Lock(session, b"late")
+        with pytest.raises((errors.Timeout, errors.Unavailable)):
+            await lock.try_acquire()
+        await wait_until(lambda: factory.delivered, timeout=5)
+        await sleep(1.0)
+        assert session.alive
+        other = await Session.create(pool_client, ttl=5)
+        try:
+            assert await Lock(other, b"late").try_acquire(), \
+                f"blocked by our leftover key: {await keys_under(pool_client, b'late/')}"
+        finally:
+            await other.close()
+    finally:
+        for timer in factory.timers:
+            if timer.active():
+                timer.cancel()
+        if session is not None:
+            await session.close()
+        await client.close()
+        await listening.stopListening()

@@ -37,7 +37,14 @@ from twisted.internet import defer
 from coord import errors
 from coord.errors import SessionLost
 from coord.keyset import KeySet
-from coord.recipes._loop import Shared, check_name, detached, sleep, start, with_timeout
+from coord.recipes._loop import (
+    Shared,
+    bounded,
+    check_name,
+    sleep,
+    start,
+    with_timeout,
+)
 from coord.recipes._wait import KeyGone, wait_fewer, watch
 from coord.session import Session
 from coord.txn import CompCreated, CompLease, OpDel, OpGet, OpSet, Transaction
@@ -164,8 +171,15 @@ class OwnedKey:
             self._phase = Phase.IDLE
             self._pending = None
             if self._attempt is not None:
-                self._busy = Shared(start(self._remove(self._attempt, token)))
-                await detached(self._busy.wait())
+                busy = self._busy = Shared(start(self._remove(self._attempt, token)))
+
+                async def removed() -> None:
+                    await busy.wait()
+
+                # At most CLEANUP_GRACE, as for a timed take: a hung etcd must not hold
+                # a take that had no timer (try_acquire, timeout=0, None) until the
+                # session's TTL.  The removal goes on; a later take or release waits.
+                await bounded(self.client.reactor, removed())
             error = await self._failure(exc)
             if error is exc:
                 raise

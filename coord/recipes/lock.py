@@ -26,6 +26,7 @@ import enum
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from coord import errors
 from coord.client import MAX_LEASE_TTL
@@ -33,6 +34,7 @@ from coord.errors import LockLost
 from coord.keyset import KeySet
 from coord.recipes._core import NotFree, OwnedKey, Phase
 from coord.recipes._loop import (
+    Shared,
     check_name,
     check_timeout,
     detached,
@@ -196,6 +198,12 @@ class Lock(OwnedKey):
         Returns:
             Deferred firing with None once our key is gone.
         """
+        busy = self._busy
+        if (self._owns_session and self._phase is Phase.IDLE and busy is not None
+                and busy.done and isinstance(busy.result, Failure)):
+            # Closing our session failed (etcd unreachable): revoke again, as
+            # Session.close does when called again.
+            self._busy = Shared(self.session.close())
         return self._let_go()
 
     async def __aenter__(self) -> Lock:
