@@ -1765,7 +1765,7 @@ async def _end_checked_session(client, session):
 
 def _hung_gateway(listen, new_client):
     """A gateway that accepts every request and answers none; a Client on it."""
-    from helpers import Scripted
+    from coord.testing import Scripted
 
     gateway = Scripted(["hold"])
     return gateway, new_client(listen(gateway), timeout=10)

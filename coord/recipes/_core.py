@@ -54,6 +54,10 @@ __all__ = ["Enqueue", "NotFree", "OwnedKey", "Phase", "kvs"]
 
 log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
 
+# How long after giving up on a write of our key (its answer never came) we watch for it
+# being applied after all, to delete the key it creates (see OwnedKey._sweep_late_write).
+LATE_WRITE_WINDOW = 60.0
+
 # How long the check "is our lease still there?" may take when our key is found deleted
 # (after it, the loss is reported as a deletion).
 LEASE_CHECK_TIMEOUT = 2.0
@@ -123,6 +127,8 @@ class OwnedKey:
         self._observers: list[defer.Deferred[Any]] = []
         self._session_lost: defer.Deferred[Any] | None = None
         self._watch: Any = None
+        self._sweep: Any = None  # a watch for a late write (see _sweep_late_write)
+        self._sweep_timer: Any = None
 
     @property
     def active(self) -> bool:
@@ -146,6 +152,9 @@ class OwnedKey:
             raise errors.InvalidArgument(
                 f"{other!r} of the same session already uses {self.key!r}: use one object "
                 "per name and session (or another session)")
+        if other is not None:
+            other._stop_sweep()  # a take of this key reuses a late write's key
+        self._stop_sweep()
         _owners[(id(self.client), self.key)] = self
         self._phase = Phase.WAITING
         self._lost_reason = None
@@ -284,25 +293,32 @@ class OwnedKey:
                     return
             except Exception:
                 pass  # outcome unknown: delete whatever key our lease has there
+        if token is None:
+            # The write may still be applied later (held in a proxy, a socket buffer,
+            # etcd's queue): watch for it from the delete's revision on.
+            revision = await self._delete(None)
+            if revision is not None:
+                self._sweep_late_write(revision)
+            return
         await self._delete(token)
 
-    async def _delete(self, token: int | None) -> None:
+    async def _delete(self, token: int | None) -> int | None:
         """Delete our key if it is the one created at ``token`` (with no token: if it
         carries our lease).  Retried while the session lives: after it, the lease's end
-        deletes the key anyway."""
+        deletes the key anyway.  Returns the revision at which the key was known gone
+        (None if the delete was given up)."""
         guard: Any = (CompCreated(self.key, "==", token) if token is not None
                       else CompLease(self.key, "==", self.session.lease_id))
         txn = Transaction(compare=[guard], success=[OpDel(self.key)])
         pause = 0.05
         while True:
             try:
-                await self.client.submit(txn)
-                return
-            except errors.Failed:
-                return  # already gone (or not ours)
+                return (await self.client.submit(txn)).header.revision
+            except errors.Failed as failed:
+                return failed.header.revision  # already gone (or not ours)
             except (errors.Unavailable, errors.Timeout) as exc:
                 if not self.session.alive:
-                    return
+                    return None
                 log.warn("{owner}: deleting {key!r} failed ({error}); retrying",
                          owner=self, key=self.key, error=exc)
                 await sleep(self.client.reactor, pause)
@@ -312,18 +328,50 @@ class OwnedKey:
                 # traceback.  The key goes with the session's lease anyway.
                 log.warn("{owner}: etcd refused to delete {key!r} ({error}); it goes when "
                          "the session's lease ends", owner=self, key=self.key, error=exc)
-                return
+                return None
             except Exception:
                 log.failure("{owner}: deleting {key!r} failed", owner=self, key=self.key)
-                return
+                return None
+
+    def _sweep_late_write(self, revision: int) -> None:
+        """For LATE_WRITE_WINDOW seconds after ``revision``, delete our key if a write
+        whose outcome we did not learn creates it (with our lease) after all, unless a
+        take of this key starts meanwhile (it then reuses the key, as Go's Mutex does).
+        Go's Mutex leaves such a key in the queue until the session ends, blocking
+        every other contender."""
+        self._stop_sweep()
+
+        def on_change(event: Event) -> None:
+            if (self._sweep is running and event.type is EventType.PUT
+                    and event.kv.lease == self.session.lease_id and self.session.alive):
+                log.info("{owner}: a write given up on was applied late; deleting {key!r}",
+                         owner=self, key=self.key)
+                start(self._delete(event.kv.create_revision))
+
+        running = watch(self.client, KeySet(self.key), on_change, start_revision=revision + 1)
+        running.addErrback(lambda _: None)  # (a watch that cannot go on just stops)
+        self._sweep = running
+        self._sweep_timer = self.client.reactor.callLater(LATE_WRITE_WINDOW, self._stop_sweep)
+
+    def _stop_sweep(self) -> None:
+        running, self._sweep = self._sweep, None
+        if running is not None:
+            running.cancel()
+        timer, self._sweep_timer = self._sweep_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     # holding ------------------------------------------------------------------------------
 
     def _hold(self, token: int, revision: int) -> None:
         self._phase = Phase.HELD
         self.token, self.revision = token, revision
+        # The session's end is our loss, reported once the session has told everyone
+        # (so a `session.lost` taken after ours has fired when `lost` fires).
         self._session_lost = self.session.lost
-        self._session_lost.addCallbacks(self._lose, lambda _: None)
+        self._session_lost.addCallbacks(
+            lambda reason: self.client.reactor.callLater(0, self._lose, reason, token),
+            lambda _: None)
         if self.watch_while_held or self._observers:
             self._watch_key()
 
