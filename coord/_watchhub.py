@@ -527,15 +527,16 @@ class WatchHub:
             return None  # a replacement in flight or retiring: it kicks when done
         if any(s.victims or s.state is StreamState.RETIRING for s in self.streams):
             return None  # one replacement at a time
-        # Merge the smallest stream, and the next while it is no bigger than what is
-        # merged so far (sizes stay geometric: each watch is re-created O(log N) times
-        # as streams grow), plus every dead-heavy stream.
+        # Merge every dead-heavy stream and the smallest stream, and the next smallest
+        # while it is at most half of what is merged so far: stream sizes stay roughly
+        # geometric, so as streams grow each watch is re-created O(log N) times, not
+        # once per add; equal streams are not all rebuilt into one.
         victims = list(dirty)
         size = sum(s.alive for s in victims)
         for s in sorted(live, key=lambda s: s.alive):
             if s in victims:
                 continue
-            if victims and s.alive > size + len(self.pending):
+            if victims and 2 * s.alive > size + len(self.pending):
                 break
             victims.append(s)
             size += s.alive
