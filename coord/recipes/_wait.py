@@ -167,7 +167,7 @@ async def _until_fewer(client: Any, keys: KeySet, names: set[bytes], permits: in
                 f"the watch on {keys.key!r} ended before the deletions awaited"))
 
     if WATCH_AT_CURRENT_REVISION:
-        watch = client.watch(keys, on_change, filters=["noput"])
+        watch = client.watch(keys, on_change, filters=["noput"], shared=True)
     else:
         watch = client.watch(keys, on_change, filters=["noput"],
                              start_revision=read_revision + 1)
@@ -309,7 +309,7 @@ def watch_own_key(owner: Any, holds: Callable[[], bool],
             owner.revision = result.header.revision
             watch_own_key(owner, holds, lose, lost)
 
-    watch = owner._client.watch(KeySet(owner.key), on_change, start_revision=owner.revision + 1)
+    watch = owner._client.watch(owner.key, on_change, owner.revision + 1, shared=True)
     owner._watch = watch
     watch.addBoth(ended)
 
