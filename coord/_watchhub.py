@@ -244,7 +244,9 @@ class _HubStream:
             del self.unanswered[watch_id]
         member = self.ids.get(watch_id)
         if member is None or not member.alive:
-            return  # cancelled: dropped locally
+            # cancelled: dropped locally (its creation still counts towards LIVE)
+            self.check_answered()
+            return
         owner = member.stream is self
         if msg.get("canceled"):
             # Checked before "created": etcd refuses a create with both set.

@@ -1006,3 +1006,18 @@ def test_retire_grace(n, grace):
     from coord._watchhub import retire_grace
 
     assert retire_grace(n) == pytest.approx(grace)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shared_watch_cancelled_before_it_is_created_leaves_its_stream_working(
+        client):
+    seen = []
+    d = client.watch(b"early/b", seen.append, shared=True)
+    d_gone = client.watch(b"early/a", lambda e: None, shared=True)  # answered last
+    await sleep(0)  # the stream's request is sent; no answer yet
+    d_gone.cancel()
+    await d.watcher.ready
+    await wait_until(lambda: [s.state.name for s in hub_of(client).streams] == ["LIVE"])
+    await client.set(b"early/b", b"v")
+    await wait_until(lambda: len(seen) == 1)
+    d.cancel()
