@@ -1021,3 +1021,41 @@ async def test_a_shared_watch_cancelled_before_it_is_created_leaves_its_stream_w
     await client.set(b"early/b", b"v")
     await wait_until(lambda: len(seen) == 1)
     d.cancel()
+
+
+def _b64(data):
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture
+def app_user_server(etcd_factory):
+    """An etcd with auth on: root, and user "app" (password "app-pw") allowed app/ only."""
+    server = etcd_factory()
+    server.post("/v3/auth/user/add", {"name": "root", "password": "root-pw"})
+    server.post("/v3/auth/user/grant", {"user": "root", "role": "root"})
+    server.post("/v3/auth/role/add", {"name": "app"})
+    server.post("/v3/auth/role/grant", {"name": "app", "perm": {
+        "permType": "READWRITE", "key": _b64(b"app/"), "range_end": _b64(b"app0")}})
+    server.post("/v3/auth/user/add", {"name": "app", "password": "app-pw"})
+    server.post("/v3/auth/user/grant", {"user": "app", "role": "app"})
+    server.post("/v3/auth/enable", {})
+    return server
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_key_ends_only_its_shared_watch(app_user_server, new_client):
+    from coord import PermissionDenied
+
+    client = new_client(app_user_server.url, user="app", password="app-pw", timeout=10)
+    seen = []
+    d_ok = client.watch(b"app/x", seen.append, shared=True)
+    d_refused = client.watch(b"other", lambda e: None, shared=True)  # same stream
+    with pytest.raises(PermissionDenied):
+        await d_refused
+    await d_ok.watcher.ready
+    await client.set(b"app/x", b"v")
+    await wait_until(lambda: [e.kv.value for e in seen] == [b"v"])
+    assert not d_ok.called
+    d_ok.cancel()
