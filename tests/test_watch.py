@@ -723,6 +723,15 @@ def hub_of(client):
     return client.watch_hub
 
 
+@pytest.fixture
+def one_fresh_stream(monkeypatch):
+    """Only the first shared watch gets a stream of its own: later ones are merged with
+    it (how watches come to share a stream when many exist)."""
+    from coord import _watchhub
+
+    monkeypatch.setattr(_watchhub, "FRESH_LIMIT", 1)
+
+
 def stream_sizes(client):
     """The live watches each stream owns (streams being replaced left out)."""
     return sorted(s.alive for s in hub_of(client).streams if s.state.name != "RETIRING")
@@ -797,18 +806,19 @@ async def test_a_shared_watch_keeps_the_watcher_contract(client):
 
 
 @pytest_twisted.ensureDeferred
-async def test_compacted_start_ends_only_that_shared_watch(client):
+async def test_compacted_start_ends_only_that_shared_watch(client, one_fresh_stream):
     for i in range(5):
         await client.set(b"cmp/k", b"%d" % i)
     rev = (await client.set(b"cmp/k", b"last")).revision
     await client.compact(rev)
     good = []
+    d_good = client.watch(b"cmp/k", good.append, shared=True)
     d_bad = client.watch(b"cmp/k", lambda e: None, start_revision=rev - 3, shared=True)
-    d_good = client.watch(b"cmp/k", good.append, shared=True)  # same turn: same stream
     with pytest.raises(Compacted) as info:
         await d_bad
     assert info.value.compact_revision == rev
     await d_good.watcher.ready
+    assert d_good.watcher._members[0].stream is d_bad.watcher._members[0].stream  # mates
     await client.set(b"cmp/k", b"after")
     await wait_until(lambda: [e.kv.value for e in good] == [b"after"])
     assert not d_good.called
@@ -816,7 +826,8 @@ async def test_compacted_start_ends_only_that_shared_watch(client):
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancelled_shared_watches_close_their_stream_when_all_are_dead(etcd, client):
+async def test_cancelled_shared_watches_close_their_stream_when_all_are_dead(
+        etcd, client, one_fresh_stream):
     await client.set(b"cx/warm", b"")  # the calls' own connection is open
     before = len(sockets_to(etcd.url))
     seen_a, seen_b = [], []
@@ -830,7 +841,7 @@ async def test_cancelled_shared_watches_close_their_stream_when_all_are_dead(etc
     await client.set(b"cx/b", b"1")
     await wait_until(lambda: len(seen_b) == 1)
     assert seen_a == []  # dropped locally at once; the stream goes on for b
-    assert len(hub_of(client).streams) == 1
+    await wait_until(lambda: len(hub_of(client).streams) == 1)  # the replaced one closed
     d_b.cancel()
     await wait_until(lambda: not hub_of(client).streams)
     await wait_until(lambda: len(sockets_to(etcd.url)) <= before)
@@ -903,8 +914,8 @@ async def test_shared_watches_move_off_a_hung_member(etcd_cluster, new_client):
           for n in range(5)]
     for d in ds:
         await d.watcher.ready
-    (stream,) = hub_of(watcher).streams
-    member = next(m for m in etcd_cluster.members if m.url == stream.stream.endpoint.url)
+    (url,) = {s.stream.endpoint.url for s in hub_of(watcher).streams}  # the preferred one
+    member = next(m for m in etcd_cluster.members if m.url == url)
     member.pause()
     try:
         others = [m.url for m in etcd_cluster.members if m is not member]
@@ -1008,19 +1019,119 @@ def test_retire_grace(n, grace):
     assert retire_grace(n) == pytest.approx(grace)
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_shared_watch_cancelled_before_it_is_created_leaves_its_stream_working(
-        client):
+class _FakeStream:
+    endpoint = None
+
+    def __init__(self, body):
+        self.body, self.cancelled = body, False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def pause_reading(self, paused):
+        pass
+
+
+class _FakeTransport:
+    """A transport that records the shared streams' bodies; the test plays etcd."""
+
+    reached = True
+    endpoints = ()
+    has_credentials = False
+
+    def __init__(self):
+        self.streams = []
+
+    def stream(self, path, body, on_message, on_end, endpoint=None):
+        self.streams.append(_FakeStream(body))
+        return self.streams[-1]
+
+
+class _FakeClient:
+    closed = False
+
+    def __init__(self):
+        from coord._watchhub import WatchHub
+
+        self.watch_hub = WatchHub(reactor, _FakeTransport(), lambda: False)
+
+
+def _shared(client, key, seen, start=None):
+    from coord._watchhub import SharedWatcher
+
+    return SharedWatcher(client, [KeySet(key)], seen.append, start, False, [], None)
+
+
+def _created(watch_id, revision=10):
+    return {"header": {"revision": str(revision)}, "watch_id": str(watch_id), "created": True}
+
+
+def _events(watch_id, *revisions):
+    return {"header": {"revision": str(max(revisions))}, "watch_id": str(watch_id),
+            "events": [{"kv": {"key": _b64(b"k"), "mod_revision": str(r),
+                               "create_revision": "1", "version": "1"}} for r in revisions]}
+
+
+def test_a_shared_watch_cancelled_before_its_creation_leaves_its_stream_working(
+        one_fresh_stream):
+    client = _FakeClient()
+    hub = client.watch_hub
+    seen_a, seen_b = [], []
+    a = _shared(client, b"a", seen_a)  # a stream of its own
+    (first,) = hub.streams
+    first.message(_created(1))
+    b = _shared(client, b"b", seen_b)  # pending: merged with a's stream
+    hub._run()
+    merged = hub.streams[-1]
+    assert [m.keys.key for m in merged.members] == [b"a", b"b"]
+    b.cancel()  # before etcd answered its create
+    merged.message(_created(1))
+    merged.message(_created(2))
+    assert merged.state.name == "LIVE"  # b's answer still counts
+    merged.message(_events(2, 11))
+    assert seen_b == []
+    a.cancel()
+
+
+@pytest.mark.parametrize(("old", "new", "delivered"), [
+    # (events on the replaced stream, then on its replacement): each revision once
+    ([(11,), (12,)], [(11, 12), (13,)], [11, 12, 13]),
+    ([(11, 12, 13)], [(11,), (12, 13, 14)], [11, 12, 13, 14]),
+    ([], [(11,), (12,)], [11, 12]),
+    ([(11,), (12,), (13,)], [(11, 12, 13)], [11, 12, 13]),
+])
+def test_a_replaced_stream_and_its_replacement_deliver_each_event_once(
+        one_fresh_stream, old, new, delivered):
+    client = _FakeClient()
+    hub = client.watch_hub
     seen = []
-    d = client.watch(b"early/b", seen.append, shared=True)
-    d_gone = client.watch(b"early/a", lambda e: None, shared=True)  # answered last
-    await sleep(0)  # the stream's request is sent; no answer yet
-    d_gone.cancel()
-    await d.watcher.ready
-    await wait_until(lambda: [s.state.name for s in hub_of(client).streams] == ["LIVE"])
-    await client.set(b"early/b", b"v")
-    await wait_until(lambda: len(seen) == 1)
-    d.cancel()
+    w = _shared(client, b"k", seen)
+    (first,) = hub.streams
+    first.message(_created(1))  # delivers from 11
+    _shared(client, b"other", [])
+    hub._run()
+    replacement = hub.streams[-1]
+    assert first.state.name == "RETIRING"
+    assert b'"start_revision":"11"' in replacement.stream.body.replace(b" ", b"") or \
+        b'"start_revision":11' in replacement.stream.body.replace(b" ", b"")
+    for revs in old:
+        first.message(_events(1, *revs))
+    replacement.message(_created(1))
+    replacement.message(_created(2))
+    for revs in new:
+        replacement.message(_events(1, *revs))
+    assert [e.kv.mod_revision for e in seen] == delivered
+    assert w.revisions == [delivered[-1] + 1]
+    w.cancel()
+
+
+def test_a_body_of_several_creates_is_padded_past_the_gateways_discard_limit():
+    from coord.watch import watch_body
+
+    assert watch_body([b"{}\n"]) == b"{}\n"
+    padded = watch_body([b"{}\n", b"{}\n"])
+    assert padded.startswith(b"{}\n{}\n") and padded[6:].strip() == b""
+    assert len(padded) - 6 >= 256 * 1024
 
 
 def _b64(data):
@@ -1045,13 +1156,14 @@ def app_user_server(etcd_factory):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_refused_key_ends_only_its_shared_watch(app_user_server, new_client):
+async def test_a_refused_key_ends_only_its_shared_watch(app_user_server, new_client,
+                                                         one_fresh_stream):
     from coord import PermissionDenied
 
     client = new_client(app_user_server.url, user="app", password="app-pw", timeout=10)
     seen = []
     d_ok = client.watch(b"app/x", seen.append, shared=True)
-    d_refused = client.watch(b"other", lambda e: None, shared=True)  # same stream
+    d_refused = client.watch(b"other", lambda e: None, shared=True)  # merged with it
     with pytest.raises(PermissionDenied):
         await d_refused
     await d_ok.watcher.ready
