@@ -66,7 +66,7 @@ from coord._twisted import StreamTransport, WatchStream
 from coord._wire import codec
 from coord.keyset import KeySet
 from coord.types import Event
-from coord.watch import PROGRESS_INTERVAL, WatchDeferred, _create_request, watch_body
+from coord.watch import PROGRESS_INTERVAL, WatchDeferred, create_request, watch_body
 
 __all__ = ["MAX_CONNECTIONS", "SharedWatcher", "WatchHub"]
 
@@ -127,7 +127,7 @@ class _Member:
         self.stream: _HubStream | None = None  # the owner
 
     def request(self, watch_id: int) -> bytes:
-        req = _create_request(self.keys, self.next, self.prev_kv, self.filters)
+        req = create_request(self.keys, self.next, self.prev_kv, self.filters)
         req["create_request"]["watch_id"] = watch_id
         return codec.encode(req)
 

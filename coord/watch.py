@@ -77,7 +77,9 @@ def watch_body(requests: Sequence[bytes]) -> bytes:
     return b"".join(requests) + BODY_PADDING
 
 
-def _create_request(keys: KeySet, start: int | None, prev_kv: bool, filters: list[str]) -> dict:
+def create_request(keys: KeySet, start: int | None, prev_kv: bool, filters: list[str]) -> dict:
+    """A ``WatchRequest`` creating a watch of ``keys`` (from ``start``; None: from now),
+    with progress notifications; shared by Watcher and coord._watchhub."""
     req = keys_json(keys)
     req["progress_notify"] = True
     if start:
@@ -193,7 +195,7 @@ class Watcher:
         self._created = 0
         self._ids = {}
         body = watch_body([
-            codec.encode(_create_request(keys, rev, self._prev_kv, self._filters))
+            codec.encode(create_request(keys, rev, self._prev_kv, self._filters))
             for keys, rev in zip(self._keysets, self.revisions, strict=True)
         ])
         self._stream = self._transport.stream("/v3/watch", body, self._message, self._ended)
