@@ -28,6 +28,7 @@ from twisted.internet import defer
 from coord import _checks, errors
 from coord._sentinel import DEFAULT
 from coord._twisted.pool import HttpTransport, parse_endpoint
+from coord._watchhub import SharedWatcher, WatchHub
 from coord._wire import codec
 from coord.keyset import KeyLike, KeySet
 from coord.lease import Lease
@@ -159,7 +160,6 @@ class Client:
         health_check_interval = _checks.seconds("health_check_interval", health_check_interval)
         self._reactor = reactor
         self._closed = False
-        self._watchers: set[Watcher] = set()
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.max_request_bytes = max_request_bytes
@@ -186,6 +186,12 @@ class Client:
                                             credentials=credentials,
                                             attempt_timeout=attempt_timeout,
                                             check_interval=health_check_interval)
+        #: Internal (for coord.watch, not for applications): every watch of this client
+        #: and the shared streams of its ``shared=True`` watches; it holds the only
+        #: reference to the transport that watch code uses (its public stream surface,
+        #: coord._twisted.StreamTransport).
+        self.watch_hub = WatchHub(reactor, self._transport, lambda: self._closed)
+        self._watchers = self.watch_hub.watchers
 
     def __repr__(self) -> str:
         urls = ", ".join(ep.url for ep in self._transport.endpoints)
@@ -382,7 +388,7 @@ class Client:
     def watch(self, keys: Any, on_change: Callable[[Event], Any],
               start_revision: int | None = None, return_previous: bool = False,
               filters: Sequence[str] | None = None,
-              idle_timeout: float | None = 60.0) -> WatchDeferred:
+              idle_timeout: float | None = 60.0, shared: bool = False) -> WatchDeferred:
         """Call ``on_change(event)`` for every change to ``keys``, until cancelled.
 
         Every event is delivered exactly once, in revision order per key set, across
@@ -404,6 +410,20 @@ class Client:
             filters: ``["noput"]`` and/or ``["nodelete"]`` to leave such events out.
             idle_timeout: seconds without a message after which the stream is assumed
                 hung and created again: more than 0 (``None`` or infinity: never).
+            shared: watch on streams shared with this client's other ``shared=True``
+                watches (see :mod:`coord._watchhub`) instead of a stream -- an HTTP
+                connection -- of its own.  Saves: all of a client's shared watches use
+                at most 8 connections to etcd (and their file descriptors), however many
+                there are; cancelling one closes nothing.  Costs: when 7 shared streams
+                exist already, a new watch starts only once a replacement stream
+                (merging it with existing watches) is created -- a few milliseconds to
+                about a second with thousands of watches (merges wait a little to
+                batch new watches); and a slow ``on_change`` holds up its stream-mates.
+                Guarantees are the same (exactly once, in order, resumed across broken
+                streams and failover, Compacted and other errors per watch, ``ready``,
+                ``cancel``); ``d.watcher`` is a :class:`~coord._watchhub.SharedWatcher`
+                with the same attributes.  With several shared watches, the shortest
+                ``idle_timeout`` of a stream's watches applies to that stream.
 
         Returns:
             A Deferred (with ``.watcher``, a :class:`~coord.watch.Watcher`): it fires with
@@ -422,6 +442,10 @@ class Client:
         _check_revision(start_revision)
         callback = _Callback(_checks.callback("on_change", on_change))
         idle_timeout = _checks.seconds("idle_timeout", idle_timeout)
+        if shared:
+            return SharedWatcher(self, keysets, callback, start_revision or None,
+                                 bool(return_previous), filters_of(filters),
+                                 idle_timeout).deferred
         watcher = Watcher(self, keysets, None, start_revision or None, bool(return_previous),
                           filters_of(filters), idle_timeout, on_change=callback)
         return watcher.deferred
@@ -570,8 +594,9 @@ class Client:
         (closing it earlier can crash etcd 3.5.0-3.5.4; see "Timeouts and
         cancellation" in docs/client.md)."""
         self._closed = True
-        for watcher in list(self._watchers):
+        for watcher in list(self.watch_hub.watchers):
             watcher.cancel()
+        self.watch_hub.close()
         return self._transport.close()
 
     async def __aenter__(self) -> Client:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import collections
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import txaio
 from twisted.internet import defer
@@ -34,10 +34,14 @@ from twisted.python.failure import Failure
 
 from coord import errors
 from coord._failover import Moved
+from coord._twisted import StreamTransport, WatchStream
 from coord._wire import codec
 from coord.keyset import KeyLike, KeySet
 from coord.txn import keys_json
 from coord.types import Event
+
+if TYPE_CHECKING:
+    from coord._watchhub import SharedWatcher
 
 __all__ = ["EventStream", "Watcher"]
 
@@ -50,7 +54,32 @@ _FILTERS = {"noput": "NOPUT", "nodelete": "NODELETE"}
 PROGRESS_INTERVAL = 600.0
 
 
-def _create_request(keys: KeySet, start: int | None, prev_kv: bool, filters: list[str]) -> dict:
+# Go's HTTP/1 server (etcd's gateway) discards what is left of a request body when the
+# handler first flushes its answer, if less than this is left (net/http server.go,
+# chunkWriter.writeHeader, maxPostHandlerReadBytes = 256 KiB); with that much or more
+# left it leaves the body alone (and closes the connection after the answer).  The
+# gateway decodes a watch body one request at a time and flushes each answer, so the
+# create requests it had not read when the first "created" answer went out were thrown
+# away: seen on 3.5.1 and 3.4.23, 200 creates in one body got 10 and 64 answers, 3,000
+# got 64 to 576 -- at random.  Whitespace after the requests (skipped by the gateway's
+# JSON decoder) keeps 256 KiB unread until every request is read: 20,000 creates got
+# 20,000 answers on both versions.  (It also explains why a chunked body that stays
+# open gets no answer: the discard waits for the body's end.)  A body with one request
+# needs no padding: the first answer can only follow the reading of that request.
+BODY_PADDING = b" " * (256 * 1024 + 1024)
+
+
+def watch_body(requests: Sequence[bytes]) -> bytes:
+    """The body of a ``POST /v3/watch`` creating ``requests`` (encoded create requests),
+    padded so that the gateway reads all of them (see `BODY_PADDING`)."""
+    if len(requests) == 1:
+        return requests[0]
+    return b"".join(requests) + BODY_PADDING
+
+
+def create_request(keys: KeySet, start: int | None, prev_kv: bool, filters: list[str]) -> dict:
+    """A ``WatchRequest`` creating a watch of ``keys`` (from ``start``; None: from now),
+    with progress notifications; shared by Watcher and coord._watchhub."""
     req = keys_json(keys)
     req["progress_notify"] = True
     if start:
@@ -69,7 +98,7 @@ class WatchDeferred(defer.Deferred):
     the original guide cancels without waiting, and that must not log an error).
     """
 
-    watcher: Watcher
+    watcher: Watcher | SharedWatcher
 
 
 class Watcher:
@@ -88,7 +117,8 @@ class Watcher:
                  prev_kv: bool, filters: list[str], idle_timeout: float | None,
                  on_change: Callable[[Event], Any] | None = None) -> None:
         self._client = client
-        self._reactor = client._reactor
+        self._reactor = client.reactor
+        self._hub = client.watch_hub
         self._keysets = list(keysets)
         self._on_events = on_events
         self._on_change = on_change
@@ -99,7 +129,7 @@ class Watcher:
         self.reconnects = 0
         self._created = 0
         self._ids: dict[int, int] = {}
-        self._stream: Any = None
+        self._stream: WatchStream | None = None
         self._retry: Any = None
         self._idle: Any = None
         self._backoff = 0.0
@@ -113,7 +143,7 @@ class Watcher:
         self.deferred.watcher = self
         self._ready: list[defer.Deferred[None]] = []
         self._ready_result: Any = None  # once fired: True, or the error that ended it
-        client._watchers.add(self)
+        self._hub.watchers.add(self)
         self._connect()
 
     def __repr__(self) -> str:
@@ -164,12 +194,11 @@ class Watcher:
             return
         self._created = 0
         self._ids = {}
-        body = b"".join(
-            codec.encode(_create_request(keys, rev, self._prev_kv, self._filters))
+        body = watch_body([
+            codec.encode(create_request(keys, rev, self._prev_kv, self._filters))
             for keys, rev in zip(self._keysets, self.revisions, strict=True)
-        )
-        self._stream = self._client._transport.stream("/v3/watch", body, self._message,
-                                                      self._ended)
+        ])
+        self._stream = self._transport.stream("/v3/watch", body, self._message, self._ended)
         self._touch()
 
     def pause_reading(self, paused: bool) -> None:
@@ -186,10 +215,12 @@ class Watcher:
             self._touch()
 
     def _apply_pause(self) -> None:
-        conn = getattr(self._stream, "conn", None)
-        transport = getattr(conn, "transport", None)
-        if transport is not None:
-            (transport.pauseProducing if self._paused else transport.resumeProducing)()
+        if self._stream is not None:
+            self._stream.pause_reading(self._paused)
+
+    @property
+    def _transport(self) -> StreamTransport:
+        return self._hub.transport
 
     def _touch(self) -> None:
         self._last_message = self._reactor.seconds()
@@ -212,8 +243,8 @@ class Watcher:
         """
         self._idle = None
         stream = self._stream
-        transport = self._client._transport
-        endpoint = getattr(stream, "endpoint", None)
+        transport = self._transport
+        endpoint = stream.endpoint if stream is not None else None
         quiet = self._reactor.seconds() - self._last_message
         if endpoint is None or endpoint not in transport.endpoints or \
                 quiet > PROGRESS_INTERVAL + (self.idle_timeout or 0):
@@ -247,7 +278,7 @@ class Watcher:
         log.info("{why}: creating the watch stream again", why=why)
         if endpoint is not None:
             # A hung member still accepts connections: prefer another one next time.
-            self._client._transport.demote(endpoint)
+            self._transport.demote(endpoint)
         self._restart(errors.Unavailable(why))
 
     def _restart(self, reason: errors.CoordError) -> None:
@@ -260,7 +291,7 @@ class Watcher:
     def _ended(self, reason: errors.CoordError | None, force: bool = False) -> None:
         if self._done:
             return
-        endpoint = getattr(self._stream, "endpoint", None)
+        endpoint = self._stream.endpoint if self._stream is not None else None
         self._stream = None
         if self._client.closed:
             self._finish(None)
@@ -290,7 +321,7 @@ class Watcher:
         has never been answered by one (a wrong port, a wrong CA, a server that is not
         etcd); returns whether it did.  Once the client has reached etcd, an unreachable
         cluster is an outage, and the watch resumes when it is back."""
-        transport = self._client._transport
+        transport = self._transport
         if transport.reached or self._created or endpoint is None:
             return False
         self._unreached.add(endpoint.url)
@@ -380,9 +411,9 @@ class Watcher:
         self._finish(exc)
 
     def _auth_refused(self, exc: errors.EtcdError) -> None:
-        transport = self._client._transport
+        transport = self._transport
         if isinstance(exc, errors.AuthFailed) or self._auth_retried or \
-                getattr(transport, "_credentials", None) is None:
+                not transport.has_credentials:
             self._finish(exc)
             return
         self._auth_retried = True
@@ -396,7 +427,7 @@ class Watcher:
         if self._done:
             return
         self._done = True
-        self._client._watchers.discard(self)
+        self._hub.watchers.discard(self)
         self._cancel_probe()
         for timer in (self._retry, self._idle):
             if timer is not None and timer.active():

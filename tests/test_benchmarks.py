@@ -176,3 +176,21 @@ def test_socket_worker_reports_a_connection_closed_mid_answer(partial):
     # Not a measurement of 0 requests: the worker must say the connection was closed.
     assert rc == 1 and result is not None and "closed" in result.get("error", ""), \
         (result, err)
+
+
+def test_scale_round(etcd):
+    # 10 locks, each mode; and an unshared run that the open-files limit cannot hold stops
+    # with a message before it starts
+    proc = run(str(ROOT / "benchmarks" / "scale.py"), "--url", etcd.url, "--counts", "10",
+               "--deletions", "2", "--idle", "0.2", "--json")
+    shared, unshared = json.loads(proc.stdout)
+    assert (shared["mode"], unshared["mode"]) == ("shared", "unshared")
+    for r in (shared, unshared):
+        assert "error" not in r, r
+        assert r["lost_p50_ms"] > 0
+    assert shared["peak_streams"] <= 8
+    assert unshared["peak_streams"] == 10
+    proc = run(str(ROOT / "benchmarks" / "scale.py"), "--url", etcd.url, "--counts", "2000",
+               "--modes", "unshared", "--nofile", "1024", "--json")
+    (refused,) = json.loads(proc.stdout)
+    assert "soft limit" in refused["error"] and "1024" in refused["error"], refused

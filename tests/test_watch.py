@@ -714,3 +714,461 @@ async def test_a_watch_moved_twice_quickly_delivers_exactly_once(etcd_cluster,
     lost = sorted({sig(e) for e in truth} - {sig(e) for e in seen}, key=lambda s: s[3])
     assert (extra, lost) == ([], []), (start, end)
     _check_exactly_once(seen, truth)
+
+
+# -- shared watch streams (client.watch(..., shared=True), coord._watchhub) ----------------------
+
+
+def hub_of(client):
+    """The client's WatchHub (looks inside: how its shared streams are laid out)."""
+    return client.watch_hub
+
+
+@pytest.fixture
+def one_fresh_stream(monkeypatch):
+    """Only the first shared watch gets a stream of its own: later ones are merged with
+    it (how watches come to share a stream when many exist)."""
+    from coord import _watchhub
+
+    monkeypatch.setattr(_watchhub, "FRESH_LIMIT", 1)
+
+
+def stream_sizes(client):
+    """The live watches each stream owns (streams being replaced left out)."""
+    return sorted(s.alive for s in hub_of(client).streams if s.state.name != "RETIRING")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_watch_of_many_keysets_gets_every_create_answered(client):
+    # The gateway used to drop the create requests it had not read when its first answer
+    # went out (Go's server discards the rest of a body under 256 KiB): 300 key sets on
+    # one unshared stream never became ready.
+    keys = [b"many/%d" % i for i in range(300)]
+    seen = []
+    d = client.watch(keys, seen.append)
+    await d.watcher.ready
+    await client.set(keys[-1], b"v")
+    await wait_until(lambda: [e.kv.key for e in seen] == [keys[-1]])
+    d.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_shared_watches_use_at_most_eight_connections(etcd, client):
+    from coord._watchhub import MAX_CONNECTIONS
+
+    seen = {}
+    watches = []
+    for i in range(400):
+        key = b"shared/%d" % i
+        seen[key] = []
+        watches.append(client.watch(key, seen[key].append, shared=True))
+        if i % 40 == 0:
+            await sleep(0)  # adds spread over reactor turns: fresh streams, then merges
+            assert len(sockets_to(etcd.url)) <= MAX_CONNECTIONS + 1  # + the call's own
+    for d in watches:
+        await d.watcher.ready
+    assert len(hub_of(client).streams) <= MAX_CONNECTIONS
+    assert sum(stream_sizes(client)) == 400
+    for i in range(0, 400, 7):
+        await client.set(b"shared/%d" % i, b"v%d" % i)
+    await wait_until(lambda: sum(map(len, seen.values())) == len(range(0, 400, 7)))
+    await sleep(0.2)
+    for key, events in seen.items():
+        i = int(key.rsplit(b"/", 1)[1])
+        assert [e.kv.value for e in events] == ([b"v%d" % i] if i % 7 == 0 else []), key
+    assert len(sockets_to(etcd.url)) <= MAX_CONNECTIONS + 1
+    for d in watches:
+        d.cancel()
+        await d
+    await wait_until(lambda: not hub_of(client).streams)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shared_watch_keeps_the_watcher_contract(client):
+    first = await client.set(b"c/k", b"1")
+    d_old = client.watch(b"c/k", [].append, shared=True, start_revision=first.revision)
+    seen = []
+    d = client.watch(b"c/k", seen.append, shared=True)
+    assert d.watcher.ready is not d.watcher.ready  # a new Deferred per access
+    await d.watcher.ready
+    now = (await client.get(b"c/k")).header.revision
+    assert d.watcher.revisions == [now + 1]  # delivers from creation revision + 1
+    await d_old.watcher.ready
+    assert d_old.watcher.revisions[0] >= first.revision
+    await client.set(b"c/k", b"2")
+    await wait_until(lambda: [e.kv.value for e in seen] == [b"2"])
+    d.cancel()
+    assert await d is None
+    await client.set(b"c/k", b"3")
+    await sleep(0.1)
+    assert [e.kv.value for e in seen] == [b"2"]  # nothing after cancel
+    assert not d_old.called  # its stream-mate goes on
+    d_old.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_compacted_start_ends_only_that_shared_watch(client, one_fresh_stream):
+    for i in range(5):
+        await client.set(b"cmp/k", b"%d" % i)
+    rev = (await client.set(b"cmp/k", b"last")).revision
+    await client.compact(rev)
+    good = []
+    d_good = client.watch(b"cmp/k", good.append, shared=True)
+    d_bad = client.watch(b"cmp/k", lambda e: None, start_revision=rev - 3, shared=True)
+    with pytest.raises(Compacted) as info:
+        await d_bad
+    assert info.value.compact_revision == rev
+    await d_good.watcher.ready
+    assert d_good.watcher._members[0].stream is d_bad.watcher._members[0].stream  # mates
+    await client.set(b"cmp/k", b"after")
+    await wait_until(lambda: [e.kv.value for e in good] == [b"after"])
+    assert not d_good.called
+    d_good.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelled_shared_watches_close_their_stream_when_all_are_dead(
+        etcd, client, one_fresh_stream):
+    await client.set(b"cx/warm", b"")  # the calls' own connection is open
+    before = len(sockets_to(etcd.url))
+    seen_a, seen_b = [], []
+    d_a = client.watch(b"cx/a", seen_a.append, shared=True)
+    d_b = client.watch(b"cx/b", seen_b.append, shared=True)
+    await d_a.watcher.ready
+    await d_b.watcher.ready
+    assert stream_sizes(client) == [2]
+    d_a.cancel()
+    await client.set(b"cx/a", b"1")
+    await client.set(b"cx/b", b"1")
+    await wait_until(lambda: len(seen_b) == 1)
+    assert seen_a == []  # dropped locally at once; the stream goes on for b
+    await wait_until(lambda: len(hub_of(client).streams) == 1)  # the replaced one closed
+    d_b.cancel()
+    await wait_until(lambda: not hub_of(client).streams)
+    await wait_until(lambda: len(sockets_to(etcd.url)) <= before)
+
+
+@pytest_twisted.ensureDeferred
+async def test_shared_watches_merged_under_writes_deliver_exactly_once(pool_client):
+    # One watch per fresh stream until the fresh ones are used up; then, with writes
+    # going on under p/, more watches force replacements that re-create the p/ watch on a
+    # new stream while the old one still delivers: no event twice, none lost.
+    client = pool_client
+    start = (await client.set(b"start", b"")).revision
+    seen = []
+    d = client.watch(KeySet(b"p/", prefix=True), seen.append, start_revision=start + 1,
+                     shared=True)
+    await d.watcher.ready
+    first_stream = d.watcher._members[0].stream  # (looks inside: the p/ watch must move)
+    others = []
+    for i in range(6):
+        others.append(client.watch(b"o/%d" % i, lambda e: None, shared=True))
+        await others[-1].watcher.ready
+    writing = defer.ensureDeferred(_writer(client, b"p/", 600))
+    for batch in range(12):
+        for j in range(5 * batch + 1):
+            others.append(client.watch(b"m/%d/%d" % (batch, j), lambda e: None, shared=True))
+        await sleep(0.03)
+    await writing
+    for o in others:
+        await o.watcher.ready
+    assert hub_of(client).merges >= 1
+    assert d.watcher._members[0].stream is not first_stream
+    end = (await client.set(b"p/end", b"")).revision
+    truth = await _ground_truth(client, b"p/", start + 1, end)
+    await wait_until(lambda: seen and seen[-1].revision >= end, timeout=30)
+    _check_exactly_once(seen, truth)
+    d.cancel()
+    for o in others:
+        o.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_shared_watches_exactly_once_across_a_restart(etcd_factory, new_client):
+    server = etcd_factory()
+    writer = new_client(server.url, timeout=5)
+    watcher = new_client(server.url)
+    start = (await writer.set(b"start", b"")).revision
+    seen = {n: [] for n in range(3)}
+    ds = [watcher.watch(KeySet(b"p/%d/" % n, prefix=True), seen[n].append,
+                        start_revision=start + 1, shared=True) for n in range(3)]
+    for d in ds:
+        await d.watcher.ready
+    reactor.callLater(0.5, server.restart)
+    for n in range(3):
+        await _writer(writer, b"p/%d/" % n, 400)
+    ends = [(await writer.set(b"p/%d/end" % n, b"")).revision for n in range(3)]
+    for n in range(3):
+        truth = await _ground_truth(writer, b"p/%d/" % n, start + 1, ends[n])
+        await wait_until(lambda n=n: seen[n] and seen[n][-1].revision >= ends[n], timeout=30)
+        _check_exactly_once(seen[n], truth)
+    assert all(d.watcher.reconnects >= 1 for d in ds)
+    for d in ds:
+        d.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_shared_watches_move_off_a_hung_member(etcd_cluster, new_client):
+    watcher = new_client(etcd_cluster.urls)
+    seen = {n: [] for n in range(5)}
+    ds = [watcher.watch(b"h/%d" % n, seen[n].append, idle_timeout=1.0, shared=True)
+          for n in range(5)]
+    for d in ds:
+        await d.watcher.ready
+    (url,) = {s.stream.endpoint.url for s in hub_of(watcher).streams}  # the preferred one
+    member = next(m for m in etcd_cluster.members if m.url == url)
+    member.pause()
+    try:
+        others = [m.url for m in etcd_cluster.members if m is not member]
+        other_writer = new_client(others, timeout=5)
+        for n in range(5):
+            for _ in range(50):
+                try:
+                    await other_writer.set(b"h/%d" % n, b"after-pause")
+                    break
+                except (Unavailable, Timeout):
+                    await sleep(0.2)
+        await wait_until(lambda: all(len(seen[n]) == 1 for n in range(5)), timeout=20)
+        assert all(d.watcher.reconnects >= 1 for d in ds)
+    finally:
+        member.resume()
+        for d in ds:
+            d.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_close_ends_its_shared_watches(etcd, new_client):
+    client = new_client(etcd.url)
+    ds = [client.watch(b"z/%d" % i, lambda e: None, shared=True) for i in range(3)]
+    await ds[0].watcher.ready
+    late = client.watch(b"z/late", lambda e: None, shared=True)  # still pending
+    await client.close()
+    for d in [*ds, late]:
+        assert await d is None
+    assert not hub_of(client).streams
+    await wait_until(lambda: not sockets_to(etcd.url), timeout=2)
+    after = client.watch(b"z/after", lambda e: None, shared=True)
+    assert await after is None
+
+
+# -- the hub's decisions (sans-IO: WatchHub.plan on stand-in streams) ---------------------------
+
+
+class _Stand:
+    """A stand-in for a shared stream: what WatchHub.plan reads."""
+
+    def __init__(self, alive, state="LIVE", dead=0, victims=()):
+        from coord._watchhub import StreamState
+
+        self.alive, self.dead = alive, dead
+        self.state = StreamState[state]
+        self.victims = list(victims)
+
+    def __repr__(self):
+        return f"<{self.state.name} {self.alive}>"
+
+
+def _hub(streams, pending):
+    from coord._watchhub import WatchHub
+
+    hub = WatchHub(reactor, None, lambda: False)
+    hub.streams = [_Stand(*s) if isinstance(s, tuple) else _Stand(s) for s in streams]
+    hub.pending = [object()] * pending
+    return hub
+
+
+@pytest.mark.parametrize(("streams", "pending", "kind", "victims"), [
+    ([], 0, None, []),                                   # nothing to do
+    ([], 1, "open", []),                                 # first watch: a stream of its own
+    ([5, 5, 5, 5, 5, 5], 3, "open", []),                 # 6 streams: still fresh
+    ([5, 5, 5, 5, 5, 5, 5], 3, "merge", [5]),            # at 7: merge with the smallest
+    ([1, 1, 1, 9, 9, 9, 9], 1, "merge", [1, 1, 1]),      # ... and the next while no bigger
+    ([100, 9, 9, 9, 9, 9, 9], 3, "merge", [9]),
+    ([(5, "OPENING")] * 7, 3, None, []),                 # nothing live yet: wait for one
+    ([5, 5, 5, 5, 5, 5, 5, (5, "RETIRING")], 3, None, []),   # 8 in use: wait
+    ([5, 5, 5, 5, 5, 5, (5, "OPENING", 0, ["x"])], 3, None, []),  # a replacement in flight
+    ([(10, "LIVE", 64), 5, 5, 5, 5, 5, 5], 0, "merge", [10, 5, 5, 5, 5, 5, 5]),  # dead-heavy
+    ([(10, "LIVE", 64), 50], 0, "merge", [10]),          # rebuilt, small ones absorbed
+    ([(100, "LIVE", 64), 5], 0, None, []),               # dead but not most of it: kept
+    ([400] * 7, 1, "wait", []),                          # few new for a big merge: wait
+    ([400] * 7, 100, "merge", [400]),                    # a quarter: at once
+])
+def test_hub_plan(streams, pending, kind, victims):
+    plan = _hub(streams, pending).plan(0.0)
+    if kind is None:
+        assert plan is None
+        return
+    assert plan[0] == kind
+    assert [v.alive for v in plan[1]] == victims
+
+
+def test_hub_plan_merges_after_the_coalescing_delay():
+    from coord._watchhub import coalesce_delay
+
+    hub = _hub([400] * 7, 1)
+    kind, _, wait = hub.plan(10.0)
+    assert kind == "wait"
+    assert wait == pytest.approx(coalesce_delay(400))
+    assert hub.plan(10.0 + wait / 2)[0] == "wait"  # the same deadline, not a new one
+    assert hub.plan(10.0 + wait)[0] == "merge"
+
+
+@pytest.mark.parametrize(("n", "grace"), [(1, 0.25), (511, 0.25), (512, 0.35), (100_000, 2.0)])
+def test_retire_grace(n, grace):
+    from coord._watchhub import retire_grace
+
+    assert retire_grace(n) == pytest.approx(grace)
+
+
+class _FakeStream:
+    endpoint = None
+
+    def __init__(self, body):
+        self.body, self.cancelled = body, False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def pause_reading(self, paused):
+        pass
+
+
+class _FakeTransport:
+    """A transport that records the shared streams' bodies; the test plays etcd."""
+
+    reached = True
+    endpoints = ()
+    has_credentials = False
+
+    def __init__(self):
+        self.streams = []
+
+    def stream(self, path, body, on_message, on_end, endpoint=None):
+        self.streams.append(_FakeStream(body))
+        return self.streams[-1]
+
+
+class _FakeClient:
+    closed = False
+
+    def __init__(self):
+        from coord._watchhub import WatchHub
+
+        self.watch_hub = WatchHub(reactor, _FakeTransport(), lambda: False)
+
+
+def _shared(client, key, seen, start=None):
+    from coord._watchhub import SharedWatcher
+
+    return SharedWatcher(client, [KeySet(key)], seen.append, start, False, [], None)
+
+
+def _created(watch_id, revision=10):
+    return {"header": {"revision": str(revision)}, "watch_id": str(watch_id), "created": True}
+
+
+def _events(watch_id, *revisions):
+    return {"header": {"revision": str(max(revisions))}, "watch_id": str(watch_id),
+            "events": [{"kv": {"key": _b64(b"k"), "mod_revision": str(r),
+                               "create_revision": "1", "version": "1"}} for r in revisions]}
+
+
+def test_a_shared_watch_cancelled_before_its_creation_leaves_its_stream_working(
+        one_fresh_stream):
+    client = _FakeClient()
+    hub = client.watch_hub
+    seen_a, seen_b = [], []
+    a = _shared(client, b"a", seen_a)  # a stream of its own
+    (first,) = hub.streams
+    first.message(_created(1))
+    b = _shared(client, b"b", seen_b)  # pending: merged with a's stream
+    hub._run()
+    merged = hub.streams[-1]
+    assert [m.keys.key for m in merged.members] == [b"a", b"b"]
+    b.cancel()  # before etcd answered its create
+    merged.message(_created(1))
+    merged.message(_created(2))
+    assert merged.state.name == "LIVE"  # b's answer still counts
+    merged.message(_events(2, 11))
+    assert seen_b == []
+    a.cancel()
+
+
+@pytest.mark.parametrize(("old", "new", "delivered"), [
+    # (events on the replaced stream, then on its replacement): each revision once
+    ([(11,), (12,)], [(11, 12), (13,)], [11, 12, 13]),
+    ([(11, 12, 13)], [(11,), (12, 13, 14)], [11, 12, 13, 14]),
+    ([], [(11,), (12,)], [11, 12]),
+    ([(11,), (12,), (13,)], [(11, 12, 13)], [11, 12, 13]),
+])
+def test_a_replaced_stream_and_its_replacement_deliver_each_event_once(
+        one_fresh_stream, old, new, delivered):
+    client = _FakeClient()
+    hub = client.watch_hub
+    seen = []
+    w = _shared(client, b"k", seen)
+    (first,) = hub.streams
+    first.message(_created(1))  # delivers from 11
+    _shared(client, b"other", [])
+    hub._run()
+    replacement = hub.streams[-1]
+    assert first.state.name == "RETIRING"
+    assert b'"start_revision":"11"' in replacement.stream.body.replace(b" ", b"") or \
+        b'"start_revision":11' in replacement.stream.body.replace(b" ", b"")
+    for revs in old:
+        first.message(_events(1, *revs))
+    replacement.message(_created(1))
+    replacement.message(_created(2))
+    for revs in new:
+        replacement.message(_events(1, *revs))
+    assert [e.kv.mod_revision for e in seen] == delivered
+    assert w.revisions == [delivered[-1] + 1]
+    w.cancel()
+
+
+def test_a_body_of_several_creates_is_padded_past_the_gateways_discard_limit():
+    from coord.watch import watch_body
+
+    assert watch_body([b"{}\n"]) == b"{}\n"
+    padded = watch_body([b"{}\n", b"{}\n"])
+    assert padded.startswith(b"{}\n{}\n") and padded[6:].strip() == b""
+    assert len(padded) - 6 >= 256 * 1024
+
+
+def _b64(data):
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture
+def app_user_server(etcd_factory):
+    """An etcd with auth on: root, and user "app" (password "app-pw") allowed app/ only."""
+    server = etcd_factory()
+    server.post("/v3/auth/user/add", {"name": "root", "password": "root-pw"})
+    server.post("/v3/auth/user/grant", {"user": "root", "role": "root"})
+    server.post("/v3/auth/role/add", {"name": "app"})
+    server.post("/v3/auth/role/grant", {"name": "app", "perm": {
+        "permType": "READWRITE", "key": _b64(b"app/"), "range_end": _b64(b"app0")}})
+    server.post("/v3/auth/user/add", {"name": "app", "password": "app-pw"})
+    server.post("/v3/auth/user/grant", {"user": "app", "role": "app"})
+    server.post("/v3/auth/enable", {})
+    return server
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_key_ends_only_its_shared_watch(app_user_server, new_client,
+                                                         one_fresh_stream):
+    from coord import PermissionDenied
+
+    client = new_client(app_user_server.url, user="app", password="app-pw", timeout=10)
+    seen = []
+    d_ok = client.watch(b"app/x", seen.append, shared=True)
+    d_refused = client.watch(b"other", lambda e: None, shared=True)  # merged with it
+    with pytest.raises(PermissionDenied):
+        await d_refused
+    await d_ok.watcher.ready
+    await client.set(b"app/x", b"v")
+    await wait_until(lambda: [e.kv.value for e in seen] == [b"v"])
+    assert not d_ok.called
+    d_ok.cancel()

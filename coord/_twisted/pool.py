@@ -769,6 +769,11 @@ class HttpTransport:
     def preferred(self) -> Endpoint:
         return self._pools[self._preferred].endpoint
 
+    @property
+    def has_credentials(self) -> bool:
+        """Whether the transport authenticates (a refused token is worth one retry)."""
+        return self._credentials is not None
+
     def extra_headers(self) -> dict[str, str]:
         return {"Authorization": self._token} if self._token else {}
 
@@ -1232,6 +1237,14 @@ class _Stream:
                 obj = body
             exc = errors.from_gateway(obj, self.status)
         self.on_end(exc)
+
+    def pause_reading(self, paused: bool) -> None:
+        """Stop (or go on) reading from the connection: TCP pushes back to the server.
+        Before the connection is made this does nothing (the caller applies it again
+        on the first message)."""
+        transport = self.conn.transport if self.conn is not None else None
+        if transport is not None:
+            (transport.pauseProducing if paused else transport.resumeProducing)()
 
     def cancel(self) -> None:
         """Stop the stream now: close its connection; no more callbacks."""

@@ -77,6 +77,11 @@ class TreqTransport:
         """The endpoint the next call goes to first."""
         return self.endpoints[self._preferred]
 
+    @property
+    def has_credentials(self) -> bool:
+        """Whether the transport authenticates (a refused token is worth one retry)."""
+        return self._credentials is not None
+
     def _headers(self) -> Headers:
         headers = Headers({b"Content-Type": [b"application/json"]})
         if self._token:
@@ -492,6 +497,10 @@ class _TreqStream:
         if not self.finished:
             self._forget()
             self.on_end(exc)
+
+    def pause_reading(self, paused: bool) -> None:
+        """Does nothing: treq delivers a body through the Agent's protocol, which offers
+        no way to stop reading (a watch through treq is not paused)."""
 
     def cancel(self) -> None:
         if not self.finished:

@@ -357,7 +357,10 @@ class Mirror(Generic[T]):
                 # (one watch response): apply them together once it ends.
                 self._flush_call = self._reactor.callLater(0, self._flush)
 
-        # The one watch of the mirror.
+        # The one watch of the mirror.  On a stream of its own, not the client's shared
+        # ones: a process has a mirror per prefix (a few), not thousands, and a prefix's
+        # events can be many -- sharing would let one slow consumer hold up the streams
+        # of every lock's `lost` (the hub delivers a stream's responses in order).
         watch = self.client.watch(self.keys, on_event, start_revision=self.state.revision + 1)
         self.watch = watch
         watch.watcher.ready.addCallbacks(self._watch_ready, lambda _: None)

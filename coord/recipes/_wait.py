@@ -46,8 +46,10 @@ class KeyGone(Exception):
 
 def watch(client: Client, keys: Any, on_change: Any, start_revision: int | None = None,
           filters: list[str] | None = None) -> Any:
-    """The recipes' one way to watch: ``client.watch`` on the client's shared streams."""
-    return client.watch(keys, on_change, start_revision=start_revision, filters=filters)
+    """The recipes' one way to watch: ``client.watch`` on the client's shared streams
+    (a process holding thousands of locks keeps a few connections)."""
+    return client.watch(keys, on_change, start_revision=start_revision, filters=filters,
+                        shared=True)
 
 
 async def wait_fewer(client: Client, prefix: bytes, max_create_revision: int, permits: int,
