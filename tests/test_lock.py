@@ -2402,6 +2402,7 @@ def _late_txn_proxy(etcd_url, delay):
 
     class Late(protocol.Protocol):
         def connectionMade(self):
+            self.factory.owner.conns.append(self)
             self.transport.write(self.factory.request)
             self.factory.owner.delivered = True
             # stay connected a while: the request is served, not cancelled
@@ -2410,6 +2411,10 @@ def _late_txn_proxy(etcd_url, delay):
 
     class Server(portforward.ProxyServer):
         held = False
+
+        def connectionMade(self):
+            self.factory.conns.append(self)
+            super().connectionMade()
 
         def dataReceived(self, data):
             if self.held:
@@ -2429,7 +2434,7 @@ def _late_txn_proxy(etcd_url, delay):
 
     factory = portforward.ProxyFactory(host, port)
     factory.protocol = Server
-    factory.pending, factory.delivered, factory.timers = True, False, []
+    factory.pending, factory.delivered, factory.timers, factory.conns = True, False, [], []
     listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
     return factory, listening
 
@@ -2469,3 +2474,9 @@ async def test_a_take_whose_write_reaches_etcd_after_its_removal_leaves_no_key(e
             await session.close()
         await client.close()
         await listening.stopListening()
+        for conn in factory.conns:  # the proxy's own connections to etcd, too
+            conn.transport.abortConnection()
+            peer = getattr(conn, "peer", None)
+            if peer is not None and peer.transport is not None:
+                peer.transport.abortConnection()
+        await sleep(0.05)
