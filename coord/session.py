@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from coord.client import Client
     from coord.lease import Lease
 
-__all__ = ["Session", "SessionLost", "SessionState"]
+__all__ = ["Session", "SessionState"]
 
 log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
 

@@ -24,6 +24,7 @@ from twisted.internet import defer, reactor
 from coord import (
     Client,
     ConfigDecodeError,
+    ConfigStopped,
     Failed,
     InvalidArgument,
     KeySet,
@@ -35,7 +36,7 @@ from coord import (
     Transaction,
     Unavailable,
 )
-from coord.recipes import ConfigChange, ConfigSnapshot, ConfigState, ConfigStopped, ConfigWatcher
+from coord.recipes import ConfigChange, ConfigSnapshot, ConfigState, ConfigWatcher
 
 P = b"cfg/"
 

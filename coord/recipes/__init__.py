@@ -1,6 +1,9 @@
 """Coordination recipes built on the client: small compositions of a session's lease, a
 transaction on create revisions, and a watch started at a known revision.
 
+Their errors (LockLost, LeadershipLost, SessionLost, ConfigStopped...) are in
+:mod:`coord.errors`, and importable from :mod:`coord`.
+
 Sessions: :class:`Session` (one kept-alive lease the recipes share), :class:`SessionState`.
 Locks (Go-compatible layout, fencing tokens): :class:`Lock`, :class:`RWLock`,
 :class:`Semaphore`, and :func:`acquire_lock` (a lock with a session of its own).
@@ -13,7 +16,6 @@ from coord.recipes.config import (
     ConfigChange,
     ConfigSnapshot,
     ConfigState,
-    ConfigStopped,
     ConfigWatcher,
 )
 from coord.recipes.election import (
@@ -25,7 +27,6 @@ from coord.recipes.election import (
 )
 from coord.recipes.lock import (
     Lock,
-    LockLost,
     LockState,
     ReadLock,
     RWLock,
@@ -39,13 +40,11 @@ __all__ = [
     "ConfigChange",
     "ConfigSnapshot",
     "ConfigState",
-    "ConfigStopped",
     "ConfigWatcher",
     "Election",
     "ElectionState",
     "Leader",
     "Lock",
-    "LockLost",
     "LockState",
     "Observation",
     "RWLock",

@@ -14,12 +14,14 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from coord import _checks
+from coord._sentinel import DEFAULT
 from coord._twisted import detached, relay
 from coord.errors import InvalidArgument, Timeout
 from coord.keyset import as_bytes
 
 __all__ = [
     "CLEANUP_GRACE",
+    "DEFAULT",
     "Shared",
     "bounded",
     "callback",

@@ -31,11 +31,9 @@ import txaio
 from twisted.internet import defer
 
 from coord import errors
-from coord._checks import positive_int
-from coord._sentinel import DEFAULT
 from coord.errors import ConfigDecodeError, ConfigStopped
 from coord.keyset import KeySet, as_bytes
-from coord.recipes._loop import check_timeout, with_timeout
+from coord.recipes._loop import DEFAULT, check_timeout, positive_int, with_timeout
 from coord.recipes._mirror import PAGE_SIZE, Mirror, MirrorPhase, invoke
 from coord.recipes._mirror_state import Change
 from coord.txn import CompModified, OpDel, OpSet, Transaction
@@ -50,7 +48,6 @@ __all__ = [
     "ConfigChange",
     "ConfigSnapshot",
     "ConfigState",
-    "ConfigStopped",
     "ConfigWatcher",
 ]
 
