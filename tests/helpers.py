@@ -199,3 +199,40 @@ def sockets_of(transport):
         if pool is not None and pool.transport is transport:
             found.append(s)
     return found
+
+
+# -- sessions whose lease check cannot reach etcd (the recipe core's tests) ------------
+
+
+async def session_checked_through(client, hung_client, ttl=30):
+    """A Session on ``client`` whose lease is refreshed and checked (``remaining()``)
+    through ``hung_client``, which never answers: the core's lease check, when our key
+    goes, cannot reach etcd (the keys, watches and transactions still can)."""
+    from coord.lease import Lease
+
+    granted = await client.lease(ttl)
+    lease = Lease(hung_client, granted.lease_id, granted.ttl)
+    from coord.session import Session
+
+    return Session(client, lease, client.reactor.seconds())
+
+
+async def end_checked_session(client, session):
+    """Close a session of :func:`session_checked_through`: orphan it (its own lease
+    handle cannot reach etcd) and revoke the lease through ``client``."""
+    from coord.errors import LeaseNotFound
+    from coord.lease import Lease
+
+    await session.close(orphan=True)
+    try:
+        await Lease(client, session.lease_id).revoke()
+    except LeaseNotFound:
+        pass
+
+
+def hung_gateway(listen, new_client):
+    """A gateway that accepts every request and answers none; a Client on it."""
+    from coord.testing import Scripted
+
+    gateway = Scripted(["hold"])
+    return gateway, new_client(listen(gateway), timeout=10)

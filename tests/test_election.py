@@ -24,10 +24,13 @@ from helpers import (
     count_is,
     defer_to_exit,
     deferred_readline,
+    end_checked_session,
     example,
     finish,
+    hung_gateway,
     keys_under,
     lease_ids,
+    session_checked_through,
     settle,
     sleep,
     spawn,
@@ -1801,33 +1804,6 @@ async def test_candidate_whose_key_is_deleted_is_told_at_once(pool_client, sessi
 # -- the owned-key core: races and loss reasons ------------------------------------------------
 
 
-async def _session_checked_through(client, hung_client, ttl=30):
-    """A Session on ``client`` whose lease is refreshed and checked (``remaining()``)
-    through ``hung_client``, which never answers: the core's lease check, when our key
-    goes, cannot reach etcd (the keys, watches and transactions still can)."""
-    granted = await client.lease(ttl)
-    return Session(client, Lease(hung_client, granted.lease_id, granted.ttl),
-                   reactor.seconds())
-
-
-async def _end_checked_session(client, session):
-    from coord.errors import LeaseNotFound
-
-    await session.close(orphan=True)
-    try:
-        await Lease(client, session.lease_id).revoke()
-    except LeaseNotFound:
-        pass
-
-
-def _hung_gateway(listen, new_client):
-    """A gateway that accepts every request and answers none; a Client on it."""
-    from coord.testing import Scripted
-
-    gateway = Scripted(["hold"])
-    return gateway, new_client(listen(gateway), timeout=10)
-
-
 @pytest_twisted.ensureDeferred
 async def test_leader_key_deleted_while_the_lease_check_hangs_is_leadership_lost_in_time(
         client, new_client, listen):
@@ -1836,8 +1812,8 @@ async def test_leader_key_deleted_while_the_lease_check_hangs_is_leadership_lost
     session lives on; proclaim says NotLeader.  Through each transport."""
     from coord.recipes import _core
 
-    gateway, hung = _hung_gateway(listen, new_client)
-    session = await _session_checked_through(client, hung)
+    gateway, hung = hung_gateway(listen, new_client)
+    session = await session_checked_through(client, hung)
     try:
         election = Election(session, b"ehung")
         await election.campaign(b"v")
@@ -1857,14 +1833,14 @@ async def test_leader_key_deleted_while_the_lease_check_hangs_is_leadership_lost
         assert election.state is ElectionState.IDLE
     finally:
         gateway.drop_held()
-        await _end_checked_session(client, session)
+        await end_checked_session(client, session)
 
 
 @pytest_twisted.ensureDeferred
 async def test_resign_during_the_lease_check_returns_at_once_and_lost_never_fires(
         pool_client, new_client, listen):
-    gateway, hung = _hung_gateway(listen, new_client)
-    session = await _session_checked_through(pool_client, hung)
+    gateway, hung = hung_gateway(listen, new_client)
+    session = await session_checked_through(pool_client, hung)
     try:
         election = Election(session, b"eres")
         await election.campaign(b"v")
@@ -1886,7 +1862,7 @@ async def test_resign_during_the_lease_check_returns_at_once_and_lost_never_fire
         assert await keys_under(pool_client, b"eres/") == []
     finally:
         gateway.drop_held()
-        await _end_checked_session(pool_client, session)
+        await end_checked_session(pool_client, session)
 
 
 @pytest_twisted.ensureDeferred

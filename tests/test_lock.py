@@ -20,9 +20,12 @@ from helpers import (
     count_is,
     defer_to_exit,
     deferred_readline,
+    end_checked_session,
     finish,
+    hung_gateway,
     keys_under,
     lease_ids,
+    session_checked_through,
     settle,
     sleep,
     spawn,
@@ -1739,38 +1742,6 @@ async def test_nested_names_block_one_way_as_in_go(pool_client, sessions):
 # -- the owned-key core: races and loss reasons ------------------------------------------------
 
 
-async def _session_checked_through(client, hung_client, ttl=30):
-    """A Session on ``client`` whose lease is refreshed and checked (``remaining()``)
-    through ``hung_client``, which never answers: the core's lease check, when our key
-    goes, cannot reach etcd (the keys, watches and transactions still can)."""
-    from coord.lease import Lease
-
-    granted = await client.lease(ttl)
-    lease = Lease(hung_client, granted.lease_id, granted.ttl)
-    return Session(client, lease, reactor.seconds())
-
-
-async def _end_checked_session(client, session):
-    """Close a session of :func:`_session_checked_through`: orphan it (its own lease
-    handle cannot reach etcd) and revoke the lease through ``client``."""
-    from coord.errors import LeaseNotFound
-    from coord.lease import Lease
-
-    await session.close(orphan=True)
-    try:
-        await Lease(client, session.lease_id).revoke()
-    except LeaseNotFound:
-        pass
-
-
-def _hung_gateway(listen, new_client):
-    """A gateway that accepts every request and answers none; a Client on it."""
-    from coord.testing import Scripted
-
-    gateway = Scripted(["hold"])
-    return gateway, new_client(listen(gateway), timeout=10)
-
-
 @pytest_twisted.ensureDeferred
 async def test_held_key_deleted_while_the_lease_check_hangs_is_lock_lost_within_its_timeout(
         client, new_client, listen):
@@ -1779,8 +1750,8 @@ async def test_held_key_deleted_while_the_lease_check_hangs_is_lock_lost_within_
     SessionLost); the session is not ended by it.  Through each transport."""
     from coord.recipes import _core
 
-    gateway, hung = _hung_gateway(listen, new_client)
-    session = await _session_checked_through(client, hung)
+    gateway, hung = hung_gateway(listen, new_client)
+    session = await session_checked_through(client, hung)
     try:
         lock = Lock(session, b"hungcheck")
         await lock.acquire()
@@ -1802,7 +1773,7 @@ async def test_held_key_deleted_while_the_lease_check_hangs_is_lock_lost_within_
         assert await keys_under(client, b"hungcheck/") == []
     finally:
         gateway.drop_held()
-        await _end_checked_session(client, session)
+        await end_checked_session(client, session)
 
 
 @pytest_twisted.ensureDeferred
@@ -1811,8 +1782,8 @@ async def test_release_during_the_lease_check_returns_at_once_and_lost_never_fir
     """release() while the core still asks etcd why our key went: the release wins (it
     does not wait for the check), `lost` never fires, and a new acquire is not disturbed
     by the check's late answer."""
-    gateway, hung = _hung_gateway(listen, new_client)
-    session = await _session_checked_through(pool_client, hung)
+    gateway, hung = hung_gateway(listen, new_client)
+    session = await session_checked_through(pool_client, hung)
     try:
         lock = Lock(session, b"relcheck")
         await lock.acquire()
@@ -1834,7 +1805,7 @@ async def test_release_during_the_lease_check_returns_at_once_and_lost_never_fir
         assert await keys_under(pool_client, b"relcheck/") == []
     finally:
         gateway.drop_held()
-        await _end_checked_session(pool_client, session)
+        await end_checked_session(pool_client, session)
 
 
 @pytest_twisted.ensureDeferred
@@ -1843,10 +1814,10 @@ async def test_cancel_and_timeout_during_a_waiters_lease_check_leave_nothing(
     """A waiter's key is deleted; while the core asks (in vain) whether the lease lives,
     the acquire is cancelled (one waiter) or times out (another): each ends promptly,
     typed, with nothing left behind and the holder untouched."""
-    gateway, hung = _hung_gateway(listen, new_client)
+    gateway, hung = hung_gateway(listen, new_client)
     holder_session = await Session.create(pool_client, ttl=5)
-    a = await _session_checked_through(pool_client, hung)
-    b = await _session_checked_through(pool_client, hung)
+    a = await session_checked_through(pool_client, hung)
+    b = await session_checked_through(pool_client, hung)
     try:
         holder = Lock(holder_session, b"wcheck")
         await holder.acquire()
@@ -1875,8 +1846,8 @@ async def test_cancel_and_timeout_during_a_waiters_lease_check_leave_nothing(
         await wa.release()
     finally:
         gateway.drop_held()
-        await _end_checked_session(pool_client, a)
-        await _end_checked_session(pool_client, b)
+        await end_checked_session(pool_client, a)
+        await end_checked_session(pool_client, b)
         await holder_session.close()
 
 
