@@ -9,6 +9,7 @@ txaio.use_twisted()
 
 from coord.client import Client  # noqa: E402
 from coord.errors import (  # noqa: E402
+    ClaimLost,
     Compacted,
     ConfigDecodeError,
     ConfigStopped,
@@ -22,7 +23,9 @@ from coord.errors import (  # noqa: E402
     LeaseNotFound,
     LockLost,
     MalformedAnswer,
+    MembershipLost,
     NoLeader,
+    NotACounter,
     NotLeader,
     OutcomeUnknown,
     PermissionDenied,
@@ -30,6 +33,7 @@ from coord.errors import (  # noqa: E402
     SessionLost,
     Timeout,
     TooManyOperations,
+    TooManyParticipants,
     Unauthenticated,
     Unavailable,
     WriteTimeout,
@@ -67,6 +71,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "Alarm",
     "AlarmType",
+    "ClaimLost",
     "Client",
     "CompCreated",
     "CompLease",
@@ -94,7 +99,9 @@ __all__ = [
     "LockLost",
     "MalformedAnswer",
     "Member",
+    "MembershipLost",
     "NoLeader",
+    "NotACounter",
     "NotLeader",
     "OpDel",
     "OpGet",
@@ -108,6 +115,7 @@ __all__ = [
     "Status",
     "Timeout",
     "TooManyOperations",
+    "TooManyParticipants",
     "Transaction",
     "TransactionResult",
     "Unauthenticated",

@@ -293,6 +293,33 @@ class ConfigDecodeError(CoordError, ValueError):
         self.cause = cause
 
 
+class NotACounter(CoordError, ValueError):
+    """A Counter's key holds something that is not a decimal integer in int64 range.
+
+    Attributes:
+        key: the counter's key.  value: what it holds.
+    """
+
+    def __init__(self, key: bytes, value: bytes) -> None:
+        super().__init__(f"{key!r} holds {value[:40]!r}, not a decimal int64: not a counter")
+        self.key = key
+        self.value = value
+
+
+class TooManyParticipants(CoordError):
+    """A DoubleBarrier already has its ``count`` participants (Go's ErrTooManyClients)."""
+
+
+class ClaimLost(CoordError):
+    """A queue item's claim is not (or no longer) ours: the consumer's session ended or
+    the claim was deleted, so the item went back to the queue (another consumer may take
+    it); ``ack()`` was refused."""
+
+
+class MembershipLost(CoordError):
+    """A group member's key is gone: deleted by someone else, or its session ended."""
+
+
 # etcd's exact messages (api/v3rpc/rpctypes/error.go), mapped to the class that carries them.
 _BY_MESSAGE: dict[str, type[EtcdError]] = {
     "etcdserver: mvcc: required revision has been compacted": Compacted,
