@@ -320,6 +320,11 @@ class MembershipLost(CoordError):
     """A group member's key is gone: deleted by someone else, or its session ended."""
 
 
+class ParticipantLost(CoordError):
+    """A DoubleBarrier participant's waiter key was deleted by someone else (not by the
+    end of its session's lease, which is SessionLost) while it entered or was in."""
+
+
 # etcd's exact messages (api/v3rpc/rpctypes/error.go), mapped to the class that carries them.
 _BY_MESSAGE: dict[str, type[EtcdError]] = {
     "etcdserver: mvcc: required revision has been compacted": Compacted,

@@ -8,10 +8,14 @@ Sessions: :class:`Session` (one kept-alive lease the recipes share), :class:`Ses
 Locks (Go-compatible layout, fencing tokens): :class:`Lock`, :class:`RWLock`,
 :class:`Semaphore`, and :func:`acquire_lock` (a lock with a session of its own).
 
+Barriers (Go-compatible layout): :class:`Barrier` (hold / release / wait) and
+:class:`DoubleBarrier` (``count`` participants enter and leave together).
+
 Config: :class:`ConfigWatcher`, a consistent live view of a config prefix.
 Leader election (Go-compatible, ``etcdctl elect``): :class:`Election`, :func:`run_as_leader`.
 """
 
+from coord.recipes.barrier import Barrier, DoubleBarrier, DoubleBarrierState
 from coord.recipes.config import (
     ConfigChange,
     ConfigSnapshot,
@@ -37,10 +41,13 @@ from coord.recipes.lock import (
 from coord.session import Session, SessionState
 
 __all__ = [
+    "Barrier",
     "ConfigChange",
     "ConfigSnapshot",
     "ConfigState",
     "ConfigWatcher",
+    "DoubleBarrier",
+    "DoubleBarrierState",
     "Election",
     "ElectionState",
     "Leader",
