@@ -127,15 +127,25 @@ async def _watch_once(client: Client, keys: list[KeySet], read_revision: int,
                       test: Callable[[Event], bool], read: Read,
                       filters: list[str] | None) -> int:
     done: defer.Deferred[int] = defer.Deferred()
+    tests = [test]  # the first read's test, and the re-read's (see `created`)
+    seen: list[Event] = []  # events before the re-read's answer, to replay into its test
+    recording = True
+
+    def apply(check: Callable[[Event], bool], event: Event) -> None:
+        try:
+            if check(event) and not done.called:
+                done.callback(event.revision)
+        except Exception as exc:
+            if not done.called:
+                done.errback(exc)
 
     def on_change(event: Event) -> None:
         if done.called:
             return
-        try:
-            if test(event):
-                done.callback(event.revision)
-        except Exception as exc:
-            done.errback(exc)
+        if recording:
+            seen.append(event)
+        for check in list(tests):
+            apply(check, event)
 
     def ended(result: Any) -> None:
         if done.called:
@@ -155,13 +165,28 @@ async def _watch_once(client: Client, keys: list[KeySet], read_revision: int,
     check: defer.Deferred[Any] | None = None
 
     def created(_: Any) -> None:
-        nonlocal check
+        nonlocal check, recording
         if done.called or watcher.revisions[0] - 1 <= read_revision:
+            recording = False
+            seen.clear()
             return  # the watch covers everything after our read
 
         def reread(found: tuple[int, Any]) -> None:
-            if not done.called and found[1] is None:
-                done.callback(found[0])
+            nonlocal recording
+            revision, again = found
+            recording = False
+            if done.called:
+                return
+            if again is None:
+                done.callback(revision)
+                return
+            # What the re-read saw includes every event up to its revision; the later
+            # ones the watch delivered meanwhile are replayed into its test.
+            for event in seen:
+                if event.revision > revision:
+                    apply(again, event)
+            seen.clear()
+            tests.append(again)
 
         def failed(f: Failure) -> None:
             if not done.called and not f.check(defer.CancelledError):
