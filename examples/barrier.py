@@ -40,5 +40,5 @@ def main(reactor):
 
 
 if __name__ == '__main__':
-    txaio.start_logging(level='warn')
+    txaio.start_logging(level='info')
     react(main)
