@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -194,3 +195,12 @@ def test_scale_round(etcd):
                "--modes", "unshared", "--nofile", "1024", "--json")
     (refused,) = json.loads(proc.stdout)
     assert "soft limit" in refused["error"] and "1024" in refused["error"], refused
+
+
+def test_barrier_benchmark_prints_figures(etcd):
+    out = run(str(ROOT / "benchmarks" / "barrier.py"), "--url", etcd.url, "--rounds", "1",
+              "--waiters", "2", "--parties", "2").stdout
+    assert re.search(r"Barrier.wait, 2 waiter processes +p50 +[\d.]+ ms +p99 +[\d.]+ ms", out), out
+    assert re.search(r"reference: bare client.watch, 2 processes +p50 +[\d.]+ ms", out), out
+    assert re.search(r"ratio recipe/reference: p50 [\d.]+", out), out
+    assert re.search(r"DoubleBarrier.enter, 2 processes +p50 +[\d.]+ ms", out), out
