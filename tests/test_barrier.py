@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import signal
+import subprocess
 import textwrap
 import time
 
@@ -40,6 +41,7 @@ from coord import (
     TooManyParticipants,
 )
 from coord.recipes import Barrier, DoubleBarrier, DoubleBarrierState
+from coord.server import find_etcdctl
 from coord.testing import answer, raw
 
 # -- Barrier ------------------------------------------------------------------------------
@@ -214,19 +216,21 @@ async def test_a_release_while_disconnected_is_seen_and_a_killed_etcd_is_no_rele
         d = Barrier(far, b"down").wait(timeout=30)
         await sleep(0.3)
         server.kill()  # etcd crashes while the waiter waits
+        late = Barrier(far, b"down").wait(timeout=30)  # its reads fail: it reads again
         await sleep(1.0)
-        assert not d.called
+        assert not d.called and not late.called
         await defer_to_thread(server.restart)
         await wait_until(lambda: near.get(b"x").addCallbacks(lambda _: True,
                                                              lambda _: False), timeout=20)
         await sleep(0.5)
-        assert not d.called  # still held after the restart
+        assert not d.called and not late.called  # still held after the restart
         await proxy.cut()
         await barrier.release()  # while the waiter is away
         await sleep(0.3)
         assert not d.called
         proxy.restore()
         await d  # the watch resumed and delivered the DELETE
+        await late
     finally:
         await far.close()
         await proxy.close()
@@ -237,6 +241,26 @@ def defer_to_thread(fn):
     from twisted.internet.threads import deferToThread
 
     return deferToThread(fn)
+
+
+def etcdctl(url, *args):
+    return subprocess.run([find_etcdctl(), "--endpoints", url, *args], check=True,
+                          capture_output=True, text=True, timeout=30).stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_etcdctl_holds_and_releases_a_barrier(etcd, pool_client):
+    """The key is the name itself (Go's layout): etcdctl put / del hold and release it."""
+    await defer_to_thread(lambda: etcdctl(etcd.url, "put", "ctl/gate", ""))
+    assert await Barrier(pool_client, b"ctl/gate").hold() is False  # held already
+    d = Barrier(pool_client, b"ctl/gate").wait(timeout=10)
+    await sleep(0.2)
+    assert not d.called
+    await defer_to_thread(lambda: etcdctl(etcd.url, "del", "ctl/gate"))
+    await d
+    await Barrier(pool_client, b"ctl/gate").hold()
+    out = await defer_to_thread(lambda: etcdctl(etcd.url, "get", "ctl/gate", "-w", "json"))
+    assert json.loads(out)["kvs"][0]["key"] == _b64(b"ctl/gate")
 
 
 WAITER = textwrap.dedent("""
@@ -267,7 +291,7 @@ HOLDER = textwrap.dedent("""
 
     async def main(reactor):
         client = Client(reactor, sys.argv[1])
-        session = await Session.create(client, ttl=2) if sys.argv[3] == "lease" else None
+        session = await Session.create(client, ttl=3) if sys.argv[3] == "lease" else None
         barrier = Barrier(client, sys.argv[2], session=session)
         print("held", await barrier.hold(), flush=True)
         await threads.deferToThread(sys.stdin.readline)
@@ -325,7 +349,7 @@ async def test_a_sigkilled_holder_releases_its_waiters_after_its_ttl(etcd, pool_
             out, err = await defer_to_exit(w)
             assert w.returncode == 0, err
             woken = float(out.split()[-1])
-            # the key went with the lease (TTL 2 s), not at once
+            # the key went with the lease (TTL 3 s), not at once
             assert killed_at + 0.5 < woken < killed_at + 10, woken - killed_at
         assert await keys_under(pool_client, b"crash") == []
     finally:
@@ -407,6 +431,23 @@ async def test_enter_timeout_and_cancel_leave_nothing_behind(pool_client, sessio
         await d
     await wait_until(lambda: count_is(pool_client, b"lone/", 0), timeout=2)
     assert await lease_ids(pool_client) == leases  # no lease made or left
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_leave_that_times_out_has_left(pool_client, sessions):
+    """A leave's Timeout: our key is gone all the same; the other's leave does not wait
+    for us, and, the last one, takes ``ready``."""
+    a, b = await sessions(2)
+    ba, bb = DoubleBarrier(a, b"lt", 2), DoubleBarrier(b, b"lt", 2)
+    d = ba.enter(timeout=10)
+    await bb.enter(timeout=10)
+    await d
+    with pytest.raises(Timeout, match="lt"):
+        await ba.leave(timeout=0.3)
+    assert await keys_under(pool_client, b"lt/") == [b"lt/ready", bb.key]
+    await bb.leave(timeout=10)
+    assert await keys_under(pool_client, b"lt/") == []
+    assert ba.state is bb.state is DoubleBarrierState.IDLE
 
 
 @pytest_twisted.ensureDeferred
@@ -507,7 +548,7 @@ PARTICIPANT = textwrap.dedent("""
 
     async def main(reactor):
         client = Client(reactor, sys.argv[1])
-        session = await Session.create(client, ttl=2)
+        session = await Session.create(client, ttl=3)
         barrier = DoubleBarrier(session, b"dbl", int(sys.argv[2]))
         print("entering", time.time(), flush=True)
         await barrier.enter(timeout=30)
@@ -532,7 +573,7 @@ async def _line(proc, word):
 @pytest_twisted.ensureDeferred
 async def test_four_processes_enter_and_leave_one_sigkilled(etcd, pool_client):
     """Four processes enter (each returns only once the fourth called enter); then one is
-    SIGKILLed, the three others leave: their leave returns once its lease ended (TTL 2 s)."""
+    SIGKILLed, the three others leave: their leave returns once its lease ended (TTL 3 s)."""
     procs = []
     try:
         entering = []

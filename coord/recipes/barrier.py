@@ -199,7 +199,10 @@ async def _watch_once(client: Client, keys: list[KeySet], read_revision: int,
     try:
         return await done
     finally:
-        watcher.cancel()
+        # The watch is closed on the next reactor turn: the waiter returns first (closing
+        # a stream is a socket's teardown, not part of the wake-up; events after `done`
+        # are ignored meanwhile).
+        client.reactor.callLater(0, watcher.cancel)
         if check is not None and not check.called:
             check.cancel()
 
