@@ -39,6 +39,7 @@ from coord import (
     SessionLost,
     Timeout,
     TooManyParticipants,
+    Unavailable,
 )
 from coord.recipes import Barrier, DoubleBarrier, DoubleBarrierState
 from coord.server import find_etcdctl
@@ -134,7 +135,20 @@ async def test_hold_with_a_session_goes_with_its_lease(pool_client, sessions):
     await s.close()  # its lease revoked: the barrier is released
     await d
     with pytest.raises(SessionLost):
-        barrier.hold()  # a session that ended: nothing sent
+        await barrier.hold()  # a session that ended: nothing sent
+    assert await keys_under(pool_client, b"leased") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_the_client_is_no_release(etcd, pool_client):
+    other = Client(reactor, etcd.url)
+    await Barrier(pool_client, b"closing").hold()
+    d = Barrier(other, b"closing").wait(timeout=10)
+    await sleep(0.2)
+    await other.close()  # its watch ends as if cancelled, its reads fail
+    with pytest.raises(Unavailable, match="closed"):
+        await d
+    await Barrier(pool_client, b"closing").release()
 
 
 def _b64(data):

@@ -97,14 +97,17 @@ async def _until(client: Client, keys: list[KeySet], read: Read,
 
     Raises:
         what ``read`` or an event test raises; EtcdError for a refusal that reading
-        again cannot cure (PermissionDenied...).  Unavailable, Timeout, Compacted and a
-        watch that ends are retried: only a read or an event ends the wait.
+        again cannot cure (PermissionDenied...); Unavailable once our client is closed.
+        Otherwise Unavailable, Timeout, Compacted and a watch that ends are retried:
+        only a read or an event ends the wait.
     """
     pause = RETRY_MIN
     while True:
         try:
             revision, test = await read()
         except (errors.Unavailable, errors.Timeout) as exc:
+            if client.closed:
+                raise  # our own client was closed: no read will ever answer
             # etcd unreachable (killed, paused, partitioned): read again later.
             log.info("barrier read failed ({error}); again in {pause} s", error=exc,
                      pause=pause)
@@ -116,6 +119,8 @@ async def _until(client: Client, keys: list[KeySet], read: Read,
         try:
             return await _watch_once(client, keys, revision, test, read, filters)
         except (_Ended, errors.Compacted, errors.Unavailable) as exc:
+            if client.closed:
+                raise errors.Unavailable(f"client closed while waiting ({exc})") from None
             # Not a release: a watch that ends proves nothing (Go's WaitEvents takes a
             # closed channel for the event).  Read again, watch again.
             log.info("barrier watch ended ({error}); reading again", error=exc)
@@ -261,14 +266,13 @@ class Barrier:
             OutcomeUnknown: the answer never came; the key may or may not have been
                 written (``hold()`` again is safe: it returns False if it was).
         """
-        lease = None
-        if self.session is not None:
-            self.session.check()
-            lease = self.session.lease_id
+        lease = self.session.lease_id if self.session is not None else None
         txn = Transaction(compare=[CompCreated(self.key, "==", 0)],
                           success=[OpSet(self.key, b"", lease=lease)])
 
         async def go() -> bool:
+            if self.session is not None:
+                self.session.check()
             try:
                 await self.client.submit(txn)
             except errors.Failed:
@@ -314,6 +318,7 @@ class Barrier:
             Timeout: still held after ``timeout`` seconds (the message names the barrier).
             TypeError, InvalidArgument: a bad ``timeout`` (raised at once).
             EtcdError: etcd refused a read (PermissionDenied...).
+            Unavailable: the client was closed (never a release).
 
         Cancelling the Deferred stops the wait (its watch is closed).
         """
