@@ -41,7 +41,7 @@ from coord import (
     TooManyParticipants,
     Unavailable,
 )
-from coord.recipes import Barrier, DoubleBarrier, DoubleBarrierState
+from coord.recipes import Barrier, DoubleBarrier, DoubleBarrierState, Session
 from coord.server import find_etcdctl
 from coord.testing import answer, raw
 
@@ -218,7 +218,7 @@ async def test_a_compaction_while_disconnected_is_no_release(etcd_factory):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_release_while_disconnected_is_seen_and_a_killed_etcd_is_no_release(
+async def test_a_paused_or_killed_etcd_is_no_release_and_a_release_while_away_is_seen(
         etcd_factory):
     server = etcd_factory()
     near = Client(reactor, server.url, timeout=2.0)
@@ -229,6 +229,13 @@ async def test_a_release_while_disconnected_is_seen_and_a_killed_etcd_is_no_rele
         await barrier.hold()
         d = Barrier(far, b"down").wait(timeout=30)
         await sleep(0.3)
+        await defer_to_thread(server.pause)  # etcd hangs (SIGSTOP) while the waiter waits
+        paused = Barrier(far, b"down").wait(timeout=30)  # its read hangs, times out: again
+        await sleep(2.5)
+        assert not d.called and not paused.called
+        await defer_to_thread(server.resume)
+        await sleep(0.5)
+        assert not d.called and not paused.called
         server.kill()  # etcd crashes while the waiter waits
         late = Barrier(far, b"down").wait(timeout=30)  # its reads fail: it reads again
         await sleep(1.0)
@@ -245,6 +252,7 @@ async def test_a_release_while_disconnected_is_seen_and_a_killed_etcd_is_no_rele
         proxy.restore()
         await d  # the watch resumed and delivered the DELETE
         await late
+        await paused
     finally:
         await far.close()
         await proxy.close()
@@ -369,6 +377,25 @@ async def test_a_sigkilled_holder_releases_its_waiters_after_its_ttl(etcd, pool_
     finally:
         for p in [holder, *waiters]:
             finish(p)
+
+
+@pytest_twisted.ensureDeferred
+async def test_through_each_transport(client):
+    barrier = Barrier(client, b"tr")
+    assert await barrier.hold() is True
+    d = barrier.wait(timeout=10)
+    await sleep(0.1)
+    assert not d.called
+    await barrier.release()
+    await d
+    s = await Session.create(client, ttl=5)
+    try:
+        one = DoubleBarrier(s, b"tr1", 1)  # count 1: enter opens at once, leave is the last
+        await one.enter(timeout=10)
+        await one.leave(timeout=10)
+    finally:
+        await s.close()
+    assert await keys_under(client, b"tr") == []
 
 
 # -- DoubleBarrier --------------------------------------------------------------------------
