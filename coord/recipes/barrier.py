@@ -545,7 +545,8 @@ class DoubleBarrier(OwnedKey):
 
     async def _depart(self, token: int, opened: int) -> int:
         """Delete our key (if still ours) and count those of our round left; the last
-        deletes ``ready``.  Returns how many are left."""
+        deletes ``ready``.  Returns how many are left (-1: unknown, the session ended
+        while etcd could not be reached)."""
         txn = Transaction(compare=[CompCreated(self.key, "==", token)],
                           success=[OpDel(self.key), self._round(opened)],
                           failure=[self._round(opened)])
@@ -559,6 +560,12 @@ class DoubleBarrier(OwnedKey):
                 left = kvs(failed.responses[0])
                 break
             except (errors.Unavailable, errors.Timeout) as exc:
+                if self.client.closed:
+                    raise
+                if not self.session.alive:
+                    # Our key goes with the lease anyway; whether others remain, the
+                    # wait's own reads will tell.
+                    return -1
                 # Sending the same transaction again is safe: its compare (our key with
                 # our create revision) makes it delete at most once; a second finds the
                 # key gone and only reads.
