@@ -10,6 +10,7 @@ Locks (Go-compatible layout, fencing tokens): :class:`Lock`, :class:`RWLock`,
 
 Config: :class:`ConfigWatcher`, a consistent live view of a config prefix.
 Leader election (Go-compatible, ``etcdctl elect``): :class:`Election`, :func:`run_as_leader`.
+Work queues (at-least-once, no herd): :class:`Queue`, :class:`PriorityQueue`, :class:`Item`.
 """
 
 from coord.recipes.config import (
@@ -34,6 +35,7 @@ from coord.recipes.lock import (
     WriteLock,
     acquire_lock,
 )
+from coord.recipes.queue import Item, ItemState, PriorityQueue, Queue
 from coord.session import Session, SessionState
 
 __all__ = [
@@ -43,10 +45,14 @@ __all__ = [
     "ConfigWatcher",
     "Election",
     "ElectionState",
+    "Item",
+    "ItemState",
     "Leader",
     "Lock",
     "LockState",
     "Observation",
+    "PriorityQueue",
+    "Queue",
     "RWLock",
     "ReadLock",
     "Semaphore",
