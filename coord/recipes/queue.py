@@ -437,7 +437,7 @@ class Queue:
         ended = session.lost
         ended.addCallbacks(lambda _: waiting.cancel(), lambda _: None)
         try:
-            return await waiting  # type: ignore[no-any-return]
+            return await waiting
         except defer.CancelledError:
             session.check()  # SessionLost if that is why the wait stopped
             raise
@@ -517,7 +517,7 @@ class PriorityQueue(Queue):
     valid priority (written by hand) counts as priority 0.
     """
 
-    def put(self, value: bytes | str, priority: int = 0  # type: ignore[override]
+    def put(self, value: bytes | str, priority: int = 0
             ) -> defer.Deferred[bytes]:
         """Append an item of ``priority`` (an int from 0 to 99999; higher goes first).
 
