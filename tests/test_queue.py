@@ -27,7 +27,7 @@ from helpers import (
 )
 from twisted.internet import defer, reactor
 
-from coord import Client, ClaimLost, InvalidArgument, KeySet, SessionLost, Timeout
+from coord import ClaimLost, Client, InvalidArgument, SessionLost, Timeout
 from coord.recipes import Item, ItemState, PriorityQueue, Queue
 from coord.recipes.queue import MAX_PRIORITY
 
@@ -420,7 +420,7 @@ async def test_4_producers_4_consumers_one_killed_holding_an_item(etcd, pool_cli
                 held = line.split()
         assert (await deferred_readline(holder)) == "holding\n"
         os.kill(holder.pid, signal.SIGKILL)
-        holder_out, _ = await defer_to_exit(holder)
+        await defer_to_exit(holder)
         for m in makers:
             out, err = await defer_to_exit(m)
             assert m.returncode == 0 and out == "done\n", err

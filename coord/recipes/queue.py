@@ -74,6 +74,10 @@ class ItemState(enum.Enum):
     RELEASED = "RELEASED"  # given back to the queue
 
 
+class _TurnGone(Exception):
+    """Our waiter key is not in the view at a revision it was proven at."""
+
+
 class _Turn(OwnedKey):
     """A consumer's place among the waiters of a queue: ``NAME/waiters/<lease hex>``,
     its turn when no waiter key created before it remains (a Lock's rule)."""
@@ -227,9 +231,8 @@ class Queue:
         self.waiters = self.name + b"/waiters/"
         self.claimed = 0
         self.conflicts = 0
-        # The mirror's range: NAME/claims/ up to the end of NAME/items/ ("/" + 1 is "0").
-        # Keys in between that are neither (a queue named NAME/d..., say) are ignored.
-        self._keys = KeySet(self.claims, self.name + b"/items0")
+        # The mirror's range: all of NAME/ (keys of a queue named NAME/x... are ignored).
+        self._keys = KeySet(self.name + b"/", prefix=True)
         self._mirror: Mirror[int] | None = None
         self._starting: Shared | None = None
         self._ended: BaseException | None = None
@@ -237,6 +240,7 @@ class Queue:
         self._getting: set[int] = set()  # lease IDs with a get under way
         self._pending: dict[bytes, int] = {}  # unclaimed-or-not item id -> order revision
         self._claimed_ids: set[bytes] = set()
+        self._waiting: dict[bytes, int] = {}  # waiter key -> create revision
         self._heap: list[tuple[tuple[int, int], bytes]] = []
 
     def __repr__(self) -> str:
@@ -292,6 +296,8 @@ class Queue:
         for key in change.before.keys() - change.after.keys():
             if key.startswith(self.items):
                 self._pending.pop(key[len(self.items):], None)
+            elif key.startswith(self.waiters):
+                self._waiting.pop(key, None)
             elif key.startswith(self.claims):
                 id = key[len(self.claims):]
                 self._claimed_ids.discard(id)
@@ -303,6 +309,8 @@ class Queue:
                 if self._pending.get(id) != kv.create_revision:
                     self._pending[id] = kv.create_revision
                     heapq.heappush(self._heap, (self._order(id, kv.create_revision), id))
+            elif key.startswith(self.waiters):
+                self._waiting[key] = kv.create_revision
             elif key.startswith(self.claims):
                 self._claimed_ids.add(key[len(self.claims):])
 
@@ -324,6 +332,7 @@ class Queue:
         if self._starting is None or (self._starting.done and self._mirror is None):
             self._ended = None
             self._pending, self._claimed_ids, self._heap = {}, set(), []
+            self._waiting = {}
             mirror: Mirror[int] = Mirror(
                 self.client, self._keys, self._apply, self._mirror_ended,
                 self._closed_error, keep=_entry, name=f"queue {self.name!r}")
@@ -405,35 +414,53 @@ class Queue:
         await self._ensure_mirror()
         turn = _Turn(session, self.name)
         await turn.take()  # our turn: no waiter before ours (proven at turn.revision)
-        assert turn.revision is not None and turn.token is not None
-        seen = turn.revision  # our view must reach it: every claim before is in it
+        assert turn.token is not None
         value = b"%x/%d" % (session.lease_id, turn.token)  # this get's claims only
         written: list[bytes] = []  # claims whose outcome we may not know
+        seen = 0
         try:
             while True:
-                id = await self._wait_item(session, seen)
+                id = await self._wait_item(session, turn, seen)
                 outcome = await self._claim(session, turn, id, value, written)
                 if isinstance(outcome, Item):
                     return outcome
                 seen = outcome  # taken meanwhile: wait for the view to show it
+        except _TurnGone:
+            error = await turn._gone_reason("our waiter key was deleted")
+            await bounded(self.client.reactor, self._clean(session, turn, value, written))
+            raise error from None
         except BaseException:
             await bounded(self.client.reactor, self._clean(session, turn, value, written))
             raise
 
-    async def _wait_item(self, session: Session, seen: int) -> bytes:
-        """The first unclaimed item's id once the view has reached revision ``seen``;
-        stopped if the session ends (SessionLost)."""
+    async def _wait_item(self, session: Session, turn: _Turn, seen: int) -> bytes:
+        """The first unclaimed item's id, once our view shows our turn (and has
+        reached revision ``seen``); stopped if the session ends (SessionLost).
+
+        Every claim is written with the deletion of its consumer's waiter key (the
+        claim transaction), and every consumer that claimed before our turn had its
+        waiter key created before ours.  So once the view holds our waiter key and
+        none created before it, it holds every claim written before our turn: the
+        item we pick is not one just taken.  (Waiting instead for the view to reach
+        the revision of our turn's proof would cost a read each time: that revision
+        is the store's, beyond the last change under the queue.)"""
         mirror = self._mirror
         if mirror is None:  # ended (an error) or closed
             raise self._closed_error()
+        assert turn.token is not None and turn.revision is not None
+        token, proven = turn.token, turn.revision
 
         def test() -> tuple[bool, Any]:
-            if mirror.revision < seen:
+            if self._waiting.get(turn.key) != token:
+                if mirror.revision >= proven:  # it was there at `proven`: deleted since
+                    raise _TurnGone()
+                return False, None
+            if mirror.revision < seen or min(self._waiting.values()) < token:
                 return False, None
             id = self._next()
             return id is not None, id
 
-        waiting = mirror.wait(test, None, "an item", revision=seen)
+        waiting = mirror.wait(test, None, "an item", revision=seen or None)
         ended = session.lost
         ended.addCallbacks(lambda _: waiting.cancel(), lambda _: None)
         try:
