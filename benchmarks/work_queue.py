@@ -79,7 +79,7 @@ def producer(url: str, start: float, duration: float, interval: float) -> None:
 
 
 def consumer(kind: str, url: str) -> None:
-    """Take items until terminated; print ``put got acked`` times per item, as it goes."""
+    """Take items until killed; print ``put got acked`` times per item, as it goes."""
     from twisted.internet import defer, task
 
     from coord import Client, KeySet, Timeout
@@ -156,7 +156,7 @@ def run(kind: str, consumers: int, url: str, duration: float, interval: float
         time.sleep(0.5)  # the last handoffs
     finally:
         for p in procs:
-            p.terminate()
+            p.kill()  # (its records are printed as it goes)
     records = []
     for p in procs:
         out, _ = p.communicate(timeout=30)

@@ -425,6 +425,8 @@ class Queue:
                 if isinstance(outcome, Item):
                     return outcome
                 seen = outcome  # taken meanwhile: wait for the view to show it
+        except GeneratorExit:
+            raise  # the coroutine is being closed (the interpreter exits): no I/O now
         except _TurnGone:
             error = await turn._gone_reason("our waiter key was deleted")
             await bounded(self.client.reactor, self._clean(session, turn, value, written))
