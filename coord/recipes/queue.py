@@ -14,16 +14,17 @@ Key layout under the queue's name (readable with ``etcdctl get --prefix NAME/``)
 * ``NAME/waiters/<lease hex>`` -- a consumer waiting in :meth:`Queue.get`: the recipe
   core's owned key (:class:`~coord.recipes._core.OwnedKey`), a FIFO turn like a Lock's.
 
-No herd: consumers waiting in ``get`` take turns.  Only the consumer at the head of the
-waiters (the oldest waiter key) looks at the items; the others wait for the deletion of
-the waiter key just before theirs, as a Lock's waiters do.  The head claims the oldest
-unclaimed item and deletes its own waiter key in the same transaction, so one item
-wakes one consumer, and the next head starts at the revision of that claim (it waits
-until its view of the queue reaches it: it never races for an item just taken).
-
-Each Queue object keeps one prefix mirror (:mod:`coord.recipes._mirror`) of the claims
-and items (one read, then one long-lived watch): the head finds the oldest unclaimed
-item in memory, without a read per get.
+No herd: consumers waiting in ``get`` take turns, FIFO by the create revision of their
+waiter keys.  Each Queue object keeps one prefix mirror (:mod:`coord.recipes._mirror`)
+of everything under ``NAME/`` (one read, then one long-lived watch), and a waiting
+consumer acts only when that view shows no waiter key created before its own and an
+unclaimed item: then it claims the oldest and deletes its waiter key in one
+transaction, guarded on being the head (its key is there and every waiter key was
+created at or after it).  One item makes one consumer act.  The next head sees, in its
+view at the revision of that transaction, both the claim and its predecessor's
+deletion, so it never races for the item just taken: a claim transaction fails only
+if someone else wrote under the queue.  No consumer reads per get, and no waiter
+watches a key of its own (the view is the watch).
 
 See docs/queue.md.
 """
@@ -79,15 +80,22 @@ class _TurnGone(Exception):
 
 
 class _Turn(OwnedKey):
-    """A consumer's place among the waiters of a queue: ``NAME/waiters/<lease hex>``,
-    its turn when no waiter key created before it remains (a Lock's rule)."""
+    """A consumer's place among the waiters of a queue: ``NAME/waiters/<lease hex>``.
+
+    Taken at once, once written (the owned-key core's enqueue, clean-up on cancel and
+    timeout, late-write sweep): whether it is the head is for the queue's view to tell
+    and the claim transaction to prove (:meth:`Queue._claim`), not for a read.
+    """
 
     kind = b"waiters/"
     blocked_by = b"waiters/"
     lost_error = ClaimLost
 
+    def _free(self, first: list[KeyValue], token: int) -> bool:
+        return token > 0  # written: our place is ours (the head is proven by the claim)
+
     def take(self) -> defer.Deferred[None]:
-        """Wait for our turn (no timeout: the caller's get has one; cancel it)."""
+        """Write our waiter key (no timeout: the caller's get has one; cancel it)."""
 
         async def take() -> None:
             await self._obtain(lambda: self._enqueue(b""))
@@ -413,7 +421,7 @@ class Queue:
     async def _get(self, session: Session) -> Item:
         await self._ensure_mirror()
         turn = _Turn(session, self.name)
-        await turn.take()  # our turn: no waiter before ours (proven at turn.revision)
+        await turn.take()  # our waiter key, written at turn.token
         assert turn.token is not None
         value = b"%x/%d" % (session.lease_id, turn.token)  # this get's claims only
         written: list[bytes] = []  # claims whose outcome we may not know
@@ -436,16 +444,15 @@ class Queue:
             raise
 
     async def _wait_item(self, session: Session, turn: _Turn, seen: int) -> bytes:
-        """The first unclaimed item's id, once our view shows our turn (and has
-        reached revision ``seen``); stopped if the session ends (SessionLost).
+        """The first unclaimed item's id, once our view shows our waiter key first
+        (and has reached revision ``seen``); stopped if the session ends (SessionLost).
 
         Every claim is written with the deletion of its consumer's waiter key (the
         claim transaction), and every consumer that claimed before our turn had its
         waiter key created before ours.  So once the view holds our waiter key and
         none created before it, it holds every claim written before our turn: the
-        item we pick is not one just taken.  (Waiting instead for the view to reach
-        the revision of our turn's proof would cost a read each time: that revision
-        is the store's, beyond the last change under the queue.)"""
+        item we pick is not one just taken.  (The view at a revision is etcd's state
+        at that revision: one change per revision, see coord.recipes._mirror.)"""
         mirror = self._mirror
         if mirror is None:  # ended (an error) or closed
             raise self._closed_error()
@@ -482,9 +489,13 @@ class Queue:
         """
         claim, key = self.claims + id, self.items + id
         created = self._pending[id]
+        # We are the head: our key is there, and every waiter key was created at or
+        # after it (a comparison on a range holds when it holds for each key in it;
+        # etcd's applyCompare).  The item is the one we saw, and nobody claims it.
         txn = Transaction(
-            compare=[turn.guard(), CompCreated(key, "==", created),
-                     CompCreated(claim, "==", 0)],
+            compare=[turn.guard(), CompCreated(KeySet(self.waiters, prefix=True), ">",
+                                               turn.token - 1),
+                     CompCreated(key, "==", created), CompCreated(claim, "==", 0)],
             success=[OpSet(claim, value, lease=session.lease_id), OpDel(turn.key),
                      OpGet(key)],
             failure=[OpGet(claim), OpGet(turn.key), OpGet(key)])
