@@ -194,3 +194,15 @@ def test_scale_round(etcd):
                "--modes", "unshared", "--nofile", "1024", "--json")
     (refused,) = json.loads(proc.stdout)
     assert "soft limit" in refused["error"] and "1024" in refused["error"], refused
+
+
+def test_work_queue_round(etcd):
+    """benchmarks/work_queue.py: a short run prints each measurement with figures."""
+    proc = run(str(ROOT / "benchmarks" / "work_queue.py"), "--url", etcd.url,
+               "--duration", "1", "--interval", "50")
+    lines = proc.stdout.splitlines()
+    for label in ("reference: put + watch + delete, 1", "Queue, 1 consumer",
+                  "Queue, 4 consumers (processes)", "reference: put + watch, 1 watching",
+                  "Queue, 4 consumers waiting"):
+        (line,) = [x for x in lines if x.startswith(label)]
+        assert "p50" in line and "p99" in line and "nan" not in line, proc.stdout

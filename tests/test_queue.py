@@ -16,6 +16,7 @@ import time
 import pytest
 import pytest_twisted
 from helpers import (
+    ROOT,
     defer_to_exit,
     deferred_readline,
     example,
@@ -50,6 +51,8 @@ async def test_put_get_ack_in_order(client, pool_client):
     session = await Session.create(client, ttl=5)
     queue = Queue(client, b"q1")
     try:
+        await queue.start()
+        await queue.start()  # once loaded: at once
         keys = [await queue.put(v) for v in (b"a", b"b", "c")]
         assert all(k.startswith(b"q1/items/") for k in keys)
         assert await keys_under(pool_client, b"q1/items/") == sorted(keys)
@@ -187,6 +190,8 @@ async def test_close_fails_the_gets_under_way(pool_client, sessions):
     await nothing_left(pool_client, b"q7")
     with pytest.raises(defer.CancelledError):
         await queue.get(s, timeout=1)
+    with pytest.raises(defer.CancelledError):
+        await queue.start()
 
 
 @pytest_twisted.ensureDeferred
@@ -202,6 +207,45 @@ async def test_session_lost_while_waiting(pool_client, sessions):
     with pytest.raises(SessionLost):
         await behind
     await nothing_left(pool_client, b"q8")
+    queue.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiter_key_deleted_while_waiting_raises_claim_lost(pool_client, sessions):
+    (s,) = await sessions()
+    queue = Queue(pool_client, b"qw")
+    d = queue.get(s, timeout=10)
+    await wait_until(lambda: _count(pool_client, b"qw/waiters/", 1))
+    (key,) = await keys_under(pool_client, b"qw/waiters/")
+    await pool_client.delete(key)
+    with pytest.raises(ClaimLost, match="waiter key was deleted"):
+        await d
+    await queue.put(b"x")  # not claimed by the failed get
+    await nothing_left(pool_client, b"qw", items=1)
+    item = await queue.get(s, timeout=5)  # the session goes on
+    await item.ack()
+    queue.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_item_claimed_by_someone_else_is_skipped(pool_client, sessions):
+    """A claim written by another program (here by hand) keeps its item from us until
+    it goes; the claim transaction's guards would refuse it anyway."""
+    (s,) = await sessions()
+    queue = Queue(pool_client, b"qo")
+    first = await queue.put(b"first")
+    await queue.put(b"second")
+    other = b"qo/claims/" + first[len(b"qo/items/"):]
+    await pool_client.set(other, b"someone")
+    item = await queue.get(s, timeout=5)
+    assert item.value == b"second"
+    await item.ack()
+    await pool_client.delete(other)
+    item = await queue.get(s, timeout=5)
+    assert item.value == b"first"
+    await item.ack()
+    assert queue.conflicts == 0
+    await nothing_left(pool_client, b"qo")
     queue.close()
 
 
@@ -469,3 +513,11 @@ def test_example(etcd):
                                                "'resize c.png'"]
     assert "the queue is empty" in out
     assert "priority queue first: 'high' (priority 9)" in out
+
+
+def test_docs_example_is_examples_work_queue_py():
+    """docs/queue.md shows examples/work_queue.py verbatim."""
+    text = (ROOT / "docs" / "queue.md").read_text()
+    block = text.split("<!-- example: work_queue.py -->\n```python\n", 1)[1].split(
+        "\n```\n", 1)[0]
+    assert block + "\n" == (ROOT / "examples" / "work_queue.py").read_text()

@@ -246,7 +246,7 @@ class Queue:
         self._ended: BaseException | None = None
         self._closed = False
         self._getting: set[int] = set()  # lease IDs with a get under way
-        self._pending: dict[bytes, int] = {}  # unclaimed-or-not item id -> order revision
+        self._pending: dict[bytes, int] = {}  # item id (claimed or not) -> create revision
         self._claimed_ids: set[bytes] = set()
         self._waiting: dict[bytes, int] = {}  # waiter key -> create revision
         self._heap: list[tuple[tuple[int, int], bytes]] = []
@@ -333,6 +333,19 @@ class Queue:
                 continue
             return id
         return None
+
+    def start(self) -> defer.Deferred[None]:
+        """Load this object's view of the queue now (the first :meth:`get` does it
+        otherwise): one read of ``NAME/``, then a watch.
+
+        Returns:
+            Deferred firing with None once loaded (at once if it is).
+
+        Raises:
+            CancelledError: :meth:`close` was called.  The read's error (Unavailable,
+            PermissionDenied...): the next start or get tries again.
+        """
+        return self._ensure_mirror().addCallback(lambda _: None)
 
     def _ensure_mirror(self) -> defer.Deferred[Any]:
         if self._closed:
@@ -489,6 +502,7 @@ class Queue:
         """
         claim, key = self.claims + id, self.items + id
         created = self._pending[id]
+        assert turn.token is not None
         # We are the head: our key is there, and every waiter key was created at or
         # after it (a comparison on a range holds when it holds for each key in it;
         # etcd's applyCompare).  The item is the one we saw, and nobody claims it.
