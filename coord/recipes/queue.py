@@ -132,7 +132,8 @@ class Item:
         self.revision = revision
         self.claim_revision = claim_revision
         self.state = ItemState.CLAIMED
-        self._busy: Shared | None = None
+        self._busy: Shared | None = None  # a release
+        self._acking: Shared | None = None
 
     def __repr__(self) -> str:
         return (f"<Item {self.key!r} {self.state.name} revision={self.revision} "
@@ -169,6 +170,8 @@ class Item:
             return defer.succeed(None)
         if self.state is ItemState.RELEASED:
             return defer.fail(ClaimLost(f"{self!r} was released"))
+        if self._acking is not None and not self._acking.done:
+            return self._acking.wait()  # one under way: its outcome
         txn = Transaction(compare=[self._guard()],
                           success=[OpDel(self.key), OpDel(self.claim_key)])
 
@@ -183,7 +186,8 @@ class Item:
                                 "item is back in the queue") from None
             self.state = ItemState.ACKED
 
-        return start(ack())
+        self._acking = Shared(start(ack()))
+        return self._acking.wait()
 
     def release(self) -> defer.Deferred[None]:
         """Give the item back at once (a nack): delete our claim, if it is still ours.
@@ -371,9 +375,12 @@ class Queue:
         self._mirror = None  # the next get starts one afresh
 
     def _closed_error(self) -> Exception:
-        if self._ended is not None and isinstance(self._ended, Exception):
-            return self._ended
-        return defer.CancelledError(f"{self!r} was closed")
+        if self._closed:
+            return defer.CancelledError(f"{self!r} was closed")
+        # The mirror ended by itself (it logs why; etcd refused it, or the client was
+        # closed): it fails its waits before it tells us the error.
+        return errors.Unavailable(f"{self!r}: the view of the queue ended"
+                                  + (f" ({self._ended!r})" if self._ended else ""))
 
     def close(self) -> None:
         """Stop this object's view of the queue; gets under way fail with
@@ -524,8 +531,13 @@ class Queue:
                 mine, item = kvs(failed.responses[0]), kvs(failed.responses[2])
                 if mine and mine[0].value == value and mine[0].lease == session.lease_id:
                     # A resend after an earlier send was applied: the claim is ours.
-                    kv, revision = item[0], mine[0].create_revision
-                    break
+                    if item:
+                        kv, revision = item[0], mine[0].create_revision
+                        break
+                    turn.handed_on()  # (that send deleted our waiter key)
+                    await self._drop_claim(claim, value)  # the item was deleted by hand
+                    written.remove(claim)
+                    raise ClaimLost(f"{key!r} was deleted while we claimed it")
                 written.remove(claim)
                 if not kvs(failed.responses[1]):  # our waiter key is gone
                     raise await turn._gone_reason("our waiter key was deleted") from None
@@ -551,17 +563,20 @@ class Queue:
         """After a failed, timed-out or cancelled get: delete a claim of this get that
         may have been written (its value is this get's), and our waiter key."""
         for claim in written:
-            txn = Transaction(compare=[CompValue(claim, "==", value)],
-                              success=[OpDel(claim)])
-            try:
-                await self.client.submit(txn)
-            except errors.Failed:
-                pass  # not written (or gone with our lease)
-            except Exception as exc:
-                # The claim is under our lease: it goes when the session ends at the latest.
-                log.warn("{queue}: could not delete {claim!r} ({error}); it goes with the "
-                         "session's lease", queue=self, claim=claim, error=exc)
+            await self._drop_claim(claim, value)
         await turn._let_go()
+
+    async def _drop_claim(self, claim: bytes, value: bytes) -> None:
+        """Delete ``claim`` if it is this get's (its value)."""
+        txn = Transaction(compare=[CompValue(claim, "==", value)], success=[OpDel(claim)])
+        try:
+            await self.client.submit(txn)
+        except errors.Failed:
+            pass  # not written (or gone with our lease)
+        except Exception as exc:
+            # The claim is under our lease: it goes when the session ends at the latest.
+            log.warn("{queue}: could not delete {claim!r} ({error}); it goes with the "
+                     "session's lease", queue=self, claim=claim, error=exc)
 
 
 class PriorityQueue(Queue):
