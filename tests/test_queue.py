@@ -503,6 +503,62 @@ async def test_4_producers_4_consumers_one_killed_holding_an_item(etcd, pool_cli
     await nothing_left(pool_client, name.encode())
 
 
+PAUSED = textwrap.dedent("""
+    import sys
+    from twisted.internet import defer, task
+    from coord import Client, ClaimLost
+    from coord.recipes import Queue, Session
+
+    url = sys.argv[1]
+
+    async def main(reactor):
+        client = Client(reactor, url, timeout=5)
+        session = await Session.create(client, ttl=2)
+        queue = Queue(client, "paused")
+        item = await queue.get(session, timeout=10)
+        print("got", item.value.decode(), flush=True)
+        await task.deferLater(reactor, 0.5, lambda: None)  # SIGSTOPped here
+        print("held", item.held, flush=True)
+        try:
+            await item.ack()
+            print("acked", flush=True)
+        except ClaimLost:
+            print("ClaimLost", flush=True)
+        queue.close()
+        await client.close()
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+""")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_consumer_paused_past_its_ttl_cannot_ack(etcd, pool_client, sessions):
+    """SIGSTOP a consumer holding an item past its TTL: the item goes to another
+    consumer, who acks it; the paused one's ack then raises ClaimLost (acked once)."""
+    (s,) = await sessions()
+    queue = Queue(pool_client, b"paused")
+    await queue.put(b"job")
+    paused = spawn(PAUSED, etcd.url)
+    try:
+        line = await deferred_readline(paused)
+        assert line == "got job\n", line + paused.stderr.read()
+        os.kill(paused.pid, signal.SIGSTOP)
+        try:
+            item = await queue.get(s, timeout=10)  # once its lease expired
+            assert item.value == b"job"
+            await item.ack()
+        finally:
+            os.kill(paused.pid, signal.SIGCONT)
+        out, err = await defer_to_exit(paused)
+        # ("held" may still say True: the resumed process runs its overdue timers in
+        # order, this one before the session's deadline.  Only the ack's guard tells.)
+        assert out.splitlines()[-1] == "ClaimLost" and "acked" not in out, out + err
+    finally:
+        finish(paused)
+    await nothing_left(pool_client, b"paused")
+    queue.close()
+
+
 # -- the example -------------------------------------------------------------------------------
 
 
