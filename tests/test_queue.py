@@ -28,7 +28,16 @@ from helpers import (
 )
 from twisted.internet import defer, reactor
 
-from coord import ClaimLost, Client, InvalidArgument, SessionLost, Timeout
+from coord import (
+    ClaimLost,
+    Client,
+    InvalidArgument,
+    OpSet,
+    OutcomeUnknown,
+    SessionLost,
+    Timeout,
+    Unavailable,
+)
 from coord.recipes import Item, ItemState, PriorityQueue, Queue
 from coord.recipes.queue import MAX_PRIORITY
 
@@ -248,6 +257,87 @@ async def test_an_item_claimed_by_someone_else_is_skipped(pool_client, sessions)
     assert queue.conflicts == 0
     await nothing_left(pool_client, b"qo")
     queue.close()
+
+
+@pytest.fixture
+def own_client(etcd):
+    """A Client of the test's own (its ``submit`` gets wrapped), closed after it."""
+    client = Client(reactor, etcd.url)
+    yield client
+    pytest_twisted.blockon(client.close())
+
+
+def lose_claim_answers(client, name, lost=1, refused=0):
+    """Make ``client``'s claim transactions under ``name`` go wrong: the first ``lost``
+    are sent and applied, then raise OutcomeUnknown (the answer lost); the next
+    ``refused`` raise Unavailable unsent; later ones go through.  (Looks inside: wraps
+    the client's ``submit``, as no etcd can be made to drop one answer on demand.)
+    Returns the list of claim transactions attempted."""
+    submit = client.submit
+    attempts = []
+
+    async def lossy(txn, *args, **kwargs):
+        await submit(txn, *args, **kwargs)  # applied (or Failed, raised as it is)
+        raise OutcomeUnknown("the answer was lost (test)")
+
+    def wrapped(txn, *args, **kwargs):
+        if any(isinstance(op, OpSet) and op.key.startswith(name + b"/claims/")
+               for op in txn.success):
+            attempts.append(txn)
+            if len(attempts) <= lost:
+                return defer.ensureDeferred(lossy(txn, *args, **kwargs))
+            if len(attempts) <= lost + refused:
+                return defer.fail(Unavailable("cannot connect (test)"))
+        return submit(txn, *args, **kwargs)
+
+    client.submit = wrapped
+    return attempts
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claim_whose_answer_was_lost_is_sent_again_and_found_ours(
+        own_client, pool_client, sessions):
+    client = own_client
+    (s,) = await sessions()
+    queue = Queue(client, b"ql")
+    await queue.put(b"job")
+    attempts = lose_claim_answers(client, b"ql", lost=1, refused=1)
+    item = await queue.get(s, timeout=10)
+    # Sent three times: applied (answer lost), refused unsent, then refused by etcd
+    # because our claim is there -- which its value tells is ours.
+    assert item.value == b"job" and len(attempts) == 3
+    assert len({id(t) for t in attempts}) == 1  # the same transaction each time
+    assert queue.claimed == 1 and queue.conflicts == 0
+    assert await keys_under(pool_client, b"ql/waiters/") == []  # handed on
+    await item.ack()
+    await nothing_left(pool_client, b"ql")
+    queue.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_get_timing_out_after_a_lost_claim_answer_deletes_the_claim(
+        own_client, pool_client, sessions):
+    client = own_client
+    (s,) = await sessions()
+    queue = Queue(client, b"qu")
+    await queue.put(b"job")
+    # Every claim refused unsent (Unavailable): the get retries until its timeout.
+    attempts = lose_claim_answers(client, b"qu", lost=0, refused=10**6)
+    with pytest.raises(Timeout):
+        await queue.get(s, timeout=1)
+    assert len(attempts) >= 2
+    await nothing_left(pool_client, b"qu", items=1)
+    # The first claim applied and its answer lost, the next sends refused: the get
+    # times out, and its clean-up deletes the claim it wrote (and its waiter key).
+    queue2 = Queue(client, b"qu")
+    del client.submit  # (undo the first wrapper)
+    attempts = lose_claim_answers(client, b"qu", lost=1, refused=10**6)
+    with pytest.raises(Timeout):
+        await queue2.get(s, timeout=1)
+    assert len(attempts) >= 2
+    await nothing_left(pool_client, b"qu", items=1)
+    queue.close()
+    queue2.close()
 
 
 @pytest_twisted.ensureDeferred
