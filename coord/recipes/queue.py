@@ -8,7 +8,8 @@ Key layout under the queue's name (readable with ``etcdctl get --prefix NAME/``)
   order of delivery is the item's *create revision* (etcd's order of the puts), not
   the id: the id only makes the key unique and roughly time-sorted for a reader.
 * ``NAME/claims/<id>`` -- a consumer's claim on item ``<id>``, under the consumer's
-  session lease (value ``<lease hex>/<turn revision>``).  An item without a claim is
+  session lease (value ``<lease hex>/<waiter key's create revision>/<8 random hex>``,
+  unique to the get that wrote it).  An item without a claim is
   in the queue; a claim's end (ack, release, or the session's lease ending with a
   crashed consumer) gives the item back or completes it.
 * ``NAME/waiters/<lease hex>`` -- a consumer waiting in :meth:`Queue.get`: the recipe
@@ -395,8 +396,8 @@ class Queue:
     def get(self, session: Session, timeout: float | None = None) -> defer.Deferred[Item]:
         """Wait for and claim the oldest unclaimed item.
 
-        Waiting consumers take turns (FIFO by their waiter keys): only the first waits
-        for an item; it claims it and hands its turn on in one transaction.
+        Waiting consumers take turns (FIFO by their waiter keys): only the head acts on
+        an item; it claims it and hands its turn on in one transaction.
 
         Args:
             session: the consumer's :class:`Session`; its lease holds the claim (and
@@ -412,7 +413,8 @@ class Queue:
         Raises:
             Timeout: nothing claimed in time; our waiter key is removed, no claim left.
             SessionLost: the session ended (before or while waiting).
-            ClaimLost: our waiter key was deleted by someone else while waiting.
+            ClaimLost: our waiter key was deleted by someone else while waiting (or the
+                item, by hand, while we claimed it).
             TypeError: ``session`` is not a Session; ``timeout`` not a number.
             InvalidArgument: ``timeout`` is 0, negative or NaN; another get of this
                 session on this queue is under way (all raised at once).
@@ -443,7 +445,9 @@ class Queue:
         turn = _Turn(session, self.name)
         await turn.take()  # our waiter key, written at turn.token
         assert turn.token is not None
-        value = b"%x/%d" % (session.lease_id, turn.token)  # this get's claims only
+        # This get's claims only (a waiter key our lease left behind is reused, with
+        # its create revision: the random part tells two gets apart even then).
+        value = b"%x/%d/%s" % (session.lease_id, turn.token, os.urandom(4).hex().encode())
         written: list[bytes] = []  # claims whose outcome we may not know
         seen = 0
         try:
