@@ -341,6 +341,37 @@ async def test_a_get_timing_out_after_a_lost_claim_answer_deletes_the_claim(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_claim_refused_because_someone_claimed_first_goes_on(
+        own_client, pool_client, sessions):
+    """Another program claims the item just before our claim transaction: ours is
+    refused (a conflict, counted), and the get takes the next item once its view
+    shows that claim.  (Looks inside: the other claim is written from a wrapper of
+    ``submit``, so that it comes at that exact moment.)"""
+    (s,) = await sessions()
+    queue = Queue(own_client, b"qx")
+    first = await queue.put(b"first")
+    await queue.put(b"second")
+    submit = own_client.submit
+    other = b"qx/claims/" + first[len(b"qx/items/"):]
+
+    async def racing(txn, *args, **kwargs):
+        if any(isinstance(op, OpSet) and op.key.startswith(b"qx/claims/")
+               for op in txn.success):  # our first claim transaction
+            del own_client.submit
+            await pool_client.set(other, b"someone")
+        return await submit(txn, *args, **kwargs)
+
+    own_client.submit = lambda *a, **k: defer.ensureDeferred(racing(*a, **k))
+    item = await queue.get(s, timeout=5)
+    assert item.value == b"second"
+    assert queue.conflicts == 1 and queue.claimed == 1
+    await item.ack()
+    await pool_client.delete(other)
+    await nothing_left(pool_client, b"qx", items=1)
+    queue.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_bad_input_is_refused_before_anything_is_sent(pool_client, sessions):
     (s,) = await sessions()
     with pytest.raises(TypeError, match="name"):
