@@ -204,3 +204,22 @@ def test_barrier_benchmark_prints_figures(etcd):
     assert re.search(r"reference: bare client.watch, 2 processes +p50 +[\d.]+ ms", out), out
     assert re.search(r"ratio recipe/reference: p50 [\d.]+", out), out
     assert re.search(r"DoubleBarrier.enter, 2 processes +p50 +[\d.]+ ms", out), out
+
+
+def test_work_queue_round(etcd):
+    """benchmarks/work_queue.py: a short run prints each measurement with figures."""
+    proc = run(str(ROOT / "benchmarks" / "work_queue.py"), "--url", etcd.url,
+               "--duration", "1", "--interval", "50")
+    lines = proc.stdout.splitlines()
+    counts = {}
+    for label in ("reference: put + watch + delete, 1", "Queue, 1 consumer",
+                  "Queue, 4 consumers (processes)", "reference: put + watch, 1 watching",
+                  "Queue, 4 consumers waiting"):
+        (line,) = [x for x in lines if x.startswith(label)]
+        assert "p50" in line and "p99" in line, proc.stdout
+        counts[label] = float(line[len(label):].split()[0])
+    # (A 1 s window on a loaded machine may catch no ack of one measurement: speed is
+    # not judged here; that the Queue delivered in them is.)
+    assert counts["Queue, 4 consumers waiting"] > 0, proc.stdout
+    assert counts["Queue, 1 consumer"] + counts["Queue, 4 consumers (processes)"] > 0, \
+        proc.stdout

@@ -13,6 +13,7 @@ Barriers (Go-compatible layout): :class:`Barrier` (hold / release / wait) and
 
 Config: :class:`ConfigWatcher`, a consistent live view of a config prefix.
 Leader election (Go-compatible, ``etcdctl elect``): :class:`Election`, :func:`run_as_leader`.
+Work queues (at-least-once, no herd): :class:`Queue`, :class:`PriorityQueue`, :class:`Item`.
 """
 
 from coord.recipes.barrier import Barrier, DoubleBarrier, DoubleBarrierState
@@ -38,6 +39,7 @@ from coord.recipes.lock import (
     WriteLock,
     acquire_lock,
 )
+from coord.recipes.queue import Item, ItemState, PriorityQueue, Queue
 from coord.session import Session, SessionState
 
 __all__ = [
@@ -50,10 +52,14 @@ __all__ = [
     "DoubleBarrierState",
     "Election",
     "ElectionState",
+    "Item",
+    "ItemState",
     "Leader",
     "Lock",
     "LockState",
     "Observation",
+    "PriorityQueue",
+    "Queue",
     "RWLock",
     "ReadLock",
     "Semaphore",
