@@ -320,6 +320,10 @@ class MembershipLost(CoordError):
     """A group member's key is gone: deleted by someone else, or its session ended."""
 
 
+class MemberExists(CoordError):
+    """A group member id is in use by another session (its key carries another lease)."""
+
+
 # etcd's exact messages (api/v3rpc/rpctypes/error.go), mapped to the class that carries them.
 _BY_MESSAGE: dict[str, type[EtcdError]] = {
     "etcdserver: mvcc: required revision has been compacted": Compacted,

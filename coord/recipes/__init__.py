@@ -10,6 +10,7 @@ Locks (Go-compatible layout, fencing tokens): :class:`Lock`, :class:`RWLock`,
 
 Config: :class:`ConfigWatcher`, a consistent live view of a config prefix.
 Leader election (Go-compatible, ``etcdctl elect``): :class:`Election`, :func:`run_as_leader`.
+Group membership (a service registry): :class:`Group`, :class:`GroupWatch`, :class:`Members`.
 """
 
 from coord.recipes.config import (
@@ -24,6 +25,13 @@ from coord.recipes.election import (
     Leader,
     Observation,
     run_as_leader,
+)
+from coord.recipes.group import (
+    Group,
+    GroupState,
+    GroupWatch,
+    Members,
+    MembershipChange,
 )
 from coord.recipes.lock import (
     Lock,
@@ -43,9 +51,14 @@ __all__ = [
     "ConfigWatcher",
     "Election",
     "ElectionState",
+    "Group",
+    "GroupState",
+    "GroupWatch",
     "Leader",
     "Lock",
     "LockState",
+    "Members",
+    "MembershipChange",
     "Observation",
     "RWLock",
     "ReadLock",
