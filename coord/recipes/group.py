@@ -355,6 +355,9 @@ class Group(OwnedKey):
         return start(self._update(data))
 
     async def _update(self, data: bytes) -> int:
+        reason = self._lost_reason
+        if self._phase is Phase.LOST and reason is not None:
+            raise MembershipLost(f"{self!r}: {reason}") from reason
         if self._phase is not Phase.HELD or self.token is None:
             raise MembershipLost(f"{self!r} is not a member: cannot update")
         token = self.token
