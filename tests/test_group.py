@@ -360,6 +360,50 @@ async def test_explicit_rejoin_on_a_new_session(pool_client, sessions):
     assert b.alive  # the caller's session: not closed by leave
 
 
+@pytest_twisted.ensureDeferred
+async def test_rejoin_takes_over_our_key_of_a_lease_etcd_still_holds(pool_client, sessions):
+    """Our session ended on our side (deadline, close(orphan=True)) while etcd still
+    holds its lease and our key: a re-join takes the key over (its lease set to the new
+    session's, its create revision kept), so watchers see one update, not a leave."""
+    a, b = await sessions(2)
+    group = Group(a, b"o", member="me")
+    await group.join(b"data")
+    token = group.token
+    await a.close(orphan=True)  # the lease lives on in etcd
+    assert (await pool_client.get(b"o/me")).kvs[0].lease == a.lease_id
+    await group.rejoin(b)
+    kv = (await pool_client.get(b"o/me")).kvs[0]
+    assert (kv.lease, kv.create_revision, group.token) == (b.lease_id, token, token)
+    await Lease(pool_client, a.lease_id).revoke()  # the old lease's end spares our key
+    assert (await pool_client.get(b"o/me")).kvs[0].lease == b.lease_id
+    await group.leave()
+    assert await keys_under(pool_client, b"o/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_members_and_watch_wait_time_out(pool_client, listen, new_client):
+    gateway, hung = hung_gateway(listen, new_client)
+    try:
+        started = time.monotonic()
+        with pytest.raises(Timeout):
+            await members(hung, b"x", timeout=0.3)
+        assert time.monotonic() - started < 1.5
+    finally:
+        gateway.drop_held()
+    watching = watch(pool_client, b"x")
+    await watching.ready
+    with pytest.raises(Timeout):
+        await watching.wait(lambda m: len(m) > 0, timeout=0.2)
+    d = watching.wait(lambda m: len(m) > 0)
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+    assert watching._mirror.waiters == []  # nothing left waiting
+    watching.close()
+    with pytest.raises(Exception, match="closed"):
+        await watching.wait(lambda m: True)
+
+
 # -- member processes ---------------------------------------------------------------------------
 
 MEMBER = textwrap.dedent("""
@@ -388,6 +432,10 @@ MEMBER = textwrap.dedent("""
             if command == "update":
                 await group.update(f"{pid}:v2")
                 say("updated", pid)
+            elif command.startswith("gone "):
+                gone = command.split()[1].encode()
+                await watching.wait(lambda m: gone not in m, timeout=30)
+                say("saw-gone", pid)
             elif command == "rejoined?":
                 new = await group.rejoined
                 say("rejoined", pid, "%x" % new.lease_id, group.rejoins)
@@ -436,8 +484,12 @@ async def test_five_member_processes(etcd, pool_client):
         await watching.wait(lambda m: b"p%d" % leaver.pid not in m, timeout=5)
         killed_at = time.monotonic()
         killed.kill()  # nobody deletes its key: its lease ends it
+        for p in procs[2:]:
+            tell(p, f"gone p{killed.pid}")
         await watching.wait(lambda m: b"p%d" % killed.pid not in m, timeout=TTL + 5)
         assert time.monotonic() - killed_at < TTL + 1.5
+        for p in procs[2:]:  # the other members' watches saw it leave too
+            await said(p, "saw-gone", timeout=5)
         tell(procs[2], "update")
         await said(procs[2], "updated")
         await watching.wait(lambda m: m.get(b"p%d" % procs[2].pid, b"").endswith(b"v2"),
