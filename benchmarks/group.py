@@ -102,14 +102,14 @@ class _Stdin:
     def fileno(self) -> int:
         return sys.stdin.fileno()
 
-    def doRead(self) -> None:  # noqa: N802  # Twisted's IReadDescriptor
+    def doRead(self) -> None:  # (Twisted's IReadDescriptor)
         if not os.read(self.fileno(), 1024) and not self.stop.called:
             self.stop.callback(None)
 
-    def connectionLost(self, reason) -> None:  # noqa: N802
+    def connectionLost(self, reason) -> None:
         pass
 
-    def logPrefix(self) -> str:  # noqa: N802
+    def logPrefix(self) -> str:
         return "stdin"
 
 

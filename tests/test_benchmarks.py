@@ -194,3 +194,15 @@ def test_scale_round(etcd):
                "--modes", "unshared", "--nofile", "1024", "--json")
     (refused,) = json.loads(proc.stdout)
     assert "soft limit" in refused["error"] and "1024" in refused["error"], refused
+
+
+def test_group_round(etcd):
+    out = run(str(ROOT / "benchmarks" / "group.py"), "--url", etcd.url, "--members", "2",
+              "--rounds", "2").stdout
+    assert "2 watching processes, 2 joins" in out, out
+    for label in ("Group.join seen by every member's watch",
+                  "bare put seen by every bare client.watch"):
+        line = next(line for line in out.splitlines() if line.startswith(label))
+        p50 = float(line.split("p50")[1].split("ms")[0])
+        assert 0 < p50 < 5000, line
+    assert "ratio group / reference: p50" in out

@@ -13,10 +13,12 @@ import signal
 import subprocess
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import pytest_twisted
 from helpers import (
+    defer_to_exit,
     deferred_readline,
     example,
     finish,
@@ -44,7 +46,10 @@ from coord import (
 )
 from coord.recipes import Group, GroupState, Members, MembershipChange
 from coord.recipes.group import members, watch
+from coord.server import find_etcdctl
 from coord.session import Session
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TTL = 2  # seconds: the member processes' sessions
 
@@ -553,6 +558,32 @@ async def test_member_paused_past_its_ttl_rejoins(etcd, pool_client):
         ({}, {}, {member: b"%d:v2" % proc.pid}),  # left
     ]
     assert await lease_ids(pool_client) == []  # its sessions are closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_etcdctl_reads_the_layout_and_its_writes_are_members(etcd, pool_client, sessions):
+    (s,) = await sessions()
+    group = Group(s, b"services/api", member="api-1")
+    await group.join(b"10.0.0.1:80")
+    env = {**os.environ, "ETCDCTL_API": "3"}
+    out, _ = await defer_to_exit(subprocess.Popen(
+        [find_etcdctl(), "--endpoints", etcd.url, "get", "--prefix", "services/api/"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    assert out.splitlines() == ["services/api/api-1", "10.0.0.1:80"]
+    # a member registered by hand (no lease: it stays until deleted) is a member too
+    await defer_to_exit(subprocess.Popen(
+        [find_etcdctl(), "--endpoints", etcd.url, "put", "services/api/manual", "10.0.0.9:80"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    assert dict(await group.members()) == {b"api-1": b"10.0.0.1:80", b"manual": b"10.0.0.9:80"}
+    await pool_client.delete(b"services/api/manual")
+    await group.leave()
+
+
+def test_docs_example_is_examples_group_py():
+    """docs/group.md shows examples/group.py verbatim."""
+    text = (ROOT / "docs" / "group.md").read_text()
+    block = text.split("<!-- example: group.py -->\n```python\n", 1)[1].split("\n```\n", 1)[0]
+    assert block + "\n" == (ROOT / "examples" / "group.py").read_text()
 
 
 # -- through treq, and the example -----------------------------------------------------------
