@@ -54,6 +54,7 @@ def say(*words: object) -> None:
 def member(mode: str, url: str, index: int) -> None:
     """A member (group) or a bare watcher (ref): says "seen ID TIME" per new member."""
     from twisted.internet import defer, task
+    from twisted.internet.threads import deferToThread
 
     from coord import Client, KeySet
     from coord.recipes import Group, Session
@@ -86,31 +87,17 @@ def member(mode: str, url: str, index: int) -> None:
             watched = client.watch(KeySet(prefix, prefix=True), event)
             await watched.watcher.ready
         say("ready")
-        stop: defer.Deferred[None] = defer.Deferred()
-        reactor.addReader(_Stdin(stop))
-        await stop  # until the parent closes our stdin
+        await deferToThread(sys.stdin.read)  # until the parent closes our stdin
+        if mode == "group":
+            watching.close()
+            await group.leave()
+            await session.close()
+        else:
+            watched.addErrback(lambda _: None)
+            watched.cancel()
+        await client.close()
 
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
-
-
-class _Stdin:
-    """Fires ``stop`` once stdin is closed (a reader for the reactor)."""
-
-    def __init__(self, stop) -> None:
-        self.stop = stop
-
-    def fileno(self) -> int:
-        return sys.stdin.fileno()
-
-    def doRead(self) -> None:  # (Twisted's IReadDescriptor)
-        if not os.read(self.fileno(), 1024) and not self.stop.called:
-            self.stop.callback(None)
-
-    def connectionLost(self, reason) -> None:
-        pass
-
-    def logPrefix(self) -> str:
-        return "stdin"
 
 
 def joiner(mode: str, url: str) -> None:
