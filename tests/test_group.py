@@ -45,9 +45,11 @@ from coord import (
     Transaction,
 )
 from coord.recipes import Group, GroupState, Members, MembershipChange
-from coord.recipes.group import members, watch
+from coord.recipes._mirror_state import MirrorState
+from coord.recipes.group import diff, members, watch
 from coord.server import find_etcdctl
 from coord.session import Session
+from coord.types import Event, EventType, KeyValue
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +58,55 @@ TTL = 2  # seconds: the member processes' sessions
 
 def hexid(session):
     return b"%x" % session.lease_id
+
+
+# -- the watch's diff, sans I/O: a mirror's changes as joins, updates and leaves ----------------
+
+
+def kv(key, value, create, mod=None):
+    return KeyValue(key, value, create, mod or create, 1, 0)
+
+
+def put(key, value, create, mod=None):
+    return Event(EventType.PUT, kv(key, value, create, mod))
+
+
+def delete(key, rev):
+    return Event(EventType.DELETE, KeyValue(key, b"", 0, rev))
+
+
+# (events of one revision, or a load as ("load", revision, kvs)) -> joined, updated, left
+DIFF_TABLE = [
+    ([put(b"g/a", b"1", 2)], {b"a": b"1"}, {}, {}),
+    ([put(b"g/a", b"2", 2, 3)], {}, {b"a": b"2"}, {}),
+    ([put(b"g/a/deep", b"x", 4)], {}, {}, {}),  # a nested group's key: no member
+    ([put(b"g/b", b"b", 5), put(b"g/c", b"c", 5)], {b"b": b"b", b"c": b"c"}, {}, {}),
+    ([delete(b"g/a", 6)], {}, {}, {b"a": b"2"}),
+    ([delete(b"g/a/deep", 7)], {}, {}, {}),
+    # a resync: b left and joined again meanwhile (another create revision), c was
+    # updated, d joined
+    (("load", 20, [kv(b"g/b", b"b2", 15), kv(b"g/c", b"c2", 5, 16), kv(b"g/d", b"d", 17)]),
+     {b"b": b"b2", b"d": b"d"}, {b"c": b"c2"}, {b"b": b"b"}),
+    (("load", 30, []), {}, {}, {b"b": b"b2", b"c": b"c2", b"d": b"d"}),
+]
+
+
+def test_diff_table():
+    state = MirrorState()
+    state.load(1, [])
+    entries = {}
+    for step, joined, updated, left in DIFF_TABLE:
+        if isinstance(step, tuple):
+            change = state.load(step[1], [step[2]])
+            assert change.resync
+        else:
+            state.add(step)
+            change = state.next_change()
+        new, j, u, gone = diff(b"g/", entries, change)
+        assert (j, u, gone) == (joined, updated, left), step
+        assert entries is not new  # the old entries (a Members holds them) are kept
+        entries = new
+        assert set(entries) == {k[2:] for k in state.entries if b"/" not in k[2:]}
 
 
 # -- one process ----------------------------------------------------------------------------

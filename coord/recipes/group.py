@@ -161,6 +161,39 @@ class MembershipChange:
     resync: bool = False
 
 
+def diff(prefix: bytes, entries: dict[bytes, KeyValue], change: Change[KeyValue]
+         ) -> tuple[dict[bytes, KeyValue], dict[bytes, bytes], dict[bytes, bytes],
+                    dict[bytes, bytes]]:
+    """What a mirror's ``change`` does to the members ``entries`` (id -> KeyValue), sans
+    I/O: ``(new entries, joined, updated, left)``; ``entries`` is not changed.
+
+    A key whose create revision differs from before (a resync over a leave and a join)
+    left and joined; keys deeper than ``prefix + id`` are no members.
+    """
+    entries = dict(entries)
+    joined: dict[bytes, bytes] = {}
+    updated: dict[bytes, bytes] = {}
+    left: dict[bytes, bytes] = {}
+    for key, was in change.before.items():
+        member = _member_id(prefix, key)
+        if member is None:
+            continue
+        now = change.after.get(key)
+        if now is None or now.create_revision != was.create_revision:
+            left[member] = was.value
+            del entries[member]
+    for key, kv in change.after.items():
+        member = _member_id(prefix, key)
+        if member is None:
+            continue
+        if member in entries:
+            updated[member] = kv.value
+        else:
+            joined[member] = kv.value
+        entries[member] = kv
+    return entries, joined, updated, left
+
+
 async def _read(client: Client, prefix: bytes, page_size: int) -> Members:
     """Every member under ``prefix`` at one revision: the first page at the current
     revision R, the next ones after the last key so far, read at R too."""
@@ -616,27 +649,7 @@ class GroupWatch:
     def _changed(self, change: Change[KeyValue]) -> None:
         if not change and not change.first:
             return  # a confirmed revision, nothing changed
-        prefix, entries = self.prefix, dict(self._entries)
-        joined: dict[bytes, bytes] = {}
-        updated: dict[bytes, bytes] = {}
-        left: dict[bytes, bytes] = {}
-        for key, was in change.before.items():
-            member = _member_id(prefix, key)
-            if member is None:
-                continue
-            now = change.after.get(key)
-            if now is None or now.create_revision != was.create_revision:
-                left[member] = was.value
-                del entries[member]
-        for key, kv in change.after.items():
-            member = _member_id(prefix, key)
-            if member is None:
-                continue
-            if member in entries:
-                updated[member] = kv.value
-            else:
-                joined[member] = kv.value
-            entries[member] = kv
+        entries, joined, updated, left = diff(self.prefix, self._entries, change)
         self._entries = entries
         self.members = Members(entries, change.revision)
         if not (joined or updated or left or change.first) or self._closed:
