@@ -460,6 +460,45 @@ async def test_members_and_watch_wait_time_out(pool_client, listen, new_client):
         await watching.wait(lambda m: True)
 
 
+@pytest_twisted.ensureDeferred
+async def test_on_a_cluster_when_the_watched_member_is_killed(etcd_cluster):
+    """The member serving the watch dies: the watch resumes on another (nothing missed
+    or repeated), the members' sessions and keys live on, updates and joins go on."""
+    urls = [m.url for m in etcd_cluster.members]
+    client = Client(reactor, urls, timeout=3.0)
+    made = []
+    try:
+        seen: list[MembershipChange] = []
+        watching = watch(client, b"cl", seen.append)
+        await watching.ready
+        served_by = getattr(watching._mirror.watch.watcher._stream, "endpoint", None)
+        (victim,) = [m for m in etcd_cluster.members
+                     if served_by is not None and served_by.url == m.url]
+        for _ in range(2):
+            made.append(await Session.create(client, ttl=15))
+        a, b = Group(made[0], b"cl", member="a"), Group(made[1], b"cl", member="b")
+        await a.join(b"a1")
+        await watching.wait(lambda m: b"a" in m, timeout=10)
+        victim.kill()
+        # the victim may have been raft's leader: wait until the others take writes
+        await wait_until(lambda: client.set(b"probe", b"x").addCallbacks(
+            lambda _: True, lambda _: False), timeout=40, interval=0.2)
+        await a.update(b"a2")
+        await b.join(b"b1")
+        await a.leave()
+        await watching.wait(lambda m: dict(m) == {b"b": b"b1"}, timeout=20)
+        assert b.joined and made[0].alive
+        assert [(dict(c.joined), dict(c.updated), dict(c.left)) for c in seen] == [
+            ({}, {}, {}), ({b"a": b"a1"}, {}, {}), ({}, {b"a": b"a2"}, {}),
+            ({b"b": b"b1"}, {}, {}), ({}, {}, {b"a": b"a2"})]
+        await b.leave()
+        watching.close()
+    finally:
+        for s in made:
+            await s.close().addErrback(lambda _: None)
+        await client.close()
+
+
 # -- member processes ---------------------------------------------------------------------------
 
 MEMBER = textwrap.dedent("""
