@@ -148,7 +148,7 @@ async def test_member_ids_given_and_in_use(etcd, pool_client, sessions):
     web = Group(a, b"svc", member="web-1")
     await web.join(b"a")
     assert web.key == b"svc/web-1"
-    with pytest.raises(InvalidArgument):  # one client: one object per key
+    with pytest.raises(MemberExists):  # another session of the same client: told at once
         Group(b, b"svc", member=b"web-1").join(b"b")
     elsewhere = Client(reactor, etcd.url)  # as another process would
     c = await Session.create(elsewhere, ttl=5)

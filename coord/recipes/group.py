@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from coord import errors
 from coord.errors import MemberExists, MembershipLost, SessionLost
 from coord.keyset import KeySet, as_bytes
-from coord.recipes._core import OwnedKey, Phase, kvs
+from coord.recipes._core import OwnedKey, Phase, _owners, kvs
 from coord.recipes._loop import (
     Shared,
     callback,
@@ -321,8 +321,9 @@ class Group(OwnedKey):
             Deferred firing with this Group once our key is written.
 
         Raises:
-            MemberExists: our member id's key carries another session's lease (nothing
-                is written, nothing deleted).
+            MemberExists: our member id's key carries another session's lease, or a
+                Group of another session of this client uses it (nothing is written,
+                nothing deleted; raised at once in the second case).
             SessionLost: the session has ended.
             Timeout: not joined in time; what we may have written is removed.
             TypeError: ``data`` is not bytes or str, ``timeout`` not a number (at once).
@@ -339,6 +340,14 @@ class Group(OwnedKey):
         return self._join(data, timeout)
 
     def _join(self, data: bytes, timeout: float | None) -> defer.Deferred[Group]:
+        other = _owners.get((id(self.client), self.key))
+        if (other is not None and other is not self and other.active
+                and other.session is not self.session):
+            # (The core refuses two live objects of one client on one key; between
+            # sessions that is a member id in use, as etcd would tell another client.)
+            raise MemberExists(f"{other!r}, of another session of this client, uses "
+                               f"{self.key!r}")
+
         async def take() -> Group:
             await self._obtain(lambda: self._write(data))
             self.data = data
