@@ -30,6 +30,7 @@ from helpers import (
     wait_until,
 )
 from twisted.internet import defer, reactor
+from twisted.protocols import portforward
 
 from coord import (
     Client,
@@ -496,6 +497,74 @@ async def test_on_a_cluster_when_the_watched_member_is_killed(etcd_cluster):
     finally:
         for s in made:
             await s.close().addErrback(lambda _: None)
+        await client.close()
+
+
+class Proxy:
+    """A TCP proxy to etcd that can cut its connections and refuse new ones."""
+
+    def __init__(self, url):
+        host, port = re.match(r"http://([^:]+):(\d+)", url).groups()
+        self.connections = []
+        proxy = self
+
+        class Server(portforward.ProxyServer):
+            def connectionMade(self):
+                proxy.connections.append(self)
+                super().connectionMade()
+
+        self.factory = portforward.ProxyFactory(host, int(port))
+        self.factory.protocol = Server
+        self.listening = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.port = self.listening.getHost().port
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def cut(self):
+        await self.listening.stopListening()
+        for conn in self.connections:
+            conn.transport.abortConnection()
+        self.connections = []
+
+    def restore(self):
+        self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_watch_across_a_compaction_reports_the_difference(etcd_factory):
+    server = etcd_factory()  # a private server: this test compacts its history
+    client = Client(reactor, server.url)
+    proxy = Proxy(server.url)
+    far = Client(reactor, proxy.url, timeout=2.0)
+    made = [await Session.create(client, ttl=5) for _ in range(3)]
+    try:
+        a, b = Group(made[0], b"cw", member="a"), Group(made[1], b"cw", member="b")
+        c = Group(made[2], b"cw", member="c")
+        await a.join(b"a1")
+        await b.join(b"b1")
+        seen: list[MembershipChange] = []
+        watching = watch(far, b"cw", seen.append)
+        await watching.ready
+        await proxy.cut()
+        await a.update(b"a2")
+        await b.leave()
+        await b.join(b"b2")  # left and joined again: another create revision
+        await c.join(b"c")
+        current = (await client.get(b"none")).header.revision
+        await client.compact(current, physical=True)
+        proxy.restore()
+        await watching.wait(lambda m: dict(m) == {b"a": b"a2", b"b": b"b2", b"c": b"c"},
+                            timeout=15)
+        assert watching.resyncs == 1
+        last = seen[-1]
+        assert last.resync and len(seen) == 2
+        assert (dict(last.joined), dict(last.updated), dict(last.left)) == (
+            {b"b": b"b2", b"c": b"c"}, {b"a": b"a2"}, {b"b": b"b1"})
+        watching.close()
+    finally:
+        await proxy.cut()
+        await far.close()
+        for s in made:
+            await s.close()
         await client.close()
 
 
