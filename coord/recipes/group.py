@@ -304,6 +304,17 @@ class Group(OwnedKey):
         """Whether we are a member as far as we can tell: JOINED and the session alive."""
         return self._holding
 
+    @property
+    def lost(self) -> defer.Deferred[errors.CoordError]:
+        """A new Deferred firing with the reason our membership ended without a leave:
+        :class:`~coord.errors.SessionLost` (the lease expired or was revoked, or the
+        session could not keep it alive past its deadline) or
+        :class:`~coord.errors.MembershipLost` (someone deleted our key while the lease
+        lives).  It concerns the current membership (or the next, if read before
+        joining); fired already once LOST; never for :meth:`leave`.  Cancelling it just
+        stops observing."""
+        return OwnedKey.lost.fget(self)  # type: ignore[attr-defined]  # a property
+
     # joining ------------------------------------------------------------------------------
 
     def join(self, data: bytes | str, timeout: float | None = None) -> defer.Deferred[Group]:
