@@ -32,6 +32,7 @@ __all__ = [
     "NOT_PROPOSED",
     "AuthFailed",
     "AuthOldRevision",
+    "ClaimLost",
     "Compacted",
     "ConfigDecodeError",
     "ConfigStopped",
@@ -50,16 +51,21 @@ __all__ = [
     "LeaseNotFound",
     "LockLost",
     "MalformedAnswer",
+    "MemberExists",
+    "MembershipLost",
     "NoLeader",
     "NoSpace",
+    "NotACounter",
     "NotLeader",
     "OutcomeUnknown",
+    "ParticipantLost",
     "PermissionDenied",
     "RequestTooLarge",
     "ResourceExhausted",
     "SessionLost",
     "Timeout",
     "TooManyOperations",
+    "TooManyParticipants",
     "Unauthenticated",
     "Unavailable",
     "WriteTimeout",
@@ -323,6 +329,10 @@ class MembershipLost(CoordError):
 class ParticipantLost(CoordError):
     """A DoubleBarrier participant's waiter key was deleted by someone else (not by the
     end of its session's lease, which is SessionLost) while it entered or was in."""
+
+
+class MemberExists(CoordError):
+    """A group member id is in use by another session (its key carries another lease)."""
 
 
 # etcd's exact messages (api/v3rpc/rpctypes/error.go), mapped to the class that carries them.

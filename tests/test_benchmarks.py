@@ -223,3 +223,15 @@ def test_work_queue_round(etcd):
     assert counts["Queue, 4 consumers waiting"] > 0, proc.stdout
     assert counts["Queue, 1 consumer"] + counts["Queue, 4 consumers (processes)"] > 0, \
         proc.stdout
+
+
+def test_group_round(etcd):
+    out = run(str(ROOT / "benchmarks" / "group.py"), "--url", etcd.url, "--members", "2",
+              "--rounds", "2").stdout
+    assert "2 watching processes, 2 joins" in out, out
+    for label in ("Group.join seen by every member's watch",
+                  "bare put seen by every bare client.watch"):
+        line = next(line for line in out.splitlines() if line.startswith(label))
+        p50 = float(line.split("p50")[1].split("ms")[0])
+        assert 0 < p50 < 5000, line
+    assert "ratio group / reference: p50" in out

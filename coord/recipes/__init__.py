@@ -14,6 +14,9 @@ Barriers (Go-compatible layout): :class:`Barrier` (hold / release / wait) and
 Config: :class:`ConfigWatcher`, a consistent live view of a config prefix.
 Leader election (Go-compatible, ``etcdctl elect``): :class:`Election`, :func:`run_as_leader`.
 Work queues (at-least-once, no herd): :class:`Queue`, :class:`PriorityQueue`, :class:`Item`.
+
+
+Group membership (a service registry): :class:`Group`, :class:`GroupWatch`, :class:`Members`.
 """
 
 from coord.recipes.barrier import Barrier, DoubleBarrier, DoubleBarrierState
@@ -29,6 +32,13 @@ from coord.recipes.election import (
     Leader,
     Observation,
     run_as_leader,
+)
+from coord.recipes.group import (
+    Group,
+    GroupState,
+    GroupWatch,
+    Members,
+    MembershipChange,
 )
 from coord.recipes.lock import (
     Lock,
@@ -52,11 +62,16 @@ __all__ = [
     "DoubleBarrierState",
     "Election",
     "ElectionState",
+    "Group",
+    "GroupState",
+    "GroupWatch",
     "Item",
     "ItemState",
     "Leader",
     "Lock",
     "LockState",
+    "Members",
+    "MembershipChange",
     "Observation",
     "PriorityQueue",
     "Queue",
