@@ -10,6 +10,7 @@ Locks (Go-compatible layout, fencing tokens): :class:`Lock`, :class:`RWLock`,
 
 Config: :class:`ConfigWatcher`, a consistent live view of a config prefix.
 Leader election (Go-compatible, ``etcdctl elect``): :class:`Election`, :func:`run_as_leader`.
+Counter: :class:`Counter`, an int64 in one key (decimal ASCII), changed by compare-and-swap.
 """
 
 from coord.recipes.config import (
@@ -18,6 +19,7 @@ from coord.recipes.config import (
     ConfigState,
     ConfigWatcher,
 )
+from coord.recipes.counter import Counter
 from coord.recipes.election import (
     Election,
     ElectionState,
@@ -41,6 +43,7 @@ __all__ = [
     "ConfigSnapshot",
     "ConfigState",
     "ConfigWatcher",
+    "Counter",
     "Election",
     "ElectionState",
     "Leader",
