@@ -194,3 +194,18 @@ def test_scale_round(etcd):
                "--modes", "unshared", "--nofile", "1024", "--json")
     (refused,) = json.loads(proc.stdout)
     assert "soft limit" in refused["error"] and "1024" in refused["error"], refused
+
+
+def test_counter_round(etcd):
+    # 1 and 2 writers, briefly: a table with adds/s next to puts/s, as ratios
+    proc = run(str(ROOT / "benchmarks" / "counter.py"), "--url", etcd.url, "--duration",
+               "0.3", "--rounds", "1", "--writers", "1,2", "--json")
+    lines = proc.stdout.strip().splitlines()
+    assert lines[1].split()[:4] == ["writers", "put/s", "add/s", "add/put"], proc.stdout
+    table = json.loads(lines[-1])
+    for writers in ("1", "2"):
+        row = table[writers]
+        assert row["put_per_s"] > 0 and row["add_per_s"] > 0, row
+        assert row["ratio"] == row["add_per_s"] / row["put_per_s"]
+        assert row["requests_per_add"] >= 1
+        assert row["client_us"]["add"] > 0
