@@ -158,7 +158,8 @@ def run(url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
         put_rate = median([s["rate"] for s in puts])
         add_rate = median([s["rate"] for s in adds])
         assert put_rate is not None and add_rate is not None
-        per_round = " ".join(f"{a['rate'] / p['rate']:.2f}" for a, p in zip(adds, puts, strict=True))
+        per_round = " ".join(f"{a['rate'] / p['rate']:.2f}"
+                             for a, p in zip(adds, puts, strict=True))
         row = {
             "put_per_s": put_rate, "add_per_s": add_rate, "ratio": add_rate / put_rate,
             "requests_per_add": median([s["requests_per_op"] for s in adds]),
