@@ -34,6 +34,7 @@ from coord import errors
 from coord.errors import CounterOutcomeUnknown, InvalidArgument, NotACounter
 from coord.keyset import KeySet
 from coord.recipes._loop import (
+    CLEANUP_GRACE,
     DEFAULT,
     Shared,
     check_name,
@@ -253,8 +254,10 @@ class Counter:
             TypeError: ``n`` not an int.  InvalidArgument: ``n`` outside int64, or the sum
                 would leave int64 (nothing written).  (Both at once for ``n``.)
             NotACounter: the key holds something else (nothing written).
-            Timeout: not done within ``timeout``; no write of this add was in flight, so
-                none was applied.
+            Timeout: not done within ``timeout``; no write of this add was in flight
+                then, so none was applied.  (A write in flight at the deadline gets
+                ``CLEANUP_GRACE`` = 0.5 s more to answer: Timeout, or the result, may come
+                that late.)
             CounterOutcomeUnknown: a write of this add may or may not have been applied:
                 its base and value are attached (history compacted, timeout during a
                 write, or a lookalike write as above).
@@ -381,7 +384,12 @@ class Counter:
         """Send ``txn`` once.  If cancelled meanwhile, its answer is awaited all the same
         (it may be applied): applied, it is returned; not applied, CancelledError; no
         answer, CounterOutcomeUnknown."""
-        sent = Shared(self.client.submit(txn, timeout=self._left(deadline, message)))
+        # A write in flight at the deadline is given CLEANUP_GRACE more to answer: an
+        # answer settles it (applied, or not: then Timeout), where cutting it at the
+        # deadline would leave its outcome unknown.
+        left = self._left(deadline, message)
+        sent = Shared(self.client.submit(
+            txn, timeout=None if left is None else left + CLEANUP_GRACE))
         try:
             return await sent.wait()
         except defer.CancelledError:
