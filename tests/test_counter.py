@@ -548,6 +548,31 @@ async def test_an_add_whose_answer_never_comes_is_unknown_at_its_timeout(path_ga
 
 
 @pytest_twisted.ensureDeferred
+async def test_cancel_while_an_answer_that_never_comes_is_owed_is_unknown(path_gateway):
+    """Cancelled while its write is in flight and no answer ever comes: the add says its
+    outcome is unknown (not CancelledError, which would claim nothing was applied), and
+    does not re-send."""
+    from coord.testing import HEADER, HOLD, answer
+
+    def script(path):
+        if path == "/v3/kv/range":
+            return answer(body={"header": HEADER})
+        return HOLD if path == "/v3/kv/txn" else answer(path=path)
+
+    url, gateway = path_gateway(script)
+    client = Client(reactor, url, timeout=5, attempt_timeout=None)
+    try:
+        d = Counter(client, b"c").add(3, timeout=0.3)
+        await sleep(0.1)
+        d.cancel()
+        with pytest.raises(CounterOutcomeUnknown, match="cancelled"):
+            await d
+        assert gateway.count("/v3/kv/txn") == 1
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_cancel_while_the_answer_is_owed_waits_for_it(path_gateway):
     """Cancelled while its write is in flight, an add waits for the answer: applied, it
     fires with the value after all."""

@@ -415,11 +415,12 @@ class Counter:
                     self.resolved += 1
                 return result.header.revision
             except errors.Failed as failed:
-                now = _base_of(self.key, failed.responses[0], self.default)
                 if lost is None:
-                    return now
+                    return _base_of(self.key, failed.responses[0], self.default)
                 # The re-sent copy was not applied; was the first?
-                return await self._settle(base, value, now, failed, deadline, message)
+                return await self._settle(base, value, failed, deadline, message)
+            except CounterOutcomeUnknown:
+                raise  # settled as unknown already (cancelled while owed an answer)
             except errors.OutcomeUnknown as e:
                 if deadline is not None and self.client.reactor.seconds() >= deadline:
                     self.unresolved += 1
@@ -448,8 +449,10 @@ class Counter:
     def _unknown(self, base: _Base, value: int, reason: str) -> CounterOutcomeUnknown:
         return CounterOutcomeUnknown(self.key, base.value, base.after, value, reason)
 
-    async def _settle(self, base: _Base, value: int, now: _Base, failed: errors.Failed,
+    async def _settle(self, base: _Base, value: int, failed: errors.Failed,
                       deadline: float | None, message: str) -> int | _Base:
+        """Our lost write (``base`` -> ``value``) was re-sent and that copy failed: the
+        revision ours was applied at, or the key's state now if it was not."""
         kvs = failed.responses[0].kvs
         first = first_after(base, kvs[0] if kvs else None)
         if first is None:
@@ -465,9 +468,15 @@ class Counter:
             except defer.CancelledError as e:
                 self.unresolved += 1
                 raise self._unknown(base, value, "cancelled while settling") from e
+            except errors.CoordError as e:  # a watch that ended otherwise: no guess
+                self.unresolved += 1
+                raise self._unknown(base, value, f"the key's history could not be read: "
+                                    f"{e}") from e
         if judge(first, encode(value)) is Verdict.NOT_OURS:
             self.resolved += 1
-            return now
+            # Not ours: go on from the key's state now (NotACounter if it holds junk:
+            # nothing of ours was applied, so that is the whole truth).
+            return _base_of(self.key, failed.responses[0], self.default)
         if self.unique_writes:
             self.resolved += 1
             return first.kv.mod_revision
