@@ -356,7 +356,11 @@ class Counter:
                               failure=[OpGet(self.key)])
             outcome = await self._write(txn, base, value, deadline, message)
             if isinstance(outcome, int):
-                self._seen = _Base(value, outcome, outcome)
+                # Our put: one version more, the same creation (or this one, from absent);
+                # created stays 0 (unknown) after a hint from set(), which first_after
+                # then never trusts.
+                self._seen = _Base(value, outcome, outcome, base.version + 1,
+                                   base.created if base.revision else outcome)
                 return value
             base, fresh = outcome, True
             self._seen = base
