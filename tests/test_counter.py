@@ -244,6 +244,34 @@ async def test_compare_and_set(pool_client):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_counter_deleted_in_use_starts_again_from_its_default(pool_client):
+    counter = Counter(pool_client, b"reset", default=100)
+    assert await counter.add(1) == 101
+    await pool_client.delete(b"reset")  # our hint (101 at its revision) is stale now
+    assert await counter.add(1) == 101
+    await pool_client.delete(b"reset")
+    assert await counter.compare_and_set(101, 0) is False  # absent holds the default
+    assert await counter.compare_and_set(100, 5)
+    assert await counter.get() == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_through_treq(etcd):
+    from helpers import make_client
+
+    client = make_client(etcd.url, "treq")
+    try:
+        counter = Counter(client, b"treq")
+        assert await counter.add(2) == 2
+        assert await Counter(client, b"treq").add(3) == 5  # a stale hint for `counter`
+        assert await counter.add(1) == 6
+        assert await counter.compare_and_set(6, 0)
+        assert await counter.get() == 0
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_concurrent_adds_from_two_clients(etcd):
     clients = [Client(reactor, etcd.url), Client(reactor, etcd.url)]
     try:
