@@ -169,6 +169,15 @@ class Counter:
 
     Methods return Deferreds.  Each takes ``timeout``: seconds for the whole call, retries
     included (default: the client's ``timeout``; None: no limit).
+
+    Attributes:
+        key, default, unique_writes: as given (``key`` as bytes).
+        resolved: how many lost answers this object settled (applied or not, known).
+        unresolved: how many it could not settle (CounterOutcomeUnknown raised).
+
+    Raises:
+        TypeError: ``name`` not bytes or str, ``default`` not an int, ``unique_writes``
+            not a bool.  InvalidArgument: an empty ``name``, ``default`` outside int64.
     """
 
     def __init__(self, client: Client, name: bytes | str, default: int = 0,
@@ -181,7 +190,6 @@ class Counter:
         self.unique_writes = unique_writes
         # The last state we saw (a hint: a write compares on it, and is told if stale).
         self._seen: _Base | None = None
-        #: How many lost answers were settled (re-sent, then judged) and how many raised.
         self.resolved = 0
         self.unresolved = 0
 
