@@ -576,6 +576,22 @@ async def test_an_add_whose_answer_never_comes_is_unknown_at_its_timeout(path_ga
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_set_whose_answer_never_comes_is_unknown_and_not_resent(path_gateway):
+    from coord.testing import HOLD, answer
+
+    url, gateway = path_gateway(lambda path: HOLD if path == "/v3/kv/put"
+                                else answer(path=path))
+    client = Client(reactor, url, timeout=5, attempt_timeout=None)
+    try:
+        with pytest.raises(OutcomeUnknown):
+            await Counter(client, b"c").set(5, timeout=0.3)
+        await sleep(0.2)
+        assert gateway.count("/v3/kv/put") == 1
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_cancel_while_an_answer_that_never_comes_is_owed_is_unknown(path_gateway):
     """Cancelled while its write is in flight and no answer ever comes: the add says its
     outcome is unknown (not CancelledError, which would claim nothing was applied), and
