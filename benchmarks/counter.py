@@ -13,8 +13,10 @@ with its own client, in a loop on one key for S seconds:
 
 Rounds interleave the two (the order alternates), and the table shows medians: ops/s,
 ``add/put`` (the ratio of the medians, and per round), gateway requests per add (1 when
-uncontended; more when conflicts made it retry), and CPU per operation: the writers'
-(user + system) and etcd's (when its pid is known: the embedded etcd, or --server-pid).
+uncontended; more when conflicts made it retry), the p50 and p99 time of one add (over
+all writers: with several, how long a writer waits for its turn), and CPU per operation:
+the writers' (user + system) and etcd's (when its pid is known: the embedded etcd, or
+--server-pid).
 """
 
 from __future__ import annotations
@@ -83,12 +85,17 @@ def worker(kind: str, url: str, duration: float, start_at: float) -> None:
         ops, requests[0] = 0, 0
         cpu0, t0 = cpu_seconds(), time.monotonic()
         end = t0 + duration
-        while time.monotonic() < end:
+        latencies = []
+        now = t0
+        while now < end:
             await one()
             ops += 1
+            done = time.monotonic()
+            latencies.append(done - now)
+            now = done
         elapsed, cpu = time.monotonic() - t0, cpu_seconds() - cpu0
         print(json.dumps({"ops": ops, "seconds": elapsed, "cpu": cpu,
-                          "requests": requests[0]}), flush=True)
+                          "requests": requests[0], "latencies": latencies}), flush=True)
         await client.close()
 
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
@@ -114,15 +121,24 @@ def measure(kind: str, writers: int, url: str, duration: float,
         results.append(json.loads(out.strip().splitlines()[-1]))
     server1 = process_cpu_seconds(server_pid)
     ops = sum(r["ops"] for r in results)
+    latencies = sorted(x for r in results for x in r["latencies"])
     seconds = max(r["seconds"] for r in results)
     return {
         "rate": ops / seconds,
+        "p50_ms": 1e3 * percentile(latencies, 0.5),
+        "p99_ms": 1e3 * percentile(latencies, 0.99),
         "requests_per_op": sum(r["requests"] for r in results) / max(ops, 1),
         "client_us": 1e6 * sum(r["cpu"] for r in results) / max(ops, 1),
         # etcd's CPU over the window (and the writers' exits: a few ms), per operation
         "server_us": None if server0 is None or server1 is None
         else 1e6 * (server1 - server0) / max(ops, 1),
     }
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(len(values) * p))]
 
 
 def median(values: list) -> float | None:
@@ -151,7 +167,8 @@ def run(url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
     print(f"etcd {version} at {url}, {args.rounds} rounds x {args.duration:g} s, "
           f"{os.cpu_count()} CPUs, medians")
     print(f"{'writers':<8} {'put/s':>7} {'add/s':>7} {'add/put':>8}  {'per round':<20} "
-          f"{'req/add':>7}  {'client CPU/op us':>17}  {'etcd CPU/op us':>15}")
+          f"{'req/add':>7}  {'add p50/p99 ms':>14}  {'client CPU/op us':>17}  "
+          f"{'etcd CPU/op us':>15}")
     table = {}
     for w in writers:
         puts, adds = samples[("put", w)], samples[("add", w)]
@@ -163,6 +180,8 @@ def run(url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
         row = {
             "put_per_s": put_rate, "add_per_s": add_rate, "ratio": add_rate / put_rate,
             "requests_per_add": median([s["requests_per_op"] for s in adds]),
+            "add_p50_ms": median([s["p50_ms"] for s in adds]),
+            "add_p99_ms": median([s["p99_ms"] for s in adds]),
             "client_us": {"put": median([s["client_us"] for s in puts]),
                           "add": median([s["client_us"] for s in adds])},
             "server_us": {"put": median([s["server_us"] for s in puts]),
@@ -171,6 +190,7 @@ def run(url: str, args: argparse.Namespace, server_pid: int | None) -> dict:
         table[w] = row
         print(f"{w:<8} {put_rate:7.0f} {add_rate:7.0f} {row['ratio']:7.2f}x  {per_round:<20} "
               f"{fmt(row['requests_per_add'], '.2f'):>7}  "
+              f"{fmt(row['add_p50_ms'], '.2f'):>6} {fmt(row['add_p99_ms'], '.1f'):>7}  "
               f"{fmt(row['client_us']['put']):>8} {fmt(row['client_us']['add']):>8}  "
               f"{fmt(row['server_us']['put']):>7} {fmt(row['server_us']['add']):>7}",
               flush=True)

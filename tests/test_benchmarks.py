@@ -209,3 +209,4 @@ def test_counter_round(etcd):
         assert row["ratio"] == row["add_per_s"] / row["put_per_s"]
         assert row["requests_per_add"] >= 1
         assert row["client_us"]["add"] > 0
+        assert 0 < row["add_p50_ms"] <= row["add_p99_ms"]
