@@ -8,6 +8,7 @@ The counter is the key b'visits', its value the decimal ASCII of an int64:
 
 import sys
 
+import txaio
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import react
 
@@ -40,4 +41,6 @@ async def main(reactor):
     await etcd.close()
 
 
-react(lambda reactor: ensureDeferred(main(reactor)))
+if __name__ == '__main__':
+    txaio.start_logging(level='info')
+    react(main)
