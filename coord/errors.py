@@ -37,6 +37,7 @@ __all__ = [
     "ConfigDecodeError",
     "ConfigStopped",
     "CoordError",
+    "CounterOutcomeUnknown",
     "EtcdError",
     "EtcdInvalidArgument",
     "EtcdOutcomeUnknown",
@@ -333,6 +334,38 @@ class ParticipantLost(CoordError):
 
 class MemberExists(CoordError):
     """A group member id is in use by another session (its key carries another lease)."""
+
+
+class CounterOutcomeUnknown(OutcomeUnknown):
+    """A Counter write (``add``, ``compare_and_set``) was sent, its answer never came, and
+    what etcd kept cannot tell whether it was applied.
+
+    The write compared the key's mod revision with ``base_revision`` (the value then was
+    ``base``) and would have written ``value``.  It was not re-sent blindly: see
+    docs/counter.md, "When an answer is lost".
+
+    Attributes:
+        key: the counter's key.
+        base: the value the write was computed from.
+        base_revision: the revision at which the key held ``base``: its mod revision, or
+            for an absent key the revision of the read that found it absent.
+        value: what the write would have written (``base + delta`` for an add).
+        delta: ``value - base``.
+        reason: why it could not be told: the first write after ``base_revision`` wrote
+            ``value`` (ours, or another writer's that wrote the same value from the same
+            base); that history was compacted; or the timeout came first.
+    """
+
+    def __init__(self, key: bytes, base: int, base_revision: int, value: int,
+                 reason: str) -> None:
+        super().__init__(f"counter {key!r}: write of {value} (from {base} at revision "
+                         f"{base_revision}) may or may not have been applied: {reason}")
+        self.key = key
+        self.base = base
+        self.base_revision = base_revision
+        self.value = value
+        self.delta = value - base
+        self.reason = reason
 
 
 # etcd's exact messages (api/v3rpc/rpctypes/error.go), mapped to the class that carries them.

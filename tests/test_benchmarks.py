@@ -235,3 +235,19 @@ def test_group_round(etcd):
         p50 = float(line.split("p50")[1].split("ms")[0])
         assert 0 < p50 < 5000, line
     assert "ratio group / reference: p50" in out
+
+
+def test_counter_round(etcd):
+    # 1 and 2 writers, briefly: a table with adds/s next to puts/s, as ratios
+    proc = run(str(ROOT / "benchmarks" / "counter.py"), "--url", etcd.url, "--duration",
+               "0.3", "--rounds", "1", "--writers", "1,2", "--json")
+    lines = proc.stdout.strip().splitlines()
+    assert lines[1].split()[:4] == ["writers", "put/s", "add/s", "add/put"], proc.stdout
+    table = json.loads(lines[-1])
+    for writers in ("1", "2"):
+        row = table[writers]
+        assert row["put_per_s"] > 0 and row["add_per_s"] > 0, row
+        assert row["ratio"] == row["add_per_s"] / row["put_per_s"]
+        assert row["requests_per_add"] >= 1
+        assert row["client_us"]["add"] > 0
+        assert 0 < row["add_p50_ms"] <= row["add_p99_ms"]

@@ -7,15 +7,12 @@ Their errors (LockLost, LeadershipLost, SessionLost, ConfigStopped...) are in
 Sessions: :class:`Session` (one kept-alive lease the recipes share), :class:`SessionState`.
 Locks (Go-compatible layout, fencing tokens): :class:`Lock`, :class:`RWLock`,
 :class:`Semaphore`, and :func:`acquire_lock` (a lock with a session of its own).
-
+Leader election (Go-compatible, ``etcdctl elect``): :class:`Election`, :func:`run_as_leader`.
+Config: :class:`ConfigWatcher`, a consistent live view of a config prefix.
 Barriers (Go-compatible layout): :class:`Barrier` (hold / release / wait) and
 :class:`DoubleBarrier` (``count`` participants enter and leave together).
-
-Config: :class:`ConfigWatcher`, a consistent live view of a config prefix.
-Leader election (Go-compatible, ``etcdctl elect``): :class:`Election`, :func:`run_as_leader`.
+Counter: :class:`Counter`, an int64 in one key (decimal ASCII), changed by compare-and-swap.
 Work queues (at-least-once, no herd): :class:`Queue`, :class:`PriorityQueue`, :class:`Item`.
-
-
 Group membership (a service registry): :class:`Group`, :class:`GroupWatch`, :class:`Members`.
 """
 
@@ -26,6 +23,7 @@ from coord.recipes.config import (
     ConfigState,
     ConfigWatcher,
 )
+from coord.recipes.counter import Counter
 from coord.recipes.election import (
     Election,
     ElectionState,
@@ -58,6 +56,7 @@ __all__ = [
     "ConfigSnapshot",
     "ConfigState",
     "ConfigWatcher",
+    "Counter",
     "DoubleBarrier",
     "DoubleBarrierState",
     "Election",
