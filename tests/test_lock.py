@@ -2451,3 +2451,36 @@ async def test_a_take_whose_write_reaches_etcd_after_its_removal_leaves_no_key(e
             if peer is not None and peer.transport is not None:
                 peer.transport.abortConnection()
         await sleep(0.05)
+
+
+EXIT_WHILE_WAITING = textwrap.dedent("""
+    import sys
+    from twisted.internet import defer, task
+    from coord import Client
+    from coord.recipes import Lock, Session
+
+    async def main(reactor):
+        client = Client(reactor, sys.argv[1])
+        a = await Session.create(client, ttl=5)
+        b = await Session.create(client, ttl=5)
+        await Lock(a, "exit-lock").acquire()
+        pending = Lock(b, "exit-lock").acquire()  # queued behind a's key
+        await task.deferLater(reactor, 0.3, lambda: None)
+        print("waiting", flush=True)
+        # The program ends with the acquire pending: its coroutine is closed at exit.
+
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+""")
+
+
+def test_a_program_ending_while_an_acquire_waits_exits_quietly(etcd):
+    """A take still waiting when the interpreter exits is closed (GeneratorExit): it must
+    not try its clean-up I/O then (Python printed "Exception ignored in <coroutine ...>"
+    with an ImportError from the dying interpreter)."""
+    proc = spawn(EXIT_WHILE_WAITING, etcd.url)
+    try:
+        out, err = proc.communicate(timeout=30)
+    finally:
+        finish(proc)
+    assert proc.returncode == 0 and out.strip() == "waiting", (out, err)
+    assert "Exception ignored" not in err and "Traceback" not in err, err

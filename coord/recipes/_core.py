@@ -176,6 +176,11 @@ class OwnedKey:
                     raise NotFree(f"{self.name!r} is not free")
                 header = await self._wait(token)
             self.session.check()
+        except GeneratorExit:
+            # The coroutine is being closed (the interpreter exits, its Deferred was
+            # garbage-collected): no clean-up I/O now -- awaiting here would make Python
+            # report "coroutine ignored GeneratorExit".  The lease ends our key.
+            raise
         except BaseException as exc:
             self._phase = Phase.IDLE
             self._pending = None
