@@ -108,6 +108,67 @@ async def test_release_gives_the_item_back_first(pool_client, sessions):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_release_that_failed_leaves_the_item_claimed_to_release_again(
+        etcd, new_client, pool_client, sessions):
+    """A release whose delete fails (etcd hung: no answer) is not taken as done: the
+    item stays CLAIMED, and a second release sends the delete again."""
+    from coord.session import Session
+
+    consumer = new_client(etcd.url, timeout=1)
+    session = await Session.create(consumer, ttl=30)
+    queue = Queue(consumer, b"q-release")
+    await queue.put(b"a")
+    item = await queue.get(session, timeout=5)
+    etcd.pause()
+    try:
+        with pytest.raises((Timeout, Unavailable)):
+            await item.release()
+    finally:
+        etcd.resume()
+    assert item.state is ItemState.CLAIMED
+    await item.release()
+    assert item.state is ItemState.RELEASED
+    (other,) = await sessions()
+    watcher = Queue(pool_client, b"q-release")
+    again = await watcher.get(other, timeout=5)  # given back: another consumer has it
+    assert (again.value, again.revision) == (b"a", item.revision)
+    await again.ack()
+    await nothing_left(pool_client, b"q-release")
+    queue.close()
+    watcher.close()
+    await session.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_get_right_after_a_timed_out_get_waits_for_its_clean_up(
+        etcd, new_client, pool_client):
+    """A get of the same session while the timed-out one still removes its waiter key
+    (etcd hung) is not refused: it waits for that removal, then takes its turn."""
+    from coord.session import Session
+
+    consumer = new_client(etcd.url, timeout=1)
+    session = await Session.create(consumer, ttl=30)
+    queue = Queue(consumer, b"q-again")
+    first = queue.get(session, timeout=1.5)
+    await wait_until(lambda: keys_under(pool_client, b"q-again/waiters/"))
+    etcd.pause()  # the first get's removal of its waiter key hangs
+    try:
+        with pytest.raises(Timeout):
+            await first
+        second = queue.get(session, timeout=10)  # no InvalidArgument
+        await sleep(0.2)
+    finally:
+        etcd.resume()
+    await pool_client.set(b"q-again/items/x", b"x")
+    item = await second
+    assert item.value == b"x"
+    await item.ack()
+    await nothing_left(pool_client, b"q-again")
+    queue.close()
+    await session.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_ack_after_the_session_ended_raises_claim_lost(pool_client, sessions):
     a, b = await sessions(2)
     queue = Queue(pool_client, b"q3")

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import txaio
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from coord import errors
 from coord.errors import ClaimLost
@@ -114,22 +115,22 @@ class Item:
 
     Attributes:
         queue: the Queue.  session: the consumer's session (its lease holds the claim).
-        id: the item's id (str, the key after ``NAME/items/``).  key: its key (bytes).
+        id: the item's id (bytes: the key after ``NAME/items/``).  key: its key.
         value: the payload (bytes).  priority: its priority (0 for a plain Queue).
         revision: the item's create revision (the put's revision: the queue's order).
         claim_key: ``NAME/claims/<id>``.  claim_revision: the claim's create revision.
         state: an :class:`ItemState`.
     """
 
-    def __init__(self, queue: Queue, session: Session, id: str, value: bytes,
+    def __init__(self, queue: Queue, session: Session, id: bytes, value: bytes,
                  revision: int, claim_revision: int) -> None:
         self.queue = queue
         self.session = session
         self.id = id
-        self.key = queue.items + id.encode()
-        self.claim_key = queue.claims + id.encode()
+        self.key = queue.items + id
+        self.claim_key = queue.claims + id
         self.value = value
-        self.priority = queue._priority_of(id.encode())
+        self.priority = queue._priority_of(id)
         self.revision = revision
         self.claim_revision = claim_revision
         self.state = ItemState.CLAIMED
@@ -194,15 +195,22 @@ class Item:
         """Give the item back at once (a nack): delete our claim, if it is still ours.
 
         The item is then the queue's oldest again (delivered before newer ones).
-        Idempotent; a release of a claim already gone does nothing.
+        Idempotent; a release of a claim already gone does nothing.  A release that
+        failed (etcd unreachable, no answer) leaves the item CLAIMED: release again (or
+        ack); the claim goes with the session's lease at the latest.
 
         Returns:
             Deferred firing with None once the claim is gone.
+
+        Raises:
+            Unavailable, Timeout, OutcomeUnknown: the delete failed or its answer never
+                came (sending it again is safe: it is guarded on our claim).
         """
         if self.state is ItemState.ACKED:
             return defer.succeed(None)
-        if self._busy is None:
-            self.state = ItemState.RELEASED
+        busy = self._busy
+        if busy is None or (busy.done and isinstance(busy.result, Failure)):
+            self.state = ItemState.RELEASED  # (an ack meanwhile is refused: ClaimLost)
             txn = Transaction(compare=[self._guard()], success=[OpDel(self.claim_key)])
 
             async def release() -> None:
@@ -210,9 +218,14 @@ class Item:
                     await self.session.client.submit(txn)
                 except errors.Failed:
                     pass  # gone already (our session ended, or deleted by hand)
+                except BaseException:
+                    # Not known to be deleted: still ours, to release again or ack
+                    # (Lock.release retries a failed release the same way).
+                    self.state = ItemState.CLAIMED
+                    raise
 
-            self._busy = Shared(start(release()))
-        return self._busy.wait()
+            self._busy = busy = Shared(start(release()))
+        return busy.wait()
 
 
 def _entry(kv: KeyValue) -> int:
@@ -251,6 +264,9 @@ class Queue:
         self._ended: BaseException | None = None
         self._closed = False
         self._getting: set[int] = set()  # lease IDs with a get under way
+        # One waiter key object per session (the core allows one live object per key):
+        # a get right after a timed-out one reuses it, and waits for its clean-up.
+        self._turns: dict[int, _Turn] = {}
         self._pending: dict[bytes, int] = {}  # item id (claimed or not) -> create revision
         self._claimed_ids: set[bytes] = set()
         self._waiting: dict[bytes, int] = {}  # waiter key -> create revision
@@ -431,10 +447,12 @@ class Queue:
                 f"a get of this session on {self.name!r} is under way: one at a time per "
                 "session (use another session to wait in parallel)")
         self._getting.add(session.lease_id)
-        d = start(self._get(session))
-        d.addBoth(self._got, session.lease_id)
-        return with_timeout(d, timeout, self.client.reactor,
-                            f"no item claimed from {self.name!r} within {timeout} s")
+        got = with_timeout(start(self._get(session)), timeout, self.client.reactor,
+                           f"no item claimed from {self.name!r} within {timeout} s")
+        # Done once the caller is told (a timed-out get may still remove its keys: the
+        # next get of this session waits for that, see _turns).
+        got.addBoth(self._got, session.lease_id)
+        return got
 
     def _got(self, result: Any, lease_id: int) -> Any:
         self._getting.discard(lease_id)
@@ -442,7 +460,11 @@ class Queue:
 
     async def _get(self, session: Session) -> Item:
         await self._ensure_mirror()
-        turn = _Turn(session, self.name)
+        turn = self._turns.get(session.lease_id)
+        if turn is None or turn.session is not session:
+            for lease_id in [k for k, t in self._turns.items() if not t.session.alive]:
+                del self._turns[lease_id]
+            turn = self._turns[session.lease_id] = _Turn(session, self.name)
         await turn.take()  # our waiter key, written at turn.token
         assert turn.token is not None
         # This get's claims only (a waiter key our lease left behind is reused, with
@@ -560,15 +582,16 @@ class Queue:
         written.remove(claim)
         turn.handed_on()
         self.claimed += 1
-        return Item(self, session, id.decode(), kv.value, kv.create_revision, revision)
+        return Item(self, session, id, kv.value, kv.create_revision, revision)
 
     async def _clean(self, session: Session, turn: _Turn, value: bytes,
                      written: list[bytes]) -> None:
         """After a failed, timed-out or cancelled get: delete a claim of this get that
         may have been written (its value is this get's), and our waiter key."""
+        letting_go = turn._let_go()  # (at once: the next get of this session waits for it)
         for claim in written:
             await self._drop_claim(claim, value)
-        await turn._let_go()
+        await letting_go
 
     async def _drop_claim(self, claim: bytes, value: bytes) -> None:
         """Delete ``claim`` if it is this get's (its value)."""
