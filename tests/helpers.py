@@ -10,9 +10,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from twisted.internet import base, reactor, task, tcp
+from twisted.internet import base, defer, reactor, task, tcp
 from twisted.internet.threads import deferToThread
+from twisted.protocols import portforward
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from coord import Client, KeySet
@@ -236,3 +238,77 @@ def hung_gateway(listen, new_client):
 
     gateway = Scripted(["hold"])
     return gateway, new_client(listen(gateway), timeout=10)
+
+
+# -- a proxy that loses one answer ------------------------------------------------------
+
+
+def b64(data: bytes) -> bytes:
+    """``data`` as the gateway's JSON carries it."""
+    return base64.b64encode(data)
+
+
+class LossyProxy:
+    """A TCP proxy to etcd that loses the answer of the first transaction whose request
+    holds ``match`` (bytes; the JSON body has keys in base64, see :func:`b64`), one of
+    two ways.
+
+    ``lose="answer"``: the request reaches etcd (it is applied), and the connection is
+    cut when etcd's answer comes.  ``lose="request"``: ``before`` (an async function) runs,
+    then the connection is cut without the request going on.  Later requests pass.
+    """
+
+    def __init__(self, url, lose, before=None, match=b""):
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        self.lose, self.before = lose, before
+        self.pending, self.lost, self.conns = True, False, []
+        proxy = self
+
+        class Back(portforward.ProxyClient):
+            def dataReceived(self, data):
+                if self.peer.cut_answer:
+                    proxy.lost = True
+                    self.peer.transport.abortConnection()
+                    self.transport.abortConnection()
+                    return
+                super().dataReceived(data)
+
+        class BackFactory(portforward.ProxyClientFactory):
+            protocol = Back
+
+        class Server(portforward.ProxyServer):
+            clientProtocolFactory = BackFactory
+            cut_answer = False
+
+            def connectionMade(self):
+                proxy.conns.append(self)
+                super().connectionMade()
+
+            def dataReceived(self, data):
+                if proxy.pending and b"/v3/kv/txn" in data and match in data:
+                    proxy.pending = False
+                    if proxy.lose == "answer":
+                        self.cut_answer = True
+                    else:
+                        self.transport.pauseProducing()
+                        defer.ensureDeferred(self._drop())
+                        return
+                super().dataReceived(data)
+
+            async def _drop(self):
+                if proxy.before is not None:
+                    await proxy.before()
+                proxy.lost = True
+                self.transport.abortConnection()
+
+        factory = portforward.ProxyFactory(host, port)
+        factory.protocol = Server
+        self.listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.listening.getHost().port}"
+
+    async def close(self):
+        await self.listening.stopListening()
+        for conn in self.conns:
+            conn.transport.abortConnection()
+            if conn.peer is not None and conn.peer.transport is not None:
+                conn.peer.transport.abortConnection()

@@ -17,6 +17,8 @@ import time
 import pytest
 import pytest_twisted
 from helpers import (
+    LossyProxy,
+    b64,
     count_is,
     defer_to_exit,
     deferred_readline,
@@ -35,6 +37,7 @@ from coord import (
     Client,
     InvalidArgument,
     KeySet,
+    OutcomeUnknown,
     ParticipantLost,
     SessionLost,
     Timeout,
@@ -137,6 +140,43 @@ async def test_hold_with_a_session_goes_with_its_lease(pool_client, sessions):
     with pytest.raises(SessionLost):
         await barrier.hold()  # a session that ended: nothing sent
     assert await keys_under(pool_client, b"leased") == []
+
+
+@pytest.mark.parametrize("lose", ["answer", "request"])
+@pytest_twisted.ensureDeferred
+async def test_a_session_hold_whose_answer_was_lost_is_settled(etcd, pool_client, lose):
+    """With a session, a hold whose answer never came is sent again: True once, whether
+    the first send was applied (the key found carries our lease) or not."""
+    proxy = LossyProxy(etcd.url, lose, match=b64(b"lossy/gate"))
+    client = Client(reactor, proxy.url, timeout=5)
+    try:
+        session = await Session.create(client, ttl=30)
+        barrier = Barrier(client, b"lossy/gate", session=session)
+        assert await barrier.hold() is True
+        assert proxy.lost
+        (kv,) = (await pool_client.get(b"lossy/gate")).kvs
+        assert (kv.lease, kv.version) == (session.lease_id, 1)  # written once
+        assert await barrier.hold() is False  # a later call: held already
+        await session.close()
+        assert await keys_under(pool_client, b"lossy/") == []
+    finally:
+        await client.close()
+        await proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hold_without_a_session_whose_answer_was_lost_is_unknown(etcd, pool_client):
+    """Without a session nothing tells a lost hold's key from anyone's: OutcomeUnknown."""
+    proxy = LossyProxy(etcd.url, "answer", match=b64(b"lossy/bare"))
+    client = Client(reactor, proxy.url, timeout=5)
+    try:
+        with pytest.raises(OutcomeUnknown):
+            await Barrier(client, b"lossy/bare").hold()
+        assert await keys_under(pool_client, b"lossy/bare") == [b"lossy/bare"]
+        assert await Barrier(client, b"lossy/bare").release() is True
+    finally:
+        await client.close()
+        await proxy.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -438,6 +478,32 @@ async def test_double_barrier_enter_and_leave(pool_client, sessions):
     for d in [x.leave(timeout=10) for x in (ba, bb, bc)]:
         await d
     assert await keys_under(pool_client, b"phase/") == []
+
+
+@pytest.mark.parametrize("lose", ["answer", "request"])
+@pytest_twisted.ensureDeferred
+async def test_a_ready_write_whose_answer_was_lost_is_settled(etcd, pool_client, sessions,
+                                                               lose):
+    """The count-th entrant's write of ``ready`` loses its answer: it is sent again (it
+    applies at most once: ready not written since our key), and both participants
+    enter, with ready written once."""
+    proxy = LossyProxy(etcd.url, lose, match=b64(b"lossy/phase/ready"))
+    client = Client(reactor, proxy.url, timeout=5)
+    try:
+        (first,) = await sessions()
+        last = await Session.create(client, ttl=30)
+        waiting = DoubleBarrier(first, b"lossy/phase", 2).enter(timeout=10)
+        await wait_until(lambda: count_is(pool_client, b"lossy/phase/waiters/", 1))
+        opener = DoubleBarrier(last, b"lossy/phase", 2)
+        assert await opener.enter(timeout=10) is opener
+        assert (await waiting).state is DoubleBarrierState.ENTERED
+        assert proxy.lost
+        (ready,) = (await pool_client.get(b"lossy/phase/ready")).kvs
+        assert ready.version == 1 and opener.opened == ready.mod_revision
+        await last.close()
+    finally:
+        await client.close()
+        await proxy.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -11,13 +11,11 @@ import subprocess
 import textwrap
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import pytest_twisted
-from helpers import example, finish, sleep, spawn
+from helpers import LossyProxy, example, finish, sleep, spawn
 from twisted.internet import defer, reactor
-from twisted.protocols import portforward
 
 from coord import (
     Client,
@@ -369,70 +367,6 @@ async def test_cancel_a_contended_add_is_never_half_applied(etcd):
 
 
 # -- lost answers: settled, never retried blindly ---------------------------------------------
-
-
-class LossyProxy:
-    """A TCP proxy to etcd that loses the first transaction's answer, one of two ways.
-
-    ``lose="answer"``: the request reaches etcd (it is applied), and the connection is
-    cut when etcd's answer comes.  ``lose="request"``: ``before`` (an async function) runs,
-    then the connection is cut without the request going on.  Later requests pass.
-    """
-
-    def __init__(self, url, lose, before=None):
-        host, port = urlsplit(url).hostname, urlsplit(url).port
-        self.lose, self.before = lose, before
-        self.pending, self.lost, self.conns = True, False, []
-        proxy = self
-
-        class Back(portforward.ProxyClient):
-            def dataReceived(self, data):
-                if self.peer.cut_answer:
-                    proxy.lost = True
-                    self.peer.transport.abortConnection()
-                    self.transport.abortConnection()
-                    return
-                super().dataReceived(data)
-
-        class BackFactory(portforward.ProxyClientFactory):
-            protocol = Back
-
-        class Server(portforward.ProxyServer):
-            clientProtocolFactory = BackFactory
-            cut_answer = False
-
-            def connectionMade(self):
-                proxy.conns.append(self)
-                super().connectionMade()
-
-            def dataReceived(self, data):
-                if proxy.pending and b"/v3/kv/txn" in data:
-                    proxy.pending = False
-                    if proxy.lose == "answer":
-                        self.cut_answer = True
-                    else:
-                        self.transport.pauseProducing()
-                        defer.ensureDeferred(self._drop())
-                        return
-                super().dataReceived(data)
-
-            async def _drop(self):
-                if proxy.before is not None:
-                    await proxy.before()
-                proxy.lost = True
-                self.transport.abortConnection()
-
-        factory = portforward.ProxyFactory(host, port)
-        factory.protocol = Server
-        self.listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.url = f"http://127.0.0.1:{self.listening.getHost().port}"
-
-    async def close(self):
-        await self.listening.stopListening()
-        for conn in self.conns:
-            conn.transport.abortConnection()
-            if conn.peer is not None and conn.peer.transport is not None:
-                conn.peer.transport.abortConnection()
 
 
 async def _with_lossy(etcd, lose, before=None, unique_writes=False, start=10):

@@ -257,31 +257,53 @@ class Barrier:
         """Create the barrier's key if it does not exist (one transaction: create
         revision == 0), under the session's lease if there is one.
 
+        With a session, a write whose answer never came is settled: the same
+        transaction is sent again until etcd answers (it applies at most once while the
+        key exists), and a key found there with our session's lease is ours.
+
         Returns:
             Deferred firing with True if this call created the key, False if the
             barrier was already held (by anyone: its key is left as it is).
 
         Raises:
             SessionLost: the session has ended (nothing sent) or its lease is gone.
-            OutcomeUnknown: the answer never came; the key may or may not have been
-                written (``hold()`` again is safe: it returns False if it was).
+            OutcomeUnknown: without a session only: the answer never came, and the key
+                may or may not have been written.  A later ``hold()`` returns False
+                either way (an empty key without a lease names no holder): call
+                ``release()`` if you meant to hold it, or hold with ``session=``.
         """
         lease = self.session.lease_id if self.session is not None else None
         txn = Transaction(compare=[CompCreated(self.key, "==", 0)],
-                          success=[OpSet(self.key, b"", lease=lease)])
+                          success=[OpSet(self.key, b"", lease=lease)],
+                          failure=[OpGet(self.key, keys_only=True)])
 
         async def go() -> bool:
-            if self.session is not None:
-                self.session.check()
-            try:
-                await self.client.submit(txn)
-            except errors.Failed:
-                return False
-            except errors.LeaseNotFound as gone:
-                if self.session is None or isinstance(gone, errors.SessionLost):
-                    raise
-                raise self.session.lease_gone(gone) from None
-            return True
+            pause, resent = RETRY_MIN, False
+            while True:
+                if self.session is not None:
+                    self.session.check()
+                try:
+                    await self.client.submit(txn)
+                    return True
+                except errors.Failed as failed:
+                    found = kvs(failed.responses[0])
+                    # A resend finding our lease's key: an earlier send of ours applied.
+                    return bool(resent and found and found[0].lease == lease)
+                except errors.LeaseNotFound as gone:
+                    if self.session is None or isinstance(gone, errors.SessionLost):
+                        raise
+                    raise self.session.lease_gone(gone) from None
+                except (errors.Unavailable, errors.Timeout) as exc:
+                    if self.session is None:
+                        raise
+                    # Sending the same transaction again is safe: "no key" lets it
+                    # apply at most once while the key lives, and the key carries our
+                    # lease if it was ours.
+                    log.warn("{barrier}: hold failed ({error}); sending it again",
+                             barrier=self, error=exc)
+                    resent = True
+                    await sleep(self.client.reactor, pause)
+                    pause = min(pause * 2, RETRY_MAX)
 
         return start(go())
 
@@ -451,13 +473,7 @@ class DoubleBarrier(OwnedKey):
         if len(first) >= count:
             # ``count`` keys are in and ours is the count-th (a later one was refused
             # above): open the barrier, if our key is still there.
-            try:
-                result = await self.client.submit(Transaction(
-                    compare=[guard], success=[OpSet(self.ready, b"")]))
-            except errors.Failed:
-                raise KeyGone(f"{self.key!r} was deleted") from None
-            self.opened = result.header.revision
-            return result.header
+            return await self._open(token, guard)
         waiting = start(self._wait_ready(token, guard))
         ended = self.session.lost
         ended.addCallbacks(lambda _: waiting.cancel(), lambda _: None)
@@ -468,6 +484,37 @@ class DoubleBarrier(OwnedKey):
             raise
         finally:
             ended.cancel()
+
+    async def _open(self, token: int, guard: CompCreated) -> Header:
+        """Write ``ready`` (we are the count-th), if our key is still there.
+
+        A write whose answer never came is sent again until etcd answers: it also
+        compares that ``ready`` was not written since our key was created, so it
+        applies at most once, and a ``ready`` found written after our key is ours (an
+        earlier send).  Giving up instead would leave the others either through
+        without us, or waiting for good."""
+        txn = Transaction(compare=[guard, CompModified(self.ready, "<", token)],
+                          success=[OpSet(self.ready, b"")],
+                          failure=[OpGet(self.key, keys_only=True),
+                                   OpGet(self.ready, keys_only=True)])
+        pause = RETRY_MIN
+        while True:
+            self.session.check()
+            try:
+                result = await self.client.submit(txn)
+                self.opened = result.header.revision
+                return result.header
+            except errors.Failed as failed:
+                mine, ready = kvs(failed.responses[0]), kvs(failed.responses[1])
+                if not mine or mine[0].create_revision != token:
+                    raise KeyGone(f"{self.key!r} was deleted") from None
+                self.opened = ready[0].mod_revision  # (written after our key: open)
+                return failed.header
+            except (errors.Unavailable, errors.Timeout) as exc:
+                log.warn("{barrier}: writing {ready!r} failed ({error}); sending it again",
+                         barrier=self, ready=self.ready, error=exc)
+                await sleep(self.client.reactor, pause)
+                pause = min(pause * 2, RETRY_MAX)
 
     async def _wait_ready(self, token: int, guard: CompCreated) -> Any:
         read_ready = Transaction(compare=[guard], success=[OpGet(self.ready)])
