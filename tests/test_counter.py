@@ -550,8 +550,9 @@ async def test_cancel_while_an_answer_that_never_comes_is_owed_is_unknown(path_g
         await client.close()
 
 
+@pytest.mark.parametrize("twice", [False, True])
 @pytest_twisted.ensureDeferred
-async def test_cancel_while_the_answer_is_owed_waits_for_it(path_gateway):
+async def test_cancel_while_the_answer_is_owed_waits_for_it(path_gateway, twice):
     """Cancelled while its write is in flight, an add waits for the answer: applied, it
     fires with the value after all."""
     from coord.testing import HEADER, answer
@@ -572,6 +573,9 @@ async def test_cancel_while_the_answer_is_owed_waits_for_it(path_gateway):
         await sleep(0.1)
         assert gateway.count("/v3/kv/txn") == 1
         d.cancel()
+        if twice:
+            await sleep(0.05)
+            d.cancel()  # a second cancel does not hide the outcome either
         assert await d == 3
     finally:
         await client.close()

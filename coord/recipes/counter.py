@@ -402,18 +402,24 @@ class Counter:
         left = self._left(deadline, message)
         sent = Shared(self.client.submit(
             txn, timeout=None if left is None else left + CLEANUP_GRACE))
-        try:
-            return await sent.wait()
-        except defer.CancelledError:
-            if sent.done:
+        cancelled = False
+        while True:
+            try:
+                return await sent.wait()
+            except defer.CancelledError:
+                if sent.done:
+                    raise
+                cancelled = True  # (cancelled again: still the answer is awaited)
+            except errors.Failed:
+                if cancelled:
+                    raise defer.CancelledError() from None
                 raise
-        try:
-            return await sent.wait()
-        except errors.Failed:
-            raise defer.CancelledError() from None
-        except (errors.OutcomeUnknown, errors.Timeout) as e:
-            self.unresolved += 1
-            raise self._unknown(base, value, "cancelled while its answer was owed") from e
+            except (errors.OutcomeUnknown, errors.Timeout) as e:
+                if not cancelled:
+                    raise
+                self.unresolved += 1
+                raise self._unknown(base, value, "cancelled while its answer was owed") \
+                    from e
 
     async def _write(self, txn: Transaction, base: _Base, value: int,
                      deadline: float | None, message: str) -> int | _Base:
