@@ -242,6 +242,9 @@ async def test_members_is_one_revision_across_pages(pool_client, sessions):
             expected = {kv.key[4:]: kv.value for kv in at.kvs if b"/" not in kv.key[4:]}
             assert dict(found) == expected and len(found) == 7
             assert found.in_join_order() == [b"m%d" % i for i in range(7)]
+            # A str id reads as its UTF-8, as the member= it was given as
+            assert "m3" in found and found["m3"] == found[b"m3"]
+            assert found.kv("m3").key == b"reg/m3" and "m9" not in found
     finally:
         stop = True
         await running

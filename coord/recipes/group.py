@@ -99,8 +99,14 @@ def _member_id(prefix: bytes, key: bytes) -> bytes | None:
     return member if member and b"/" not in member else None
 
 
+def _id(member: Any) -> Any:
+    return member.encode() if isinstance(member, str) else member
+
+
 class Members(Mapping[bytes, bytes]):
     """The members of a group at one store revision: member id -> data, immutable.
+
+    Ids are bytes; a str id is looked up as its UTF-8 (``"api-1" in members``).
 
     Attributes:
         revision: the store revision it reflects.
@@ -112,11 +118,11 @@ class Members(Mapping[bytes, bytes]):
         self._kvs = entries  # never changed once a Members holds it
         self.revision = revision
 
-    def __getitem__(self, member: bytes) -> bytes:
-        return self._kvs[member].value
+    def __getitem__(self, member: bytes | str) -> bytes:
+        return self._kvs[_id(member)].value
 
     def __contains__(self, member: object) -> bool:
-        return member in self._kvs
+        return _id(member) in self._kvs
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._kvs)
@@ -127,9 +133,9 @@ class Members(Mapping[bytes, bytes]):
     def __repr__(self) -> str:
         return f"<Members revision={self.revision} {sorted(self._kvs)!r}>"
 
-    def kv(self, member: bytes) -> KeyValue:
+    def kv(self, member: bytes | str) -> KeyValue:
         """The member's key-value (key, create revision = when it joined, lease...)."""
-        return self._kvs[member]
+        return self._kvs[_id(member)]
 
     def in_join_order(self) -> list[bytes]:
         """The member ids, oldest join (lowest create revision) first."""
