@@ -742,3 +742,24 @@ async def test_four_processes_leave_together(etcd, pool_client):
 def test_example(etcd):
     out = example("barrier.py", etcd.url)
     assert "released" in out and "all 3 entered" in out and "all 3 left" in out, out
+
+
+@pytest_twisted.ensureDeferred
+async def test_double_barrier_as_a_context_manager(pool_client, sessions):
+    """``async with`` enters, and leaves when the block ends (also by an exception)."""
+    a, b = await sessions(2)
+    inside = []
+
+    async def participant(session, fail):
+        async with DoubleBarrier(session, b"with", 2) as phase:
+            inside.append(phase.state)
+            if fail:
+                raise RuntimeError("the work failed")
+
+    ok = defer.ensureDeferred(participant(a, False))
+    failing = defer.ensureDeferred(participant(b, True))
+    await ok
+    with pytest.raises(RuntimeError, match="the work failed"):
+        await failing
+    assert inside == [DoubleBarrierState.ENTERED] * 2
+    assert await keys_under(pool_client, b"with/") == []  # both left, ready deleted

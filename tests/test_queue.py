@@ -760,3 +760,23 @@ def test_docs_example_is_examples_work_queue_py():
     block = text.split("<!-- example: work_queue.py -->\n```python\n", 1)[1].split(
         "\n```\n", 1)[0]
     assert block + "\n" == (ROOT / "examples" / "work_queue.py").read_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_item_as_a_context_manager_is_acked_or_given_back(pool_client, sessions):
+    (s,) = await sessions()
+    queue = Queue(pool_client, b"q-with")
+    await queue.put(b"a")
+    await queue.put(b"b")
+    with pytest.raises(RuntimeError, match="work failed"):
+        async with await queue.get(s, timeout=5) as item:
+            assert item.value == b"a"
+            raise RuntimeError("work failed")
+    assert item.state is ItemState.RELEASED  # given back at once: the oldest again
+    async with await queue.get(s, timeout=5) as again:
+        assert (again.value, again.revision) == (b"a", item.revision)
+    assert again.state is ItemState.ACKED
+    async with await queue.get(s, timeout=5) as last:
+        assert last.value == b"b"
+    await nothing_left(pool_client, b"q-with")
+    queue.close()

@@ -585,6 +585,14 @@ class DoubleBarrier(OwnedKey):
         return _timed(start(go()), timeout, self.client, f"double barrier {self.name!r}: "
                       f"not all have left within {timeout} s")
 
+    async def __aenter__(self) -> DoubleBarrier:
+        """``async with DoubleBarrier(...) as phase:`` enters (no timeout) ..."""
+        return await self.enter()
+
+    async def __aexit__(self, *exc: object) -> None:
+        """... and leaves when the block ends, however it ends (no timeout)."""
+        await self.leave()
+
     def _round(self, opened: int) -> OpGet:
         """Our round's waiter keys: those created before ``ready`` was written."""
         return OpGet(KeySet(self._blockers, prefix=True), keys_only=True,

@@ -227,6 +227,18 @@ class Item:
             self._busy = busy = Shared(start(release()))
         return busy.wait()
 
+    async def __aenter__(self) -> Item:
+        """``async with await queue.get(session) as item:`` -- the block does the work;
+        it is acked if the block ends normally, released (back to the queue at once) if
+        it raises."""
+        return self
+
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            await self.ack()
+        elif self.state is ItemState.CLAIMED:
+            await self.release()
+
 
 def _entry(kv: KeyValue) -> int:
     return kv.create_revision * (1 << 32) + kv.mod_revision % (1 << 32)  # compact, unique
