@@ -240,7 +240,7 @@ def hung_gateway(listen, new_client):
     return gateway, new_client(listen(gateway), timeout=10)
 
 
-# -- a proxy that loses one answer ------------------------------------------------------
+# -- proxies to etcd ------------------------------------------------------
 
 
 def b64(data: bytes) -> bytes:
@@ -312,3 +312,36 @@ class LossyProxy:
             conn.transport.abortConnection()
             if conn.peer is not None and conn.peer.transport is not None:
                 conn.peer.transport.abortConnection()
+
+
+class Proxy:
+    """A TCP proxy to etcd that can cut every connection and refuse new ones, to
+    disconnect one client while the others go on."""
+
+    def __init__(self, url):
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        self.connections = []
+        proxy = self
+
+        class Server(portforward.ProxyServer):
+            def connectionMade(self):
+                proxy.connections.append(self)
+                super().connectionMade()
+
+        self.factory = portforward.ProxyFactory(host, int(port))
+        self.factory.protocol = Server
+        self.listening = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.port = self.listening.getHost().port
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def cut(self):
+        await self.listening.stopListening()
+        for conn in self.connections:
+            conn.transport.abortConnection()
+        self.connections = []
+
+    def restore(self):
+        self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
+
+    async def close(self):
+        await self.cut()

@@ -18,6 +18,7 @@ import pytest
 import pytest_twisted
 from helpers import (
     LossyProxy,
+    Proxy,
     b64,
     count_is,
     defer_to_exit,
@@ -30,7 +31,6 @@ from helpers import (
     spawn,
     wait_until,
 )
-from test_election import Proxy
 from twisted.internet import defer, reactor
 
 from coord import (

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from helpers import (
+    Proxy,
     count_is,
     defer_to_exit,
     deferred_readline,
@@ -37,7 +38,6 @@ from helpers import (
     wait_until,
 )
 from twisted.internet import defer, reactor
-from twisted.protocols import portforward
 
 from coord import (
     Client,
@@ -775,39 +775,6 @@ async def test_observe_starts_with_the_current_leader(pool_client, sessions):
         reports = [await observation.__anext__(), await observation.__anext__()]
     assert changes(reports) == [(ea.key, b"a"), (eb.key, b"b")]
     await eb.resign()
-
-
-class Proxy:
-    """A TCP proxy to etcd that can cut every connection and refuse new ones, to
-    disconnect one client while the others go on."""
-
-    def __init__(self, url):
-        host, port = re.match(r"http://([^:]+):(\d+)", url).groups()
-        self.connections = []
-        proxy = self
-
-        class Server(portforward.ProxyServer):
-            def connectionMade(self):
-                proxy.connections.append(self)
-                super().connectionMade()
-
-        self.factory = portforward.ProxyFactory(host, int(port))
-        self.factory.protocol = Server
-        self.listening = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.port = self.listening.getHost().port
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    async def cut(self):
-        await self.listening.stopListening()
-        for conn in self.connections:
-            conn.transport.abortConnection()
-        self.connections = []
-
-    def restore(self):
-        self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
-
-    async def close(self):
-        await self.cut()
 
 
 async def _changes_while_disconnected(etcd, sessions, pool_client, compact):

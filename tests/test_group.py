@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from helpers import (
+    Proxy,
     defer_to_exit,
     deferred_readline,
     example,
@@ -30,7 +31,6 @@ from helpers import (
     wait_until,
 )
 from twisted.internet import defer, reactor
-from twisted.protocols import portforward
 
 from coord import (
     Client,
@@ -501,35 +501,6 @@ async def test_on_a_cluster_when_the_watched_member_is_killed(etcd_cluster):
         for s in made:
             await s.close().addErrback(lambda _: None)
         await client.close()
-
-
-class Proxy:
-    """A TCP proxy to etcd that can cut its connections and refuse new ones."""
-
-    def __init__(self, url):
-        host, port = re.match(r"http://([^:]+):(\d+)", url).groups()
-        self.connections = []
-        proxy = self
-
-        class Server(portforward.ProxyServer):
-            def connectionMade(self):
-                proxy.connections.append(self)
-                super().connectionMade()
-
-        self.factory = portforward.ProxyFactory(host, int(port))
-        self.factory.protocol = Server
-        self.listening = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.port = self.listening.getHost().port
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    async def cut(self):
-        await self.listening.stopListening()
-        for conn in self.connections:
-            conn.transport.abortConnection()
-        self.connections = []
-
-    def restore(self):
-        self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
 
 
 @pytest_twisted.ensureDeferred

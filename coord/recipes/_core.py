@@ -50,7 +50,7 @@ from coord.session import Session
 from coord.txn import CompCreated, CompLease, OpDel, OpGet, OpSet, Transaction
 from coord.types import Event, EventType, Header, KeyValue, Range
 
-__all__ = ["Enqueue", "NotFree", "OwnedKey", "Phase", "kvs"]
+__all__ = ["Enqueue", "NotFree", "OwnedKey", "Phase", "kvs", "unless_session_ends"]
 
 log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twisted()
 
@@ -72,6 +72,24 @@ class Phase(enum.Enum):
 
 class NotFree(Exception):
     """A take that was not to wait found the blockers there (our key is removed)."""
+
+
+async def unless_session_ends(session: Session, waiting: defer.Deferred[Any]) -> Any:
+    """Await ``waiting``, cancelled at once if ``session`` ends.
+
+    Raises:
+        SessionLost: the session ended (before or while waiting).
+        what ``waiting`` raises (CancelledError if cancelled otherwise).
+    """
+    ended = session.lost
+    ended.addCallbacks(lambda _: waiting.cancel(), lambda _: None)
+    try:
+        return await waiting
+    except defer.CancelledError:
+        session.check()  # raises SessionLost if that is why the wait stopped
+        raise
+    finally:
+        ended.cancel()
 
 
 def kvs(response: Any) -> list[KeyValue]:
@@ -246,17 +264,8 @@ class OwnedKey:
     async def _wait(self, token: int) -> Header:
         """Wait for the blockers before our key; stop as soon as the session ends (Go's
         Mutex and Campaign go on waiting with a dead session)."""
-        waiting = start(wait_fewer(self.client, self._blockers, token - 1, self._permits,
-                                   self.key, token))
-        ended = self.session.lost
-        ended.addCallbacks(lambda _: waiting.cancel(), lambda _: None)
-        try:
-            return await waiting
-        except defer.CancelledError:
-            self.session.check()  # raises SessionLost if that is why the wait stopped
-            raise
-        finally:
-            ended.cancel()
+        return await unless_session_ends(self.session, start(wait_fewer(
+            self.client, self._blockers, token - 1, self._permits, self.key, token)))
 
     async def _failure(self, exc: BaseException) -> BaseException:
         """The error a failed take raises: why our key went, if it did."""

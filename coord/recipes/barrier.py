@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from coord import errors
 from coord.errors import ParticipantLost, TooManyParticipants
 from coord.keyset import KeySet
-from coord.recipes._core import OwnedKey, Phase, kvs
+from coord.recipes._core import OwnedKey, Phase, kvs, unless_session_ends
 from coord.recipes._loop import (
     Shared,
     check_name,
@@ -474,16 +474,7 @@ class DoubleBarrier(OwnedKey):
             # ``count`` keys are in and ours is the count-th (a later one was refused
             # above): open the barrier, if our key is still there.
             return await self._open(token, guard)
-        waiting = start(self._wait_ready(token, guard))
-        ended = self.session.lost
-        ended.addCallbacks(lambda _: waiting.cancel(), lambda _: None)
-        try:
-            return await waiting
-        except defer.CancelledError:
-            self.session.check()  # raises SessionLost if that is why the wait stopped
-            raise
-        finally:
-            ended.cancel()
+        return await unless_session_ends(self.session, start(self._wait_ready(token, guard)))
 
     async def _open(self, token: int, guard: CompCreated) -> Header:
         """Write ``ready`` (we are the count-th), if our key is still there.

@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from coord import errors
 from coord.errors import ClaimLost
 from coord.keyset import KeySet, as_bytes
-from coord.recipes._core import OwnedKey, Phase, kvs
+from coord.recipes._core import OwnedKey, Phase, kvs, unless_session_ends
 from coord.recipes._loop import (
     Shared,
     bounded,
@@ -527,16 +527,8 @@ class Queue:
             id = self._next()
             return id is not None, id
 
-        waiting = mirror.wait(test, None, "an item", revision=seen or None)
-        ended = session.lost
-        ended.addCallbacks(lambda _: waiting.cancel(), lambda _: None)
-        try:
-            return await waiting
-        except defer.CancelledError:
-            session.check()  # SessionLost if that is why the wait stopped
-            raise
-        finally:
-            ended.cancel()
+        return await unless_session_ends(
+            session, mirror.wait(test, None, "an item", revision=seen or None))
 
     async def _claim(self, session: Session, turn: _Turn, id: bytes, value: bytes,
                      written: list[bytes]) -> Item | int:
