@@ -1029,3 +1029,56 @@ async def test_cancel_in_the_callback_of_the_previous_answer(listen):
         assert (await d3).kvs[0].value == b"C"
     finally:
         await t.close()
+
+
+# ============================================================================================
+# a server that closes each connection as soon as it has answered
+# ============================================================================================
+
+
+class _ClosingServer(portforward.ProxyServer):
+    """To etcd, and back; once a whole answer is back (Content-Length), the client's
+    connection is closed: a keep-alive connection a server (or a proxy with a tiny
+    idle timeout) closes at once, answer and FIN in one write."""
+
+    def connectionMade(self):
+        self.answer = b""
+        super().connectionMade()
+
+
+class _ClosingClient(portforward.ProxyClient):
+    def dataReceived(self, data):
+        server = self.peer
+        server.answer += data
+        head, sep, body = server.answer.partition(b"\r\n\r\n")
+        length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:")]
+        server.transport.write(data)
+        if sep and length and len(body) >= length[0]:
+            server.transport.loseConnection()  # after the answer: one write, then FIN
+
+
+class _ClosingClientFactory(portforward.ProxyClientFactory):
+    protocol = _ClosingClient
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_right_after_the_server_closed_an_idle_connection_is_not_lost(etcd):
+    """The server closes each connection right after its answer.  A write sent in the
+    same reactor turn as that answer (the FIN unread yet) must not go on the closed
+    connection: there it would fail after being sent, with an unknown outcome.  Every
+    reused connection is peeked at first, however short its idle time."""
+    parts = urlsplit(etcd.url)
+    factory = portforward.ProxyFactory(parts.hostname, parts.port)
+    factory.protocol = _ClosingServer
+    _ClosingServer.clientProtocolFactory = _ClosingClientFactory
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    client = Client(reactor, f"http://127.0.0.1:{port.getHost().port}", timeout=5)
+    try:
+        for i in range(10):
+            await client.get(b"k")
+            await client.set(b"k", b"v%d" % i)  # at once: the same turn as the answer
+        assert (await client.get(b"k")).kvs[0].value == b"v9"
+    finally:
+        await client.close()
+        await port.stopListening()
