@@ -58,7 +58,6 @@ from typing import Any
 
 import txaio
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from coord import errors
 from coord._failover import Moved
@@ -66,7 +65,12 @@ from coord._twisted import StreamTransport, WatchStream
 from coord._wire import codec
 from coord.keyset import KeySet
 from coord.types import Event
-from coord.watch import PROGRESS_INTERVAL, WatchDeferred, create_request, watch_body
+from coord.watch import (
+    WatchDeferred,
+    create_request,
+    probe_quiet_stream,
+    watch_body,
+)
 
 __all__ = ["MAX_CONNECTIONS", "SharedWatcher", "WatchHub"]
 
@@ -404,32 +408,16 @@ class _HubStream:
         quiet = self.hub.reactor.seconds() - self.last_message
         if timeout is None:
             return
-        if endpoint is None or endpoint not in transport.endpoints or \
-                quiet > PROGRESS_INTERVAL + timeout:
-            self.hung(endpoint, f"shared watch stream quiet for {quiet:.0f} s")
-            return
-        probe = transport.request("/v3/maintenance/status", b"{}", False,
-                                  min(max(timeout / 2, 0.5), 5.0),
-                                  endpoint=transport.endpoints.index(endpoint))
-        self.probe = probe
 
-        def answered(status: dict) -> None:
+        def settled(probe: defer.Deferred[Any]) -> bool:
             if self.probe is not probe or self.stream is not stream:
-                return
+                return False
             self.probe = None
-            if int(status.get("leader", 0)) == 0:
-                self.hung(endpoint, f"{endpoint.url} has no leader")
-            else:
-                self.touch()
+            return True
 
-        def failed(failure: Failure) -> None:
-            if self.probe is not probe or self.stream is not stream:
-                return
-            self.probe = None
-            self.hung(endpoint, f"shared watch stream quiet for {quiet:.0f} s and "
-                                f"{endpoint.url} does not answer: {failure.getErrorMessage()}")
-
-        probe.addCallbacks(answered, failed)
+        self.probe = probe_quiet_stream(
+            transport, endpoint, quiet, timeout, "shared watch stream", settled,
+            self.touch, lambda why: self.hung(endpoint, why))
 
     def hung(self, endpoint: Any, why: str) -> None:
         log.info("{why}: creating the shared watch stream again", why=why)

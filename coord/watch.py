@@ -253,33 +253,16 @@ class Watcher:
         transport = self._transport
         endpoint = stream.endpoint if stream is not None else None
         quiet = self._reactor.seconds() - self._last_message
-        if endpoint is None or endpoint not in transport.endpoints or \
-                quiet > PROGRESS_INTERVAL + (self.idle_timeout or 0):
-            self._hung(endpoint, f"watch stream quiet for {quiet:.0f} s")
-            return
-        assert self.idle_timeout is not None
-        probe = transport.request("/v3/maintenance/status", b"{}", False,
-                                  min(max(self.idle_timeout / 2, 0.5), 5.0),
-                                  endpoint=transport.endpoints.index(endpoint))
-        self._probe = probe
 
-        def answered(status: dict) -> None:
+        def settled(probe: defer.Deferred[Any]) -> bool:
             if self._probe is not probe or self._stream is not stream:
-                return
+                return False
             self._probe = None
-            if int(status.get("leader", 0)) == 0:
-                self._hung(endpoint, f"{endpoint.url} has no leader")
-            else:
-                self._touch()
+            return True
 
-        def failed(failure: Failure) -> None:
-            if self._probe is not probe or self._stream is not stream:
-                return
-            self._probe = None
-            self._hung(endpoint, f"watch stream quiet for {quiet:.0f} s and {endpoint.url} "
-                                 f"does not answer: {failure.getErrorMessage()}")
-
-        probe.addCallbacks(answered, failed)
+        self._probe = probe_quiet_stream(
+            transport, endpoint, quiet, self.idle_timeout or 0.0, "watch stream", settled,
+            self._touch, lambda why: self._hung(endpoint, why))
 
     def _hung(self, endpoint: Any, why: str) -> None:
         log.info("{why}: creating the watch stream again", why=why)
@@ -542,3 +525,41 @@ def filters_of(filters: Sequence[str] | None) -> list[str]:
         except (KeyError, AttributeError):
             raise errors.InvalidArgument(f"watch filters are 'noput' and 'nodelete', not {f!r}")
     return result
+
+
+def probe_quiet_stream(transport: Any, endpoint: Any, quiet: float, idle_timeout: float,
+                       what: str, settled: Callable[[defer.Deferred[Any]], bool],
+                       alive: Callable[[], None], hung: Callable[[str], None]
+                       ) -> defer.Deferred[Any] | None:
+    """A watch stream was quiet for ``quiet`` seconds: ask its member (that one only)
+    for its status.  ``alive()`` if it answers with a leader; ``hung(why)`` if it does
+    not answer, has no leader, is gone from the endpoints, or the stream was quiet
+    longer than etcd's progress interval allows.  Each outcome is acted on only if
+    ``settled(probe)`` says the probe is still the current one (it clears it).
+
+    Returns:
+        The probe's Deferred, or None if ``hung`` was called at once.
+    """
+    if endpoint is None or endpoint not in transport.endpoints or \
+            quiet > PROGRESS_INTERVAL + idle_timeout:
+        hung(f"{what} quiet for {quiet:.0f} s")
+        return None
+    probe: defer.Deferred[Any] = transport.request(
+        "/v3/maintenance/status", b"{}", False, min(max(idle_timeout / 2, 0.5), 5.0),
+        endpoint=transport.endpoints.index(endpoint))
+
+    def answered(status: dict) -> None:
+        if not settled(probe):
+            return
+        if int(status.get("leader", 0)) == 0:
+            hung(f"{endpoint.url} has no leader")
+        else:
+            alive()
+
+    def failed(failure: Failure) -> None:
+        if settled(probe):
+            hung(f"{what} quiet for {quiet:.0f} s and {endpoint.url} does not answer: "
+                 f"{failure.getErrorMessage()}")
+
+    probe.addCallbacks(answered, failed)
+    return probe
