@@ -29,25 +29,11 @@ import subprocess
 import sys
 import time
 
+# (the scripts' directory is sys.path[0]: `python benchmarks/counter.py`)
+from kv import cpu_seconds, process_cpu_seconds
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = b"bench/counter"
-
-
-def cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
-def process_cpu_seconds(pid: int | None) -> float | None:
-    """CPU time (user + system) of process ``pid``, from /proc (as benchmarks/kv.py)."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- a writer (its own process) -------------------------------------------------------------
