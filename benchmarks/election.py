@@ -31,14 +31,9 @@ import tempfile
 import time
 import urllib.request
 
+from _stats import percentile
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))]
 
 
 # -- a candidate (runs in its own process) ---------------------------------------------------

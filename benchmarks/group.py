@@ -32,15 +32,10 @@ import sys
 import time
 import urllib.request
 
+from _stats import percentile
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = b"bench/group"
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))]
 
 
 def say(*words: object) -> None:

@@ -40,6 +40,8 @@ import subprocess
 import sys
 import time
 
+from _stats import percentile
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -49,13 +51,6 @@ INFLIGHT = 4
 # descriptors a run uses besides its watch streams: the calls' connections, etcdctl's
 # pipes, the interpreter's own files
 SPARE_FDS = 64
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))]
 
 
 def rss_bytes() -> int:

@@ -14,16 +14,10 @@ from __future__ import annotations
 import argparse
 import time
 
+from _stats import percentile
 from twisted.internet import defer, task
 
 from coord import Client, KeySet
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))]
 
 
 async def run(reactor, url: str, duration: float, in_flight: int) -> None:

@@ -35,15 +35,10 @@ import subprocess
 import sys
 import time
 
+from _stats import percentile
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = b"bench/queue"
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))]
 
 
 # -- workers (run in their own processes) ---------------------------------------------------
