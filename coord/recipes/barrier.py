@@ -259,7 +259,9 @@ class Barrier:
 
         With a session, a write whose answer never came is settled: the same
         transaction is sent again until etcd answers (it applies at most once while the
-        key exists), and a key found there with our session's lease is ours.
+        key exists), and a key found there with our session's lease is ours.  That
+        lasts at most as long as the session (then SessionLost); cancelling the
+        Deferred stops it.
 
         Returns:
             Deferred firing with True if this call created the key, False if the
