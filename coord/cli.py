@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--url", default=None, help="etcd client URL (default: start an embedded etcd)"
     )
+    demo.add_argument(
+        "--kv", action="store_true", help="walk through the KV client instead of the recipes"
+    )
     demo.set_defaults(handler=run_demo)
     return parser
 
