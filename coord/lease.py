@@ -18,7 +18,7 @@ from twisted.internet import defer
 from coord import errors
 from coord._sentinel import DEFAULT
 from coord._wire import codec
-from coord.types import Header
+from coord.types import Header, LeaseTimeToLive
 
 if TYPE_CHECKING:
     from coord.client import Client
@@ -114,6 +114,26 @@ class Lease:
         """
         d = self._time_to_live(True, timeout)
         return d.addCallback(lambda obj: sorted(codec.b64(k) for k in obj.get("keys") or ()))
+
+    def time_to_live(self, keys: bool = False,
+                     timeout: Any = DEFAULT) -> defer.Deferred[LeaseTimeToLive]:
+        """The lease's remaining and granted TTL, and with ``keys`` its keys
+        (``LeaseTimeToLive``).
+
+        Returns:
+            Deferred firing with a :class:`~coord.types.LeaseTimeToLive`.
+
+        Raises:
+            LeaseExpired: the lease is gone.
+        """
+        def info(obj: dict) -> LeaseTimeToLive:
+            return LeaseTimeToLive(
+                lease_id=self.lease_id, ttl=int(obj.get("TTL", 0)),
+                granted_ttl=int(obj.get("grantedTTL", 0)),
+                keys=sorted(codec.b64(k) for k in obj.get("keys") or ()),
+                header=codec.header(obj.get("header")))
+
+        return self._time_to_live(keys, timeout).addCallback(info)
 
     def revoke(self, timeout: Any = DEFAULT) -> defer.Deferred[Header]:
         """Revoke the lease now, deleting its keys.

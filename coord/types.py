@@ -19,6 +19,7 @@ __all__ = [
     "EventType",
     "Header",
     "KeyValue",
+    "LeaseTimeToLive",
     "Member",
     "Range",
     "Revision",
@@ -172,6 +173,25 @@ class Status:
     db_size_in_use: int = 0
     errors: list[str] = attrs.field(factory=list)
     is_learner: bool = False
+
+
+@attrs.frozen
+class LeaseTimeToLive:
+    """A lease's time to live (``LeaseTimeToLiveResponse``).
+
+    Attributes:
+        lease_id: the lease's ID.
+        ttl: seconds until it expires unless refreshed (0: in its last second).
+        granted_ttl: the TTL it was granted (or last refreshed with), in seconds.
+        keys: the keys attached to it, sorted (only when asked for).
+        header: the answer's header.
+    """
+
+    lease_id: int
+    ttl: int
+    granted_ttl: int
+    keys: list[bytes] = attrs.field(factory=list)
+    header: Header = attrs.field(factory=Header)
 
 
 @attrs.frozen

@@ -1,25 +1,30 @@
-"""The `coord` command.
+"""The `coord` command: etcd and coord's recipes from a shell, in etcdctl's conventions.
 
-    coord server [--data-dir DIR] [--port PORT] [--peer-port PORT]
-        run a local single-node etcd in the foreground until Ctrl-C / SIGTERM
-    coord demo [--url URL]
-        run the demo against URL, or against an embedded etcd
+    coord get|put|del|watch|status|lease|member|endpoint ...   the store and the cluster
+    coord lock|elect|observe|barrier|config ...                the recipes
+    coord server [--data-dir DIR] [--port PORT]                a local etcd
+    coord demo [--kv] [--url URL]                              coord at work
 
-Each subcommand is a subparser with a handler ``(args) -> int``; add new ones
-in `build_parser`.
+Each subcommand is a subparser with a handler ``(args) -> int``.  The client commands
+(:mod:`coord.cli._kv`, :mod:`coord.cli._recipes`) are ``async def (ctx) -> int`` run by
+:func:`coord.cli._runtime.run`; their options are in :mod:`coord.cli._options`.
+`docs/cli.md` is the user's guide.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any
 
+from coord.cli import _kv, _options, _recipes
 from coord.server import EtcdNotFound, EtcdServer, EtcdStartError
 
 
@@ -80,11 +85,50 @@ def run_demo(args: argparse.Namespace) -> int:
     return int(result or 0)
 
 
+def _client_command(commands: Any) -> Callable[..., argparse.ArgumentParser]:
+    """``command(name, handler, help, description, parent=..., aliases=...)``: a subparser
+    for a client command, with the connection options, that runs ``handler``.  ``parent``
+    is ``(subparsers, "lease")`` for a command of a group (``coord lease grant``)."""
+
+    def command(name: str, handler: Callable[..., Any], help: str, description: str,
+                parent: tuple[Any, str] | None = None,
+                aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
+        where = parent[0] if parent is not None else commands
+        full = name if parent is None else f"{parent[1]} {name}"
+        sub: argparse.ArgumentParser = where.add_parser(
+            name, help=help, description=description, aliases=list(aliases),
+            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _options.add_global_options(sub)
+        sub.set_defaults(handler=functools.partial(_run_client, handler, full))
+        return sub
+
+    return command
+
+
+EPILOG = """\
+exit status: 0 done; 1 etcd refused or failed the request; 2 bad usage; 3 no endpoint
+reachable; 4 timed out; 5 authentication failed or permission denied; 6 lost (a lock, a
+leadership, a session); 128+N stopped by signal N while a COMMAND ran."""
+
+
+def _run_client(handler: Callable[..., Any], name: str, args: argparse.Namespace) -> int:
+    from coord.cli import _runtime
+
+    return _runtime.run(args, handler, name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="coord", description="coord: an etcd v3 client for Twisted, and its tools."
-    )
+        prog="coord",
+        description="coord: etcd v3 and coordination recipes from a shell, in etcdctl's "
+                    "conventions (and `coord server` / `coord demo`). "
+                    "`coord COMMAND --help` says more.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _options.add_global_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    command = _client_command(commands)
+    _kv.add_commands(commands, command)
+    _recipes.add_commands(commands, command)
 
     server = commands.add_parser(
         "server",
@@ -115,10 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `coord` command with ``argv`` (default: ``sys.argv[1:]``); its exit status."""
     args = build_parser().parse_args(argv)
     code: int = args.handler(args)
     return code
 
-
-if __name__ == "__main__":
-    sys.exit(main())
