@@ -97,7 +97,7 @@ def _client_command(commands: Any) -> Callable[..., argparse.ArgumentParser]:
         full = name if parent is None else f"{parent[1]} {name}"
         sub: argparse.ArgumentParser = where.add_parser(
             name, help=help, description=description, aliases=list(aliases),
-            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+            epilog=EPILOG)
         _options.add_global_options(sub)
         sub.set_defaults(handler=functools.partial(_run_client, handler, full))
         return sub
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="coord: etcd v3 and coordination recipes from a shell, in etcdctl's "
                     "conventions (and `coord server` / `coord demo`). "
                     "`coord COMMAND --help` says more.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG)
     _options.add_global_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     command = _client_command(commands)
@@ -158,9 +158,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that run a COMMAND given after `--`, and the global options that take a
+# value (to find the subcommand's name among the words before `--`).
+RUNS_COMMAND = (("lock",), ("elect",), ("barrier", "enter"))
+
+
+def split_command(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """``(coord's words, COMMAND)``: for ``lock``, ``elect`` and ``barrier enter``, the words
+    after the first ``--`` are the COMMAND to run; for any other subcommand (or with no
+    ``--``) COMMAND is None and ``--`` is left to argparse (``coord get -- -key``)."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, None
+    cut = argv.index("--")
+    valued = {flag for flag, _ in _options.GLOBAL_OPTIONS} | {"-w", "--write-out",
+                                                             "--output"}
+    words: list[str] = []
+    skip = False
+    for word in argv[:cut]:
+        if skip:
+            skip = False
+        elif word in valued:
+            skip = True
+        elif not word.startswith("-"):
+            words.append(word)
+    if any(tuple(words[:len(path)]) == path for path in RUNS_COMMAND):
+        return argv[:cut], argv[cut + 1:]
+    return argv, None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `coord` command with ``argv`` (default: ``sys.argv[1:]``); its exit status."""
-    args = build_parser().parse_args(argv)
+    words, command = split_command(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(words)
+    if command is not None:
+        args.command = command
     code: int = args.handler(args)
     return code
 

@@ -77,7 +77,8 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("connection options (also $COORD_<NAME>, "
                                       "$ETCDCTL_<NAME>)")
     for flag, help_text in GLOBAL_OPTIONS:
-        group.add_argument(flag, dest=_dest(flag), default=argparse.SUPPRESS, help=help_text)
+        group.add_argument(flag, dest=_dest(flag), default=argparse.SUPPRESS, help=help_text,
+                           metavar=flag.lstrip("-").replace("-", "_").upper())
     group.add_argument("-w", "--write-out", "--output", dest=_dest("--write-out"),
                        choices=("simple", "json"), default=argparse.SUPPRESS,
                        help="output format (default: simple)")

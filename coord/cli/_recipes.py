@@ -103,21 +103,12 @@ async def _hold(ctx: Context, what: str, lost: defer.Deferred[Any], env: dict[st
     return 128 + int(value)
 
 
-def _command(ctx: Context) -> list[str]:
-    argv = list(ctx.args.command or ())
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    ctx.args.command = argv
-    return argv
-
-
 # lock ---------------------------------------------------------------------------------------
 
 
 async def lock(ctx: Context) -> int:
     from coord.recipes import Lock
 
-    _command(ctx)
     timeout = _seconds(ctx, "timeout")
     session = await _session(ctx)
     held = Lock(session, _bytes(ctx.args.name))
@@ -155,12 +146,11 @@ async def elect(ctx: Context) -> int:
     from coord.recipes import Election
 
     if ctx.args.listen:
-        if ctx.args.value is not None or _command(ctx):
+        if ctx.args.value is not None or ctx.args.command:
             raise OptionError("--listen takes only NAME")
         return await observe(ctx)
     if ctx.args.value is None:
         raise OptionError("elect needs NAME and VALUE (or --listen NAME)")
-    _command(ctx)
     timeout = _seconds(ctx, "timeout")
     session = await _session(ctx)
     candidacy = Election(session, _bytes(ctx.args.name))
@@ -265,7 +255,6 @@ async def barrier_wait(ctx: Context) -> int:
 async def barrier_enter(ctx: Context) -> int:
     from coord.recipes import DoubleBarrier
 
-    _command(ctx)
     if ctx.args.count < 1:
         raise OptionError("COUNT must be at least 1")
     timeout = _seconds(ctx, "timeout")
@@ -355,8 +344,11 @@ def _runs_command(parser: Any) -> None:
     parser.add_argument("--kill-after", default=None,
                         help="after SIGTERM, SIGKILL the command if it has not ended "
                              "after this long (default: 10s)")
-    parser.add_argument("command", nargs="...", metavar="-- COMMAND",
-                        help="run this while holding, and exit with its status")
+    parser.set_defaults(command=[])
+    # The COMMAND after `--` is split off argv before parsing (coord.cli.split_command):
+    # an argparse REMAINDER would swallow the options that follow NAME.
+    parser.usage = parser.format_usage().replace("usage: ", "", 1).rstrip() + \
+        " [-- COMMAND [ARG ...]]"
 
 
 def add_commands(commands: Any, command: Any) -> None:
