@@ -133,6 +133,8 @@ class TransactionResult:
 
 
 class EventType(enum.Enum):
+    """What an :class:`Event` did to its key: PUT or DELETE."""
+
     PUT = "PUT"
     DELETE = "DELETE"
 
@@ -186,6 +188,8 @@ class Member:
 
 
 class AlarmType(enum.Enum):
+    """An :class:`Alarm`'s kind, as etcd names it: NONE, NOSPACE or CORRUPT."""
+
     NONE = "NONE"
     NOSPACE = "NOSPACE"
     CORRUPT = "CORRUPT"

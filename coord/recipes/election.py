@@ -85,6 +85,10 @@ log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twis
 
 
 class ElectionState(enum.Enum):
+    """What an :class:`Election` knows locally: IDLE; CAMPAIGNING (our key is queued
+    behind others, or being written); LEADER; LOST (led; our key was deleted or the
+    session ended)."""
+
     IDLE = "IDLE"
     CAMPAIGNING = "CAMPAIGNING"  # our key is queued behind others (or being written)
     LEADER = "LEADER"
@@ -134,11 +138,13 @@ class Election(OwnedKey):
     """A candidacy in the election called ``name``, through ``session``'s lease.
 
     Args:
-        session: a :class:`coord.recipes.Session`; its lease keeps our key alive.
+        session: a :class:`coord.session.Session`; its lease keeps our key alive.
         name: the election's name (bytes or str); keys live under ``name + b"/"``.
 
     Attributes:
-        name, prefix, key: the name, ``name/`` and our key ``name/<lease hex>``.
+        name: the election's name (bytes).
+        prefix: ``name/``.
+        key: our key, ``name/<lease hex>``.
         token: our key's create revision once elected (Go's ``Rev()``), kept after a
             resign or loss so that a stale :meth:`guard` keeps failing; None before.
         revision: the store revision at which our leadership was proven.
@@ -163,7 +169,7 @@ class Election(OwnedKey):
 
     @property
     def is_leader(self) -> bool:
-        """Whether we lead as far as we can tell: LEADER and the session alive.
+        """Whether we lead as far as we can tell (LEADER and the session alive).
 
         Only :meth:`guard` in a transaction *proves* it at the moment of a write.
         """
