@@ -179,6 +179,7 @@ class Session:
 
     @property
     def state(self) -> SessionState:
+        """CONNECTED, SUSPENDED, EXPIRED or CLOSED (see :class:`SessionState`)."""
         return self._state
 
     @property

@@ -157,6 +157,7 @@ class Event:
 
     @property
     def revision(self) -> int:
+        """The revision of the change (the key-value's mod revision)."""
         return self.kv.mod_revision
 
 

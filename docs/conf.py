@@ -14,7 +14,7 @@ from pathlib import Path
 # Document the coord of this tree, not an installed one.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import coord  # noqa: E402
+import coord
 
 project = "coord"
 author = "coord contributors"

@@ -426,6 +426,7 @@ class DoubleBarrier(OwnedKey):
 
     @property
     def state(self) -> DoubleBarrierState:
+        """IDLE, ENTERING, ENTERED or LOST (see :class:`DoubleBarrierState`)."""
         return _STATES[self._phase]
 
     # entering -----------------------------------------------------------------------------

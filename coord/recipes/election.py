@@ -122,6 +122,7 @@ class Leader:
 
     @classmethod
     def of(cls, kv: KeyValue, revision: int) -> Leader:
+        """The Leader that the key-value ``kv`` names, as of store revision ``revision``."""
         return cls(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.lease, revision)
 
     def same(self, other: Leader | None) -> bool:
@@ -165,6 +166,8 @@ class Election(OwnedKey):
 
     @property
     def state(self) -> ElectionState:
+        """IDLE, CAMPAIGNING, LEADER or LOST, as far as we know locally (see
+        :class:`ElectionState`)."""
         return _STATES[self._phase]
 
     @property

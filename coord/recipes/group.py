@@ -310,6 +310,7 @@ class Group(OwnedKey):
 
     @property
     def state(self) -> GroupState:
+        """OUT, JOINING, JOINED, LOST or REJOINING (see :class:`GroupState`)."""
         if self._rejoining is not None and self._phase is not Phase.HELD:
             return GroupState.REJOINING
         return _STATES[self._phase]

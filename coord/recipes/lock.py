@@ -103,6 +103,8 @@ class Lock(OwnedKey):
 
     @property
     def state(self) -> LockState:
+        """UNLOCKED, WAITING, HELD or LOST, as far as we know locally (see
+        :class:`LockState`)."""
         return _STATES[self._phase]
 
     @property
