@@ -222,8 +222,8 @@ class Client:
             Deferred firing with the decoded answer.
 
         Raises:
-            EtcdError (and subclasses): etcd's error; Unavailable, Timeout: as for
-            every call.
+            EtcdError: etcd's error (or one of its subclasses).
+            Unavailable, Timeout: as for every call.
         """
         if timeout is DEFAULT:
             timeout = self.timeout
@@ -305,15 +305,19 @@ class Client:
             sort_order: ``"ascend"``, ``"descend"`` or None.
             sort_target: ``"key"``, ``"version"``, ``"create"``, ``"mod"`` or ``"value"``.
             revision: read the store as of this revision (0/None: latest).
-            keys_only: leave values out.  count_only: return only the count.
+            keys_only: leave values out.
+            count_only: return only the count.
             serializable: answer from the member's local copy (may be stale).
-            min_mod_revision .. max_create_revision: filter keys by revisions.
+            min_mod_revision, max_mod_revision: filter keys by their mod revision.
+            min_create_revision, max_create_revision: filter keys by their create
+                revision.
 
         Returns:
             Deferred firing with a :class:`~coord.types.Range`.
 
         Raises:
-            Compacted: ``revision`` was compacted.  FutureRevision: it is in the future.
+            Compacted: ``revision`` was compacted.
+            FutureRevision: it is in the future.
         """
         if type(key) is bytes and key and limit is None and sort_order is None \
                 and sort_target is None and revision is None and not keys_only \
@@ -581,7 +585,7 @@ class Client:
 
     @property
     def reactor(self) -> Any:
-        """The reactor the client runs on (its clock and timers): what recipes and
+        """The reactor the client runs on (its clock and timers), which recipes and
         sessions built on this client schedule their work with."""
         return self._reactor
 

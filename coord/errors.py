@@ -304,7 +304,8 @@ class NotACounter(CoordError, ValueError):
     """A Counter's key holds something that is not a decimal integer in int64 range.
 
     Attributes:
-        key: the counter's key.  value: what it holds.
+        key: the counter's key.
+        value: what it holds.
     """
 
     def __init__(self, key: bytes, value: bytes) -> None:

@@ -55,6 +55,9 @@ RETRY_PAUSE = 0.5
 
 
 class SessionState(enum.Enum):
+    """A :class:`Session`'s state: CONNECTED, SUSPENDED, EXPIRED or CLOSED (see the
+    module's docstring; EXPIRED and CLOSED are final)."""
+
     CONNECTED = "CONNECTED"
     SUSPENDED = "SUSPENDED"
     EXPIRED = "EXPIRED"
@@ -176,16 +179,17 @@ class Session:
 
     @property
     def state(self) -> SessionState:
+        """CONNECTED, SUSPENDED, EXPIRED or CLOSED (see :class:`SessionState`)."""
         return self._state
 
     @property
     def interval(self) -> float:
-        """Seconds between keep-alives: a third of the TTL, as etcd's own clients do."""
+        """Seconds between keep-alives, a third of the TTL (as etcd's own clients do)."""
         return self.ttl / 3.0
 
     @property
     def alive(self) -> bool:
-        """Whether the lease is still ours as far as we can tell: CONNECTED or SUSPENDED,
+        """Whether the lease is still ours as far as we can tell -- CONNECTED or SUSPENDED,
         and the deadline not passed (even if the reactor has not yet run its timer, as
         after a long pause of the process)."""
         return self.reason is None and self._reactor.seconds() < self.deadline

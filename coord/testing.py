@@ -368,7 +368,7 @@ HEADER = {"cluster_id": "1", "member_id": "1", "revision": "5", "raft_term": "2"
 """A response header as the gateway writes it (int64s as JSON strings)."""
 STATUS = {"header": HEADER, "version": "3.5.1", "dbSize": "1", "leader": "1",
           "raftIndex": "5", "raftTerm": "2"}
-"""An answer to ``/v3/maintenance/status``: a healthy single member that leads."""
+"""An answer to ``/v3/maintenance/status`` from a healthy single member that leads."""
 ANSWERS: dict[str, dict[str, Any]] = {
     "/v3/maintenance/status": STATUS,
     "/v3/kv/range": {"header": HEADER},
@@ -488,7 +488,8 @@ class Scripted(_Gateway):
 
 
 HOLD = ("hold",)
-"""A `PathGateway` action: never answer (the request stays owed until the client hangs up)."""
+"""The `PathGateway` action that never answers (the request stays owed until the client
+hangs up)."""
 
 
 def answer(delay: float = 0.0, path: str | None = None, body: Any = None, *,

@@ -134,6 +134,8 @@ class TransactionResult:
 
 
 class EventType(enum.Enum):
+    """What an :class:`Event` did to its key: PUT or DELETE."""
+
     PUT = "PUT"
     DELETE = "DELETE"
 
@@ -156,6 +158,7 @@ class Event:
 
     @property
     def revision(self) -> int:
+        """The revision of the change (the key-value's mod revision)."""
         return self.kv.mod_revision
 
 
@@ -206,6 +209,8 @@ class Member:
 
 
 class AlarmType(enum.Enum):
+    """An :class:`Alarm`'s kind, as etcd names it: NONE, NOSPACE or CORRUPT."""
+
     NONE = "NONE"
     NOSPACE = "NOSPACE"
     CORRUPT = "CORRUPT"

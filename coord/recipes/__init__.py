@@ -4,7 +4,8 @@ transaction on create revisions, and a watch started at a known revision.
 Their errors (LockLost, LeadershipLost, SessionLost, ConfigStopped...) are in
 :mod:`coord.errors`, and importable from :mod:`coord`.
 
-Sessions: :class:`Session` (one kept-alive lease the recipes share), :class:`SessionState`.
+Sessions: :class:`~coord.session.Session` (one kept-alive lease the recipes share),
+:class:`~coord.session.SessionState`.
 Locks (Go-compatible layout, fencing tokens): :class:`Lock`, :class:`RWLock`,
 :class:`Semaphore`, and :func:`acquire_lock` (a lock with a session of its own).
 Leader election (Go-compatible, ``etcdctl elect``): :class:`Election`, :func:`run_as_leader`.

@@ -109,7 +109,10 @@ class OwnedKey:
     than ``permits`` keys under ``name/<blockers>`` were created before it.
 
     Attributes:
-        session, name, prefix, key: the session, the name, ``name/`` and our key.
+        session: the session whose lease our key has.
+        name: the name (bytes).
+        prefix: ``name/``.
+        key: our key, ``name/<kind><lease hex>``.
         token: our key's create revision once held (kept after a release or loss, so a
             stale ``guard()`` keeps failing); None before.
         revision: the store revision at which holding was proven.

@@ -223,7 +223,7 @@ class Barrier:
     Args:
         client: a :class:`coord.Client`.
         name: the barrier's key (bytes or str), exactly as Go's ``NewBarrier(client, name)``.
-        session: a :class:`coord.recipes.Session` (optional): ``hold()`` then writes the
+        session: a :class:`coord.session.Session` (optional): ``hold()`` then writes the
             key under its lease, so the barrier is released when the lease ends (a
             holder that crashes releases it after its TTL).  Without it the key has no
             lease (as Go's): it stays until ``release()``.
@@ -371,6 +371,10 @@ class Barrier:
 
 
 class DoubleBarrierState(enum.Enum):
+    """A :class:`DoubleBarrier` participant's state: IDLE (not entered, or left);
+    ENTERING (our waiter key is written, or being written; waiting); ENTERED; LOST (was
+    entered; our key was deleted or the session ended)."""
+
     IDLE = "IDLE"  # not entered (or left)
     ENTERING = "ENTERING"  # our waiter key is written (or being written); waiting
     ENTERED = "ENTERED"
@@ -391,13 +395,15 @@ class DoubleBarrier(OwnedKey):
     its lease ends (see docs/barrier.md "Failures").
 
     Args:
-        session: a :class:`coord.recipes.Session`.
+        session: a :class:`coord.session.Session`.
         name: the barrier's name (bytes or str).
         count: how many participants enter (an int, 1 or more).  All participants must
             agree on it (it is not stored in etcd).
 
     Attributes:
-        name, key, ready: the name, our waiter key, ``name/ready``.
+        name: the barrier's name (bytes).
+        key: our waiter key, ``name/waiters/<lease hex>``.
+        ready: the key ``name/ready``.
         token: our waiter key's create revision once entered; None before.
         opened: the mod revision of the ``ready`` write that let us in.
     """
@@ -420,6 +426,7 @@ class DoubleBarrier(OwnedKey):
 
     @property
     def state(self) -> DoubleBarrierState:
+        """IDLE, ENTERING, ENTERED or LOST (see :class:`DoubleBarrierState`)."""
         return _STATES[self._phase]
 
     # entering -----------------------------------------------------------------------------

@@ -53,6 +53,10 @@ __all__ = [
 
 
 class ConfigState(enum.Enum):
+    """A :class:`ConfigWatcher`'s state: NEW (not started, or the first read failed);
+    LOADING (the first read); WATCHING; RESYNCING (reading afresh: the watch fell behind
+    a compaction); STOPPED."""
+
     NEW = "NEW"  # not started, or the first read failed
     LOADING = "LOADING"  # the first read
     WATCHING = "WATCHING"
@@ -115,7 +119,8 @@ class ConfigChange:
         added: keys that appeared, with their values.
         changed: keys that were written and had a value before, with their new values.
         removed: keys that disappeared, with the values they had.
-        previous, snapshot: the view before and after.
+        previous: the view before the change.
+        snapshot: the view after it.
         resync: True when the change is the difference between the view and a fresh
             read (after a compaction), not one revision's events.
     """
@@ -423,9 +428,11 @@ class ConfigWatcher:
             Deferred firing with the value that satisfied the predicate.
 
         Raises:
-            Timeout: not satisfied in time.  ConfigStopped: the watcher stopped meanwhile.
-            InvalidArgument: a key outside the prefix.  TypeError: a bad key or
-            predicate.  Whatever ``predicate`` raises.
+            Timeout: not satisfied in time.
+            ConfigStopped: the watcher stopped meanwhile.
+            InvalidArgument: a key outside the prefix.
+            TypeError: a bad key or predicate.
+            Exception: whatever ``predicate`` raises.
 
         Cancelling the Deferred stops the wait.
         """

@@ -171,13 +171,16 @@ class Counter:
     included (default: the client's ``timeout``; None: no limit).
 
     Attributes:
-        key, default, unique_writes: as given (``key`` as bytes).
+        key: the counter's key, as given (as bytes).
+        default: as given.
+        unique_writes: as given.
         resolved: how many lost answers this object settled (applied or not, known).
         unresolved: how many it could not settle (CounterOutcomeUnknown raised).
 
     Raises:
         TypeError: ``name`` not bytes or str, ``default`` not an int, ``unique_writes``
-            not a bool.  InvalidArgument: an empty ``name``, ``default`` outside int64.
+            not a bool.
+        InvalidArgument: an empty ``name``, ``default`` outside int64.
     """
 
     def __init__(self, client: Client, name: bytes | str, default: int = 0,
@@ -259,8 +262,9 @@ class Counter:
             Deferred firing with the counter's new value.
 
         Raises:
-            TypeError: ``n`` not an int.  InvalidArgument: ``n`` outside int64, or the sum
-                would leave int64 (nothing written).  (Both at once for ``n``.)
+            TypeError: ``n`` not an int (at once).
+            InvalidArgument: ``n`` outside int64 (at once), or the sum would leave
+                int64 (nothing written).
             NotACounter: the key holds something else (nothing written).
             Timeout: not done within ``timeout``; no write of this add was in flight
                 then, so none was applied.  (A write in flight at the deadline gets
@@ -297,9 +301,8 @@ class Counter:
             Deferred firing with True (written) or False (the counter held another
             value: nothing written).
 
-        Raises:
-            As :meth:`add` (TypeError, InvalidArgument for ``expected`` or ``new``);
-            on cancel, likewise.
+        Raises and cancels as :meth:`add` (TypeError, InvalidArgument for
+        ``expected`` or ``new``).
         """
         expected = _check_int("expected", expected)
         new = _check_int("new", new)

@@ -85,6 +85,10 @@ log = txaio.make_logger()  # type: ignore[attr-defined]  # set by txaio.use_twis
 
 
 class ElectionState(enum.Enum):
+    """What an :class:`Election` knows locally: IDLE; CAMPAIGNING (our key is queued
+    behind others, or being written); LEADER; LOST (led; our key was deleted or the
+    session ended)."""
+
     IDLE = "IDLE"
     CAMPAIGNING = "CAMPAIGNING"  # our key is queued behind others (or being written)
     LEADER = "LEADER"
@@ -118,6 +122,7 @@ class Leader:
 
     @classmethod
     def of(cls, kv: KeyValue, revision: int) -> Leader:
+        """The Leader that the key-value ``kv`` names, as of store revision ``revision``."""
         return cls(kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.lease, revision)
 
     def same(self, other: Leader | None) -> bool:
@@ -134,11 +139,13 @@ class Election(OwnedKey):
     """A candidacy in the election called ``name``, through ``session``'s lease.
 
     Args:
-        session: a :class:`coord.recipes.Session`; its lease keeps our key alive.
+        session: a :class:`coord.session.Session`; its lease keeps our key alive.
         name: the election's name (bytes or str); keys live under ``name + b"/"``.
 
     Attributes:
-        name, prefix, key: the name, ``name/`` and our key ``name/<lease hex>``.
+        name: the election's name (bytes).
+        prefix: ``name/``.
+        key: our key, ``name/<lease hex>``.
         token: our key's create revision once elected (Go's ``Rev()``), kept after a
             resign or loss so that a stale :meth:`guard` keeps failing; None before.
         revision: the store revision at which our leadership was proven.
@@ -159,11 +166,13 @@ class Election(OwnedKey):
 
     @property
     def state(self) -> ElectionState:
+        """IDLE, CAMPAIGNING, LEADER or LOST, as far as we know locally (see
+        :class:`ElectionState`)."""
         return _STATES[self._phase]
 
     @property
     def is_leader(self) -> bool:
-        """Whether we lead as far as we can tell: LEADER and the session alive.
+        """Whether we lead as far as we can tell (LEADER and the session alive).
 
         Only :meth:`guard` in a transaction *proves* it at the moment of a write.
         """

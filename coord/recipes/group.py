@@ -78,6 +78,10 @@ _RETRY = (errors.Unavailable, errors.Timeout, SessionLost)
 
 
 class GroupState(enum.Enum):
+    """A :class:`Group` membership's state: OUT (not joined, never or left); JOINING
+    (our key is being written); JOINED; LOST (was joined; our key was deleted or the
+    session ended); REJOINING (lost, and joining again on a new session)."""
+
     OUT = "OUT"  # not joined (never, or left)
     JOINING = "JOINING"  # our key is being written
     JOINED = "JOINED"
@@ -236,8 +240,10 @@ def members(client: Client, name: bytes | str, timeout: float | None = None,
         Deferred firing with a :class:`Members` (``revision`` is the read's).
 
     Raises:
-        Timeout: not read in time.  TypeError, InvalidArgument: a bad argument (raised
-        at once).  Cancelling the Deferred abandons the read.
+        Timeout: not read in time.
+        TypeError, InvalidArgument: a bad argument (raised at once).
+
+    Cancelling the Deferred abandons the read.
     """
     prefix = _prefix(name)
     timeout = check_timeout(timeout, zero_ok=False)
@@ -250,7 +256,7 @@ class Group(OwnedKey):
     """Our membership of the group ``name``, through ``session``'s lease.
 
     Args:
-        session: a :class:`coord.recipes.Session`; its lease keeps our key alive.
+        session: a :class:`coord.session.Session`; its lease keeps our key alive.
         name: the group's name (bytes or str); keys live under ``name + b"/"``.
         member: our member id (bytes or str, no ``/``); default: the session's lease
             ID in lowercase hex.  Fixed for the life of this object.
@@ -259,14 +265,17 @@ class Group(OwnedKey):
             with our latest data (see :attr:`rejoined`).
 
     Attributes:
-        name, prefix, key, member: the name, ``name/``, our key and our member id.
+        name: the group's name (bytes).
+        prefix: ``name/``.
+        key: our key, ``name/<member id>``.
+        member: our member id (bytes).
         data: our latest data (of the last join or update); None before.
         token: our key's create revision once joined (kept after a leave or loss).
         rejoins: how many times we joined again after a loss.
 
     Raises:
-        TypeError: a bad session, name or member id.  InvalidArgument: an empty name
-        or member id, or one with a ``/``.
+        TypeError: a bad session, name or member id.
+        InvalidArgument: an empty name or member id, or one with a ``/``.
     """
 
     lost_error = MembershipLost
@@ -301,13 +310,14 @@ class Group(OwnedKey):
 
     @property
     def state(self) -> GroupState:
+        """OUT, JOINING, JOINED, LOST or REJOINING (see :class:`GroupState`)."""
         if self._rejoining is not None and self._phase is not Phase.HELD:
             return GroupState.REJOINING
         return _STATES[self._phase]
 
     @property
     def joined(self) -> bool:
-        """Whether we are a member as far as we can tell: JOINED and the session alive."""
+        """Whether we are a member as far as we can tell (JOINED and the session alive)."""
         return self._holding
 
     @property

@@ -62,6 +62,10 @@ MAX_INT64 = 2**63 - 1
 
 
 class LockState(enum.Enum):
+    """What a :class:`Lock` knows locally: UNLOCKED; WAITING (our key is queued behind
+    others, or being written); HELD; LOST (was held; our key was deleted or the session
+    ended)."""
+
     UNLOCKED = "UNLOCKED"
     WAITING = "WAITING"  # our key is queued behind others (or being written)
     HELD = "HELD"
@@ -76,13 +80,15 @@ class Lock(OwnedKey):
     """A mutex named ``name`` held through ``session``'s lease.
 
     Args:
-        session: a :class:`coord.recipes.Session`; its lease keeps our key alive.
+        session: a :class:`coord.session.Session`; its lease keeps our key alive.
         name: the lock's name (bytes or str); keys live under ``name + b"/"``.  Names
             nest as paths do: a lock ``jobs`` and a lock ``jobs/db`` exclude each other
             (as in Go and ``etcdctl lock``; see docs/locks.md).
 
     Attributes:
-        name, prefix, key: the name, ``name/`` and our key ``name/<lease hex>``.
+        name: the lock's name (bytes).
+        prefix: ``name/``.
+        key: our key, ``name/<lease hex>``.
         token: our key's create revision once acquired (kept after a release or loss,
             so a stale ``guard()`` keeps failing); None before.
         revision: the store revision at which ownership was proven.
@@ -97,11 +103,13 @@ class Lock(OwnedKey):
 
     @property
     def state(self) -> LockState:
+        """UNLOCKED, WAITING, HELD or LOST, as far as we know locally (see
+        :class:`LockState`)."""
         return _STATES[self._phase]
 
     @property
     def held(self) -> bool:
-        """Whether we hold the lock as far as we can tell: HELD and the session alive.
+        """Whether we hold the lock as far as we can tell (HELD and the session alive).
 
         Only ``guard()`` in a transaction *proves* it at the moment of a write.
         """

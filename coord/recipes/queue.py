@@ -72,6 +72,9 @@ MAX_PRIORITY = 99999  # five decimal digits in the key
 
 
 class ItemState(enum.Enum):
+    """A claimed :class:`Item`'s state: CLAIMED (ours until ack or release, or our
+    session's end); ACKED (done: deleted); RELEASED (given back to the queue)."""
+
     CLAIMED = "CLAIMED"  # ours until ack or release (or our session's end)
     ACKED = "ACKED"  # done: deleted
     RELEASED = "RELEASED"  # given back to the queue
@@ -114,11 +117,15 @@ class Item:
     """An item a consumer claimed by :meth:`Queue.get`.
 
     Attributes:
-        queue: the Queue.  session: the consumer's session (its lease holds the claim).
-        id: the item's id (bytes: the key after ``NAME/items/``).  key: its key.
-        value: the payload (bytes).  priority: its priority (0 for a plain Queue).
+        queue: the Queue.
+        session: the consumer's session (its lease holds the claim).
+        id: the item's id (bytes: the key after ``NAME/items/``).
+        key: its key.
+        value: the payload (bytes).
+        priority: its priority (0 for a plain Queue).
         revision: the item's create revision (the put's revision: the queue's order).
-        claim_key: ``NAME/claims/<id>``.  claim_revision: the claim's create revision.
+        claim_key: ``NAME/claims/<id>``.
+        claim_revision: the claim's create revision.
         state: an :class:`ItemState`.
     """
 
@@ -254,7 +261,10 @@ class Queue:
         name: the queue's name (bytes or str); keys live under ``name + b"/"``.
 
     Attributes:
-        name, items, claims, waiters: the name and its three prefixes.
+        name: the queue's name (bytes).
+        items: the prefix of its items, ``name/items/``.
+        claims: the prefix of its claims, ``name/claims/``.
+        waiters: the prefix of its consumers' waiter keys, ``name/waiters/``.
         claimed: claim transactions that succeeded (this object's gets).
         conflicts: claim transactions that failed because the item was taken (or gone)
             meanwhile -- a herd would show here; with the turns it is 0 unless someone
@@ -375,8 +385,9 @@ class Queue:
             Deferred firing with None once loaded (at once if it is).
 
         Raises:
-            CancelledError: :meth:`close` was called.  The read's error (Unavailable,
-            PermissionDenied...): the next start or get tries again.
+            CancelledError: :meth:`close` was called.
+            EtcdError, Unavailable: the read's error (``PermissionDenied``,
+                ``Unavailable``...); the next start or get tries again.
         """
         return self._ensure_mirror().addCallback(lambda _: None)
 
