@@ -66,7 +66,7 @@ def check(args: argparse.Namespace) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:
-        _refuse(f"--plot needs matplotlib, which is not installed ({e}): {INSTALL}")
+        _refuse(f"--plot needs matplotlib, which cannot be imported ({e}): {INSTALL}")
     directory = os.path.dirname(os.path.abspath(args.plot))
     if not os.path.isdir(directory):
         _refuse(f"--plot {args.plot}: the directory {directory} does not exist")
@@ -93,8 +93,8 @@ def write(path: str, title: str,
         pixels: the PNG's width and height.
 
     The x axis is logarithmic when every sample of a panel is above 0 and they span a
-    factor of 10 or more (latency tails are long), else linear.  The quantiles are those the scripts print
-    (``_stats.percentile``), so the figure and the text agree.
+    factor of 10 or more (latency tails are long), else linear.  The quantiles are those
+    the scripts print (``_stats.percentile``), so the figure and the text agree.
     """
     # The Agg canvas directly, not pyplot: no display is needed or looked for, and no
     # global figure state ($MPLBACKEND does not matter).
