@@ -1,6 +1,7 @@
 """Lock throughput and handoff delay.
 
     python benchmarks/lock.py [--url URL] [--duration S] [--contenders N] [--go-watch]
+                              [--etcd-lock-service] [--plot FILE [--plot-size WxH]]
 
 Without --url an embedded etcd is started (coord.server.EtcdServer; $COORD_ETCD picks
 the binary) and stopped after.  Two measurements, each in fresh processes:
@@ -21,6 +22,10 @@ Mutex does (instead of at the current revision; see coord/recipes/_wait.py), to 
 what etcd's slow "unsynced" watch catch-up costs.  ``--etcd-lock-service`` adds the same
 contended loop through etcd's own server-side lock service (``/v3/lock/lock`` on the
 gateway, which runs Go's Mutex inside etcd) for comparison.
+
+``--plot FILE`` also draws the contended runs' handoff delays (coord's and each
+reference's: python-etcd3, the lock service) to the PNG FILE, one ECDF each with p50 and
+p99 marked; it needs matplotlib (``pip install 'coord[plot]'``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import time
 
+import _plot
 from _stats import percentile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,7 +169,8 @@ def run_workers(kind: str, n: int, url: str, duration: float, go_watch: bool,
     return results
 
 
-def report(label: str, results: list[dict], duration: float) -> None:
+def report(label: str, results: list[dict], duration: float) -> list[float]:
+    """Print one line of figures for ``results``; return the handoff delays (ms)."""
     holds = sorted(h for r in results for h in r["holds"])
     cycles = len(holds)
     counted = [r["requests"] for r in results if r["requests"] is not None]
@@ -183,6 +190,7 @@ def report(label: str, results: list[dict], duration: float) -> None:
         if overlap:
             line += f"  OVERLAPS: {overlap}"
     print(line, flush=True)
+    return handoffs
 
 
 def main() -> None:
@@ -195,7 +203,9 @@ def main() -> None:
     parser.add_argument("--etcd3-python", metavar="PYTHON",
                         help="an interpreter with python-etcd3 installed: its Lock runs the "
                              "same loops (python-etcd3 needs protobuf<4; see README.md)")
+    _plot.add_arguments(parser)
     args = parser.parse_args()
+    _plot.check(args)
 
     def measure(url: str) -> None:
         import urllib.request
@@ -205,22 +215,34 @@ def main() -> None:
             version = json.load(r)["version"]
         print(f"etcd {version} at {url}, {args.duration:.0f} s per measurement, "
               f"{os.cpu_count()} CPUs")
+        handoffs = {}  # the plot's series: the contended runs
         report("coord uncontended (1 process)",
                run_workers("coord", 1, url, args.duration, args.go_watch), args.duration)
-        report(f"coord {args.contenders} contenders (processes)",
-               run_workers("coord", args.contenders, url, args.duration, args.go_watch),
-               args.duration)
+        handoffs["coord (--go-watch)" if args.go_watch else "coord"] = report(
+            f"coord {args.contenders} contenders (processes)",
+            run_workers("coord", args.contenders, url, args.duration, args.go_watch),
+            args.duration)
         if args.etcd3_python:
             report("python-etcd3 uncontended",
                    run_workers("etcd3", 1, url, args.duration, False, args.etcd3_python),
                    args.duration)
-            report(f"python-etcd3 {args.contenders} contenders",
-                   run_workers("etcd3", args.contenders, url, args.duration, False,
-                               args.etcd3_python), args.duration)
+            handoffs["python-etcd3"] = report(
+                f"python-etcd3 {args.contenders} contenders",
+                run_workers("etcd3", args.contenders, url, args.duration, False,
+                            args.etcd3_python), args.duration)
         if args.etcd_lock_service:
-            report(f"etcd lock service, {args.contenders} contenders",
-                   run_workers("service", args.contenders, url, args.duration, False),
-                   args.duration)
+            handoffs["etcd lock service"] = report(
+                f"etcd lock service, {args.contenders} contenders",
+                run_workers("service", args.contenders, url, args.duration, False),
+                args.duration)
+        if args.plot:
+            _plot.write(
+                args.plot,
+                f"Lock handoff delay, {args.contenders} contender processes, "
+                f"{args.duration:g} s per run, etcd {version}",
+                [("handoff delay: previous holder's release() call to the next holder's "
+                  "acquire() return (ms)", handoffs)], args.plot_size)
+            print(f"plot: {args.plot}", flush=True)
 
     if args.url:
         measure(args.url)

@@ -2,18 +2,24 @@
 
 They measure speed, which no test here judges; these only check that a user who runs them
 gets figures and not a traceback -- and that the socket reference worker of kv.py reads
-what etcd sends (chunked answers) and says so when a connection is cut mid-answer.
+what etcd sends (chunked answers) and says so when a connection is cut mid-answer, and
+that ``--plot`` writes a PNG of the size asked for (or refuses at once without
+matplotlib).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -251,3 +257,102 @@ def test_counter_round(etcd):
         assert row["requests_per_add"] >= 1
         assert row["client_us"]["add"] > 0
         assert 0 < row["add_p50_ms"] <= row["add_p99_ms"]
+
+
+# ============================================================================================
+# --plot FILE: the latency distribution as a PNG (benchmarks/_plot.py)
+# ============================================================================================
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The (type, payload) chunks of the PNG ``data``, each one's CRC checked."""
+    assert data[:8] == PNG_SIGNATURE, data[:8]
+    chunks, at = [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at:at + 4])
+        kind, payload = data[at + 4:at + 8], data[at + 8:at + 8 + length]
+        (crc,) = struct.unpack(">I", data[at + 8 + length:at + 12 + length])
+        assert zlib.crc32(kind + payload) == crc, kind
+        chunks.append((kind, payload))
+        at += 12 + length
+    return chunks
+
+
+def check_png(path: Path, width: int, height: int) -> None:
+    """``path`` is a whole PNG of ``width`` x ``height`` pixels with a figure in it."""
+    data = path.read_bytes()
+    chunks = png_chunks(data)
+    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
+    w, h, depth, colour = struct.unpack(">IIBB", chunks[0][1][:10])
+    assert (w, h) == (width, height)
+    assert (depth, colour) == (8, 6), (depth, colour)  # 8-bit RGBA, as Agg writes
+    # Every row is there: a filter byte and 4 bytes a pixel.
+    pixels = zlib.decompress(b"".join(p for kind, p in chunks if kind == b"IDAT"))
+    assert len(pixels) == height * (1 + 4 * width)
+    # Axes, labels and title alone (no curve, no legend) make ~17 kB at 640x400; a
+    # figure with its curves and legend ~40 kB or more.
+    assert len(data) > 25_000, len(data)
+
+
+def test_lock_plot(etcd, tmp_path):
+    png = tmp_path / "lock.png"
+    out = run(str(ROOT / "benchmarks" / "lock.py"), "--url", etcd.url, "--duration", "0.3",
+              "--contenders", "2", "--etcd-lock-service", "--plot", str(png),
+              "--plot-size", "640x400").stdout
+    assert f"plot: {png}" in out, out
+    check_png(png, 640, 400)
+
+
+def test_election_plot(etcd, tmp_path):
+    png = tmp_path / "election.png"
+    out = run(str(ROOT / "benchmarks" / "election.py"), "--url", etcd.url, "--rounds", "2",
+              "--candidates", "2", "--ttl", "1", "--plot", str(png),
+              "--plot-size", "700x450").stdout
+    assert "failover after resign" in out and "failover after crash" in out, out
+    assert f"plot: {png}" in out, out
+    check_png(png, 700, 450)
+
+
+def refused(tmp_path: Path, script: str, *argv: str,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` with ``argv`` against an etcd that is not there: it must stop with
+    status 2 before trying it (it would fail otherwise, differently and later)."""
+    (unused_port,) = _free_ports(1)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--url",
+                           f"http://127.0.0.1:{unused_port}", *argv],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout == "", proc.stdout  # not one figure, not the etcd line
+    assert time.monotonic() - started < 20
+    return proc
+
+
+@pytest.mark.parametrize("script", ["lock.py", "election.py"])
+def test_plot_without_matplotlib(tmp_path, script):
+    hidden = tmp_path / "hidden"
+    (hidden / "matplotlib").mkdir(parents=True)
+    (hidden / "matplotlib" / "__init__.py").write_text(
+        'raise ImportError("No module named \'matplotlib\' (hidden for this test)")\n')
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hidden),
+                                                       env.get("PYTHONPATH")]))
+    png = tmp_path / "out.png"
+    proc = refused(tmp_path, script, "--plot", str(png), env=env)
+    assert "matplotlib" in proc.stderr and "pip install 'coord[plot]'" in proc.stderr, \
+        proc.stderr
+    assert not png.exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--plot", "no/such/directory/out.png"], "does not exist"),
+    (["--plot", "out.png", "--plot-size", "640"], "not WIDTHxHEIGHT"),
+    (["--plot", "out.png", "--plot-size", "64x400"], "width 64 is outside 200..4000"),
+])
+@pytest.mark.parametrize("script", ["lock.py", "election.py"])
+def test_plot_refuses_a_bad_request(tmp_path, script, argv, message):
+    proc = refused(tmp_path, script, *argv)
+    assert message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out.png").exists()
