@@ -259,7 +259,7 @@ async def status(ctx: Context) -> int:
     answers = await defer.DeferredList([ctx.client.status(endpoint=url) for url in urls],
                                        consumeErrors=True)
     documents, failed = [], 0
-    for url, (ok, result) in zip(urls, answers):
+    for url, (ok, result) in zip(urls, answers, strict=True):
         if not ok:
             failed += 1
             ctx.say(f"{_shown(url)}: {type(result.value).__name__}: {result.value}")
@@ -396,14 +396,16 @@ def add_commands(commands: Any, command: Any) -> None:
                 parent=(leases, "lease"))
     p.add_argument("ttl", type=int, help="seconds")
     p = command("revoke", lease_revoke, "revoke a lease (deleting its keys)",
-                "Revoke a lease: every key attached to it is deleted.", parent=(leases, "lease"))
+                "Revoke a lease: every key attached to it is deleted.",
+                parent=(leases, "lease"))
     p.add_argument("id", help="the lease ID (hex)")
     p = command("timetolive", lease_timetolive, "a lease's remaining time",
                 "Print a lease's granted TTL and remaining time.", parent=(leases, "lease"),
                 aliases=["ttl"])
     p.add_argument("id", help="the lease ID (hex)")
     p.add_argument("--keys", action="store_true", help="also print the attached keys")
-    command("list", lease_list, "list the leases", "List every lease's ID.", parent=(leases, "lease"))
+    command("list", lease_list, "list the leases", "List every lease's ID.",
+            parent=(leases, "lease"))
     p = command("keep-alive", lease_keep_alive, "keep a lease alive",
                 "Refresh a lease until Ctrl-C or SIGTERM (or once, with --once).",
                 parent=(leases, "lease"))
@@ -428,7 +430,8 @@ def add_commands(commands: Any, command: Any) -> None:
     p.add_argument("--cluster", action="store_true",
                    help="check every member's client URLs, not only --endpoints")
     p = command("status", status, "each endpoint's status",
-                "Print each endpoint's status (as `coord status`).", parent=(endpoints, "endpoint"))
+                "Print each endpoint's status (as `coord status`).",
+                parent=(endpoints, "endpoint"))
     p.add_argument("--cluster", action="store_true",
                    help="every member's client URLs, not only --endpoints")
     p = command("status", status, "the status of each endpoint",

@@ -27,8 +27,8 @@ __all__ = [
     "event_json",
     "event_simple",
     "header_json",
-    "human_size",
     "hex_id",
+    "human_size",
     "json_line",
     "kv_json",
     "kv_simple",
@@ -50,7 +50,7 @@ def b64(data: bytes) -> str:
 
 def hex_id(number: int) -> str:
     """An etcd ID as etcdctl prints it: 16 hex digits."""
-    return "%016x" % number
+    return f"{number:016x}"
 
 
 def header_json(header: Header) -> dict[str, Any]:
@@ -109,7 +109,7 @@ def status_simple(endpoint: str, status: Status) -> bytes:
     """etcdctl endpoint status's simple line: endpoint, ID, version, db size, is leader,
     is learner, raft term, raft index, raft applied index, errors."""
     member = status.header.member_id
-    fields = [endpoint, "%x" % member, status.version, human_size(status.db_size),
+    fields = [endpoint, f"{member:x}", status.version, human_size(status.db_size),
               str(status.leader == member).lower(), str(status.is_learner).lower(),
               str(status.raft_term), str(status.raft_index),
               str(status.raft_applied_index), ", ".join(status.errors)]
@@ -130,7 +130,7 @@ def status_json(endpoint: str, status: Status) -> dict[str, Any]:
 def member_simple(member: Member) -> bytes:
     """etcdctl member list's simple line: ID, status, name, peer URLs, client URLs, is
     learner (a member that has not started yet has no name)."""
-    fields = ["%x" % member.id, "started" if member.name else "unstarted", member.name,
+    fields = [f"{member.id:x}", "started" if member.name else "unstarted", member.name,
               ",".join(member.peer_urls), ",".join(member.client_urls),
               str(member.is_learner).lower()]
     return ", ".join(fields).encode() + b"\n"

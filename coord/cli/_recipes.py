@@ -424,5 +424,6 @@ def add_commands(commands: Any, command: Any) -> None:
     p.add_argument("prefix", help="the config prefix, e.g. config/app/")
     p = command("watch", config_watch, "print a config prefix, then each change",
                 "Print every key under PREFIX as key=value, then each change (PUT key=value, "
-                "DELETE key) as it is applied, until Ctrl-C or SIGTERM.", parent=(configs, "config"))
+                "DELETE key) as it is applied, until Ctrl-C or SIGTERM.",
+                parent=(configs, "config"))
     p.add_argument("prefix", help="the config prefix")

@@ -83,18 +83,23 @@ class Context:
     def until_stopped(self, waiting: defer.Deferred[Any]) -> defer.Deferred[Any]:
         """``waiting``, cancelled if a stop signal comes first (then raises Stopped)."""
         result: defer.Deferred[Any] = defer.Deferred()
+        stopping: list[int] = []
 
-        def stop(signum: int) -> None:
+        def stop(signum: int) -> int:
             if not result.called:
-                waiting.cancel()
-                if not result.called:
-                    result.errback(Stopped(signum))
+                stopping.append(signum)
+                waiting.cancel()  # calls done(), with its CancelledError (or its result)
+            return signum
 
         def done(outcome: Any) -> None:
-            if not result.called:
+            if result.called:
+                return
+            if stopping:
+                result.errback(Stopped(stopping[0]))
+            else:
                 result.callback(outcome)  # a Failure goes down the errback chain
 
-        self.stopped.addCallback(lambda signum: (stop(signum), signum)[1])
+        self.stopped.addCallback(stop)
         waiting.addBoth(done)
         return result
 
@@ -213,7 +218,7 @@ class _ChildProtocol(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.ended: defer.Deferred[int] = defer.Deferred()
 
-    def processEnded(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
+    def processEnded(self, reason: Any) -> None:
         value = reason.value
         if isinstance(value, error.ProcessTerminated) and value.signal is not None:
             code = 128 + int(value.signal)
