@@ -389,8 +389,10 @@ def add_commands(commands: Any, command: Any) -> None:
     p.add_argument("--prev-kv", action="store_true",
                    help="also print the key-value before each change")
 
-    lease = commands.add_parser("lease", help="grant, revoke and inspect leases",
-                                description="Lease commands.")
+    lease = commands.add_parser(
+        "lease", help="grant, revoke and inspect leases",
+        description="Leases: a key written with --lease ID is deleted when its lease expires "
+                    "(TTL seconds after its last keep-alive) or is revoked.")
     leases = lease.add_subparsers(dest="lease_command", metavar="COMMAND", required=True)
     p = command("grant", lease_grant, "grant a lease", "Grant a lease of TTL seconds.",
                 parent=(leases, "lease"))
@@ -412,15 +414,17 @@ def add_commands(commands: Any, command: Any) -> None:
     p.add_argument("id", help="the lease ID (hex)")
     p.add_argument("--once", action="store_true", help="refresh once and exit")
 
-    member = commands.add_parser("member", help="cluster members",
-                                 description="Member commands.")
+    member = commands.add_parser(
+        "member", help="cluster members",
+        description="The cluster's members, as the endpoints' cluster knows them.")
     members = member.add_subparsers(dest="member_command", metavar="COMMAND", required=True)
     command("list", member_list, "list the members",
             "List the members: ID, status, name, peer URLs, client URLs, is learner.",
             parent=(members, "member"))
 
-    endpoint = commands.add_parser("endpoint", help="endpoint health and status",
-                                   description="Endpoint commands.")
+    endpoint = commands.add_parser(
+        "endpoint", help="endpoint health and status",
+        description="Ask each endpoint (or with --cluster, each member) on its own.")
     endpoints = endpoint.add_subparsers(dest="endpoint_command", metavar="COMMAND",
                                         required=True)
     p = command("health", endpoint_health, "check each endpoint's health",

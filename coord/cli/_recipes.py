@@ -415,8 +415,10 @@ def add_commands(commands: Any, command: Any) -> None:
     _holding(p)
     _runs_command(p)
 
-    config = commands.add_parser("config", help="dump or watch a config prefix",
-                                 description="Config commands.")
+    config = commands.add_parser(
+        "config", help="dump or watch a config prefix",
+        description="A config is the keys under a prefix, read as one consistent snapshot "
+                    "and kept up to date by a watch (coord.recipes.ConfigWatcher).")
     configs = config.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
     p = command("dump", config_dump, "print a config prefix",
                 "Print every key under PREFIX as key=value, one consistent snapshot.",
