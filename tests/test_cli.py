@@ -9,6 +9,7 @@ etcdctl's for the same request.  (The recipe commands: tests/test_cli_recipes.py
 from __future__ import annotations
 
 import argparse
+import re
 import base64
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -507,3 +509,26 @@ def test_every_subcommand_has_help(capsys):
 def test_no_subcommand_is_a_usage_error():
     result = coord()
     assert result.returncode == 2 and b"usage: coord" in result.stderr
+
+
+def test_the_guides_fenced_write_runs_under_coord_lock(etcd, tmp_path):
+    """docs/cli.md's program, run as it says: under `coord lock`, its guarded write lands;
+    with the token of a lock that has since changed hands, it is refused."""
+    text = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert "http://127.0.0.1:2379" in snippet
+    program = tmp_path / "write_report.py"
+    program.write_text(snippet.replace("http://127.0.0.1:2379", etcd.url))
+    url = host(etcd)
+    ok(coord("lock", "jobs/nightly", "--", sys.executable, str(program), url=url))
+    assert ok(coord("get", "jobs/nightly/report", "--print-value-only", url=url)) == b"done\n"
+    # A late writer: the token it was given belongs to a lock that was released since.
+    ok(coord("del", "jobs/nightly/report", url=url))
+    script = f"echo $COORD_LOCK_KEY $COORD_FENCING_TOKEN > {tmp_path / 'token'}"
+    ok(coord("lock", "jobs/nightly", "--", "sh", "-c", script, url=url))
+    key, token = (tmp_path / "token").read_text().split()
+    late = subprocess.run([sys.executable, str(program)], capture_output=True, timeout=30,
+                          env=dict(os.environ, COORD_LOCK_KEY=key, COORD_FENCING_TOKEN=token))
+    assert late.returncode == 1
+    assert b"the lock was lost: the report was not written" in late.stderr
+    assert ok(coord("get", "jobs/nightly/report", url=url)) == b""
