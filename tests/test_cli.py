@@ -9,10 +9,10 @@ etcdctl's for the same request.  (The recipe commands: tests/test_cli_recipes.py
 from __future__ import annotations
 
 import argparse
-import re
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
