@@ -345,3 +345,16 @@ class Proxy:
 
     async def close(self):
         await self.cut()
+
+
+def run_coord(*argv, url=None, env=None, input=None, timeout=30):
+    """Run the `coord` command (``python -m coord.cli argv...``) as a user would, with
+    ``$COORD_ENDPOINTS`` set to ``url`` and no etcdctl settings inherited; the
+    CompletedProcess (stdout and stderr as bytes)."""
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("COORD_ENDPOINTS", "ETCDCTL_"))}
+    if url is not None:
+        environment["COORD_ENDPOINTS"] = url
+    environment.update(env or {})
+    return subprocess.run([sys.executable, "-m", "coord.cli", *argv], env=environment,
+                          input=input, capture_output=True, timeout=timeout)

@@ -33,7 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from helpers import sleep
+from helpers import run_coord, sleep
 from twisted.internet import defer, protocol, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
@@ -1211,3 +1211,30 @@ async def test_refused_lock_and_campaign_clean_up_quietly(auth_server, new_clien
     assert not [e for e in logged if "delet" in str(e.get("log_format", ""))]
     assert (await root.get(KeySet(b"", prefix=True), count_only=True)).count == 0
     assert await root.leases() == []
+
+
+# -- the coord command -------------------------------------------------------------------
+
+
+def test_coord_command_over_mutual_tls(etcd_factory, certs):
+    """etcdctl's TLS flags (and their $ETCDCTL_ forms): https is implied by them."""
+    server = etcd_factory(tls=server_tls(certs, mtls=True))
+    endpoint = server.url.split("://", 1)[1]
+    flags = ["--cacert", certs.ca, "--cert", certs.client, "--key", certs.client_key]
+    assert run_coord("put", "k", "v", *flags, url=endpoint).stdout == b"OK\n"
+    env = {"ETCDCTL_CACERT": certs.ca, "ETCDCTL_CERT": certs.client,
+           "ETCDCTL_KEY": certs.client_key}
+    assert run_coord("get", "k", url=endpoint, env=env).stdout == b"k\nv\n"
+    # No client certificate: the server refuses the handshake.
+    refused = run_coord("get", "k", "--cacert", certs.ca, url=endpoint)
+    assert refused.returncode == 3 and b"cannot reach etcd" in refused.stderr
+    # A CA that did not sign the server's certificate.
+    untrusted = run_coord("get", "k", "--cacert", certs.other_ca, "--cert", certs.client,
+                          "--key", certs.client_key, url=endpoint)
+    assert untrusted.returncode == 3 and b"cannot reach etcd" in untrusted.stderr
+    # An encrypted key is refused before anything is sent, saying so.
+    encrypted = run_coord("get", "k", "--cacert", certs.ca, "--cert", certs.client,
+                          "--key", certs.encrypted_key, url=endpoint)
+    assert encrypted.returncode == 2 and b"encrypted" in encrypted.stderr
+    assert run_coord("get", "k", "--cacert", certs.ca, "--cert", certs.client,
+                     url=endpoint).returncode == 2  # a certificate needs its key

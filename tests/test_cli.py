@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_coord as coord
+
 from coord import errors
 from coord.cli import _options, _output, build_parser, split_command
 from coord.cli._options import OptionError, endpoint_urls, parse_duration, settings
@@ -211,17 +213,6 @@ def test_exit_statuses_are_distinct():
 
 
 # -- the commands, as subprocesses -------------------------------------------------------
-
-
-def coord(*argv, url=None, env=None, input=None, timeout=30):
-    """Run `coord argv...`; the CompletedProcess (stdout and stderr as bytes)."""
-    environment = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("COORD_ENDPOINTS", "ETCDCTL_"))}
-    if url is not None:
-        environment["COORD_ENDPOINTS"] = url
-    environment.update(env or {})
-    return subprocess.run([sys.executable, "-m", "coord.cli", *argv], env=environment,
-                          input=input, capture_output=True, timeout=timeout)
 
 
 def etcdctl(url, *argv, input=None):
