@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import run_coord as coord
 
 from coord import errors
