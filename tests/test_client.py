@@ -262,6 +262,10 @@ async def test_lease_lifecycle(client):
     await client.set(b"l/1", b"a", lease=lease)
     await client.set(b"l/2", b"b", lease=lease)
     assert sorted(await lease.keys()) == [b"l/1", b"l/2"]
+    info = await lease.time_to_live()
+    assert (info.lease_id, info.granted_ttl, info.keys) == (lease.lease_id, 20, [])
+    assert 18 <= info.ttl <= 20 and info.header.revision > 0
+    assert (await lease.time_to_live(keys=True)).keys == [b"l/1", b"l/2"]
     assert await lease.refresh() == 20
     assert lease in await client.leases()
     await lease.revoke()
@@ -271,6 +275,8 @@ async def test_lease_lifecycle(client):
         await lease.remaining()
     with pytest.raises(LeaseExpired):
         await lease.keys()
+    with pytest.raises(LeaseExpired):
+        await lease.time_to_live()
     with pytest.raises(LeaseExpired):
         await lease.refresh()
     with pytest.raises(LeaseNotFound):
