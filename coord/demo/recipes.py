@@ -23,7 +23,8 @@ the demo at once.  On every path -- success, failure, Ctrl-C (SIGINT) or SIGTERM
 workers are stopped (asked to exit, SIGKILLed if they do not), the leases of their
 sessions revoked and the keys under ``coord-demo/`` deleted, then checked gone.  The
 demo ends with a summary table; its exit status is 0 if every check held, 1 if one did
-not (the message on stderr says which and why), 130 if interrupted.
+not (the message on stderr says which and why), 130 if interrupted.  Run one demo at a
+time against a server: a second one would share ``coord-demo/`` (and delete it first).
 """
 
 from __future__ import annotations
@@ -36,18 +37,18 @@ import sys
 import textwrap
 import time
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import attrs
-from twisted.internet import defer, protocol
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet import defer
 from twisted.internet.task import deferLater, react
 from twisted.python.failure import Failure
 
 import coord
 from coord import Client, CoordError, KeySet, Lease, LeaseNotFound, OpSet, Transaction
 from coord.demo import CheckFailed, Checks
+from coord.demo._process import DemoFailed, Timeline, WorkerProcess, process_state
 from coord.recipes import Barrier
 from coord.recipes.election import Leader, observe
 
@@ -65,11 +66,6 @@ HELD_BACK = 0.3  # seconds the barrier stays held once every worker waits
 WIDTH = 92  # of the explanations
 
 
-class DemoFailed(Exception):
-    """A step did not go as it should (a timeout, a worker that died or failed); the
-    message says which step and why."""
-
-
 def say(line: str = "") -> None:
     print(line, flush=True)
 
@@ -78,14 +74,6 @@ def explain(text: str) -> None:
     """Print ``text`` as an indented paragraph (what a scenario shows, and why it matters)."""
     for line in textwrap.wrap(text, width=WIDTH - 3):
         say("   " + line)
-
-
-def _exit_description(reason: object) -> str:
-    if isinstance(reason, ProcessTerminated) and reason.signal is not None:
-        return f"killed by {signal.Signals(reason.signal).name}"
-    if isinstance(reason, (ProcessDone, ProcessTerminated)):
-        return f"exit status {reason.exitCode}"
-    return str(reason)
 
 
 def _settings(values: dict[str, Any]) -> str:
@@ -102,173 +90,6 @@ def _change(report: dict[str, Any]) -> str:
 
 def _count(n: int, what: str) -> str:
     return f"{n} {what}" if n == 1 else f"{n} {what}s"
-
-
-def _process_state(pid: int) -> str | None:
-    """The state letter of process ``pid`` (``T``: stopped), or None without procfs."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            # "pid (comm) S ...": the state letter follows the last ")".
-            return stat.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-class WorkerProcess(protocol.ProcessProtocol):
-    """One worker process: commands go to its stdin, reports come from its stdout.
-
-    Reports are kept in order until :meth:`expect` takes them; ``listeners`` see each
-    one as it arrives (with ``received``, the demo's ``time.monotonic()`` of its
-    arrival, added).  ``trouble(message)`` is called when the worker reports an error,
-    writes a line that is not JSON, or exits without being told to (``expected_end``).
-    """
-
-    def __init__(self, name: str, trouble: Callable[[str], None]) -> None:
-        self.name = name
-        self.pid: int | None = None
-        self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        self.expected_end = False
-        self.frozen = False  # SIGSTOPped by the demo
-        self.exit: str | None = None  # how it ended, once it has
-        self.ended: defer.Deferred[str] = defer.Deferred()
-        self._trouble = trouble
-        self._buffer = b""
-        self._stderr = b""
-        self._reports: list[dict[str, Any]] = []
-        self._waiters: list[tuple[tuple[str, ...], defer.Deferred[dict[str, Any]]]] = []
-
-    def __repr__(self) -> str:
-        return f"<WorkerProcess {self.name} pid={self.pid} exit={self.exit}>"
-
-    @property
-    def alive(self) -> bool:
-        return self.exit is None
-
-    def send(self, op: str, **fields: Any) -> None:
-        """Write the command ``op`` with ``fields`` to the worker's stdin."""
-        transport: Any = self.transport
-        if self.alive and transport is not None:
-            transport.write(json.dumps({"op": op, **fields}).encode() + b"\n")
-
-    def signal(self, signum: signal.Signals) -> None:
-        """Send ``signum`` to the worker, unless it has ended."""
-        transport: Any = self.transport
-        if self.alive and transport is not None:
-            try:
-                transport.signalProcess(int(signum))
-            except (OSError, ProcessExitedAlready):
-                pass  # it has just ended: processEnded is on its way
-
-    def expect(self, *events: str) -> defer.Deferred[dict[str, Any]]:
-        """The first report, kept or to come, whose event is one of ``events``.
-
-        Fails with DemoFailed if the worker exits first.  Cancelling stops waiting.
-        """
-        for i, report in enumerate(self._reports):
-            if report["event"] in events:
-                return defer.succeed(self._reports.pop(i))
-        if not self.alive:
-            return defer.fail(DemoFailed(self._ended_message(events)))
-
-        def cancel(d: defer.Deferred[dict[str, Any]]) -> None:
-            self._waiters[:] = [w for w in self._waiters if w[1] is not d]
-
-        d: defer.Deferred[dict[str, Any]] = defer.Deferred(cancel)
-        self._waiters.append((events, d))
-        return d
-
-    def has(self, event: str) -> bool:
-        """Whether a report of ``event`` came that no :meth:`expect` took."""
-        return any(report["event"] == event for report in self._reports)
-
-    def stderr_tail(self, lines: int = 6) -> str:
-        text = self._stderr.decode(errors="replace").strip()
-        return "\n".join(text.splitlines()[-lines:])
-
-    def _ended_message(self, events: tuple[str, ...]) -> str:
-        tail = self.stderr_tail()
-        return (f"worker {self.name} (pid {self.pid}) ended ({self.exit}) before reporting "
-                f"{' or '.join(events)}" + (f"; its last words:\n{tail}" if tail else ""))
-
-    # ProcessProtocol ---------------------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.pid = self.transport.pid
-
-    def outReceived(self, data: bytes) -> None:
-        *lines, self._buffer = (self._buffer + data).split(b"\n")
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                report = json.loads(line)
-                if not isinstance(report.get("event"), str):
-                    raise ValueError("no event")
-            except (ValueError, AttributeError):
-                self._trouble(f"worker {self.name} wrote a line that is not a report: "
-                              f"{line[:200]!r}")
-                continue
-            report["received"] = time.monotonic()
-            self._deliver(report)
-
-    def _deliver(self, report: dict[str, Any]) -> None:
-        for listener in list(self.listeners):
-            listener(report)
-        if report["event"] == "error":
-            self._trouble(f"worker {self.name}: {report.get('op')} failed: {report['error']}")
-            return
-        for i, (events, d) in enumerate(self._waiters):
-            if report["event"] in events:
-                del self._waiters[i]
-                d.callback(report)
-                return
-        self._reports.append(report)
-
-    def errReceived(self, data: bytes) -> None:
-        self._stderr = (self._stderr + data)[-8000:]
-
-    def processEnded(self, reason: Failure) -> None:
-        self.exit = _exit_description(reason.value or reason)
-        self.frozen = False
-        if not self.expected_end:
-            tail = self.stderr_tail()
-            self._trouble(f"worker {self.name} (pid {self.pid}) died unexpectedly: "
-                          f"{self.exit}" + (f"; its last words:\n{tail}" if tail else ""))
-        waiters, self._waiters = self._waiters, []
-        for events, d in waiters:
-            d.errback(DemoFailed(self._ended_message(events)))
-        self.ended.callback(self.exit)
-
-
-class Timeline:
-    """Values as they came, each with the demo's ``time.monotonic()`` of its arrival."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[float, Any]] = []
-        self._waits: list[tuple[Callable[[Any], bool], defer.Deferred[tuple[float, Any]]]] = []
-
-    def add(self, value: Any) -> None:
-        item = (time.monotonic(), value)
-        self.items.append(item)
-        for wait in list(self._waits):
-            if wait[0](value):
-                self._waits.remove(wait)
-                wait[1].callback(item)
-
-    def wait(self, test: Callable[[Any], bool], since: int = 0
-             ) -> defer.Deferred[tuple[float, Any]]:
-        """The first ``(time, value)`` from index ``since`` on whose value passes ``test``."""
-        for item in self.items[since:]:
-            if test(item[1]):
-                return defer.succeed(item)
-
-        def cancel(d: defer.Deferred[tuple[float, Any]]) -> None:
-            self._waits[:] = [w for w in self._waits if w[1] is not d]
-
-        d: defer.Deferred[tuple[float, Any]] = defer.Deferred(cancel)
-        self._waits.append((test, d))
-        return d
 
 
 @attrs.define
@@ -296,7 +117,7 @@ class Demo:
         self.client = Client(reactor, url, timeout=5)
         self.check = Checks()
         self.workers: dict[str, WorkerProcess] = {}
-        self.leases: dict[int, int] = {}  # the workers' sessions' leases: id -> TTL
+        self.leases: set[int] = set()  # of the workers' sessions, as they report them
         self.interrupted = False
         self.connected = False  # etcd answered: there may be something to clean up
         self.cleaning = False
@@ -330,6 +151,7 @@ class Demo:
             inner.cancel()
             inner.addErrback(lambda _: None)
             return defer.fail(DemoFailed(str(self._trouble)))
+
         def cancel(out: defer.Deferred[Any]) -> None:
             out.errback(defer.CancelledError(what))  # (not what `inner` fails with now)
             inner.cancel()
@@ -416,7 +238,8 @@ class Demo:
             self.summary()
         elapsed = time.monotonic() - started
         if self.interrupted:
-            print(f"demo interrupted; workers stopped ({elapsed:.1f} s)", file=sys.stderr)
+            outcome = "; ".join(problems) or "workers stopped, nothing left behind"
+            print(f"demo interrupted; {outcome} ({elapsed:.1f} s)", file=sys.stderr)
             return 130
         if failure is not None:
             where = f"{current.scenario}: " if current is not None else ""
@@ -463,7 +286,7 @@ class Demo:
 
     def _note_session(self, report: dict[str, Any]) -> None:
         if report["event"] == "session":
-            self.leases[report["lease"]] = report["ttl"]
+            self.leases.add(report["lease"])
 
     # 1. lock ----------------------------------------------------------------------------------
 
@@ -516,7 +339,7 @@ class Demo:
                    f"in token order the values written are 1, 2, ..., {len(in_order)}: "
                    "each holder saw the last one's write")
         return (f"{len(workers)} processes, {len(increments)} guarded increments; counter = "
-                f"{value}", f"{elapsed:.2f} s, {len(increments) / elapsed:.0f}/s")
+                f"{value}", f"{elapsed:.2f} s ({len(increments) / elapsed:.0f} increments/s)")
 
     # 2. election ------------------------------------------------------------------------------
 
@@ -629,9 +452,14 @@ class Demo:
             f"guarded by its token {held['token']}")
         late = await self.within(f"{holder.name}'s late write",
                                  holder.expect("refused", "written"))
-        say(f"   its lock object still said {late['believed']} (it ran no code while frozen); "
-            + ("etcd refused the write: the guard's compare failed"
-               if late["event"] == "refused" else "etcd APPLIED the write"))
+        if late["believed"] == "HELD":
+            say("   its lock object still said HELD: it ran no code while frozen, and had not "
+                "noticed the loss")
+        else:
+            say(f"   its lock object said {late['believed']} (it noticed the loss first; code "
+                "that writes without looking would not)")
+        say("   etcd refused the write: the guard's compare failed" if late["event"] == "refused"
+            else "   etcd APPLIED the write")
         stored = await self.within(f"reading {resource}", self.client.get(resource))
         value = stored.kvs[0].value.decode() if stored.kvs else None
         say(f"   {resource} = {value!r}")
@@ -653,7 +481,7 @@ class Demo:
         asynchronously.  Returns at once without procfs."""
         assert worker.pid is not None
         while True:
-            state = _process_state(worker.pid)
+            state = process_state(worker.pid)
             if state is None or (state in "Tt") == stopped:
                 return
             await self.sleep(0.005)

@@ -6,7 +6,8 @@ The demo (:mod:`coord.demo.recipes`) writes commands to our stdin and reads our 
 from our stdout, one JSON object a line each way.  A command is ``{"op": OP, ...}``; a
 report is ``{"event": EVENT, "worker": NAME, ...}``.  Every session we create is
 reported (``session``, with its lease ID) before it is used, so that the demo can revoke
-its lease if we die.  A command that fails is reported as ``error``, with the exception's
+its lease if we die (a worker killed between a grant and its report leaves that lease to
+expire by itself).  A command that fails is reported as ``error``, with the exception's
 type and message (and a traceback on stderr if it is not a coord error).
 
 Operations (keys and names are given in full by the demo):
@@ -23,8 +24,10 @@ Operations (keys and names are given in full by the demo):
 * ``take`` -- acquire ``lock`` (``took``, with how long it waited), write ``value`` to
   ``key`` guarded by the lock (``written``), release;
 * ``barrier`` -- wait at the Barrier ``name`` (``waiting``, then ``passed``);
-* ``config`` -- watch the config prefix ``prefix`` with a ConfigWatcher (``configured``
-  with the first view, then ``reconfigured`` for each change);
+* ``config`` -- watch the config prefix ``prefix`` with a ConfigWatcher, values decoded
+  as JSON (``configured`` with the first view, then ``reconfigured`` for each change:
+  ``changed`` names with [old, new] values, ``added`` and ``removed`` names with their
+  values; names are relative to the prefix);
 * ``exit`` -- stop the watcher, close every session (revoking its lease), close the
   client, report ``bye`` and exit 0.
 
@@ -93,7 +96,7 @@ class Worker(LineReceiver):
     # the channel ------------------------------------------------------------------
 
     def emit(self, event: str, **fields: Any) -> None:
-        """Report ``event`` with ``fields`` on stdout (once, never after stdout closed)."""
+        """Report ``event`` with ``fields`` on stdout (dropped once stdout is closed)."""
         line = json.dumps({"event": event, "worker": self.name, **fields})
         transport: Any = self.transport
         if transport is not None:
