@@ -233,8 +233,8 @@ def check_recipes_demo(out: str) -> None:
     assert rows["lock"][0] == "4 processes, 20 guarded increments; counter = 20"
 
     # election: the leader killed, the next in line took over, after about a TTL.
-    line = re.search(r"the candidates in line \(by their keys' create revisions\): "
-                     r"(w\d), (w\d), (w\d), (w\d)$", out, re.MULTILINE)
+    line = re.search(r"^   in line, by their keys' create revisions: (w\d), (w\d), (w\d), "
+                     r"(w\d) \(etcd granted a TTL of \d+ s\)$", out, re.MULTILINE)
     assert line, out
     first, second = line.group(1), line.group(2)
     assert rows["election"][0] == f"leader {first} SIGKILLed; {second}, next in line, took over"
@@ -251,6 +251,9 @@ def check_recipes_demo(out: str) -> None:
     taker = re.search(r"^    ok  (w\d)'s token (\d+) is larger than " + holder + r"'s (\d+)$",
                       out, re.MULTILINE)
     assert taker and int(taker.group(2)) > int(taker.group(3)), out
+    frozen = re.search(r"^    ok  " + holder + r" stayed frozen ([\d.]+) s, longer than its "
+                       r"lease's TTL \((\d+) s\)$", out, re.MULTILINE)
+    assert frozen and float(frozen.group(1)) > int(frozen.group(2)) >= 2, out
     assert "etcd refused the write: the guard's compare failed" in out
     stored = re.search(r"^   coord-demo/resource = 'written by (w\d) with token (\d+)'$", out,
                        re.MULTILINE)
@@ -265,10 +268,12 @@ def check_recipes_demo(out: str) -> None:
 
     # config: the daemon applied each change, at its revision.
     assert re.search(r"^   (w\d) applies log_level 'info' -> 'debug' at revision (\d+), \d+ ms "
-                     r"after the write was sent$", out, re.MULTILINE), out
+                     r"after the write$", out, re.MULTILINE), out
     assert re.search(r"^   w\d applies new pool_size = 16, new timeout_ms = 500 at revision",
                      out, re.MULTILINE), out
     assert "    ok  both keys reached it as one change, at one revision" in out
+    reactions = re.fullmatch(r"reactions (\d+) ms, (\d+) ms", rows["config"][1])
+    assert reactions and all(int(ms) < 5000 for ms in reactions.groups()), rows
 
     # clean-up, checked by the demo itself (and by the tests, on the server).
     assert re.search(r"^    ok  nothing left: no key under coord-demo/, none of the \d+ leases$",

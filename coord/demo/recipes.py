@@ -352,7 +352,8 @@ class Demo:
                 f"a TTL of {SHORT_TTL} s (etcd raises a TTL below its minimum). The leader is "
                 "the candidate whose key is oldest; each other waits for the key just before "
                 "its own. A killed leader cannot resign: its key stays until its lease "
-                "expires, so the failover takes up to one TTL.")
+                "expires, so the failover takes about one TTL (etcd looks for expired leases "
+                "twice a second).")
         leaders = Timeline()
         observation = observe(self.client, name, leaders.add)
         try:
@@ -361,8 +362,8 @@ class Demo:
             queued = await self.within("the candidates' keys", self.every("candidate", workers))
             line = [r["worker"] for r in sorted(queued, key=lambda r: r["create_revision"])]
             ttl = max(r["ttl"] for r in queued)
-            say(f"   etcd granted a TTL of {ttl} s; the candidates in line (by their keys' "
-                f"create revisions): {', '.join(line)}")
+            say(f"   in line, by their keys' create revisions: {', '.join(line)} (etcd "
+                f"granted a TTL of {ttl} s)")
             first, successor = self.workers[line[0]], self.workers[line[1]]
             elected = await self.within(f"{first.name} elected", first.expect("elected"))
             await self.within("observing the leader", leaders.wait(
@@ -415,8 +416,8 @@ class Demo:
     async def paused_holder(self) -> tuple[str, str]:
         holder, taker = self.alive[:2]
         lock, resource = PREFIX + "locks/resource", PREFIX + "resource"
-        say("3. paused holder: a lock holder frozen past its lease's TTL loses the lock; its "
-            "late write is refused")
+        say("3. paused holder: a holder frozen past its TTL loses the lock, and its late write "
+            "is refused")
         explain("A process can stop for longer than its lease's TTL without running a line "
                 "of code (a GC pause, swapping, SIGSTOP, a VM migration). Its lease expires, "
                 "another process takes the lock, and the frozen one resumes believing it "
@@ -445,6 +446,8 @@ class Demo:
         rest = held["ttl"] + 0.2 - (time.monotonic() - frozen)
         if rest > 0:
             await self.sleep(rest)  # frozen for longer than the whole TTL, to be plain
+        assert holder.pid is not None
+        still_stopped = process_state(holder.pid) in ("T", "t", None)  # (None: no procfs)
         holder.signal(signal.SIGCONT)
         holder.frozen = False
         frozen_for = time.monotonic() - frozen
@@ -463,9 +466,9 @@ class Demo:
         stored = await self.within(f"reading {resource}", self.client.get(resource))
         value = stored.kvs[0].value.decode() if stored.kvs else None
         say(f"   {resource} = {value!r}")
-        self.check(frozen_for > held["ttl"],
-                   f"{holder.name} was frozen {frozen_for:.1f} s, longer than its lease's TTL "
-                   f"({held['ttl']} s)")
+        self.check(still_stopped and frozen_for > held["ttl"],
+                   f"{holder.name} stayed frozen {frozen_for:.1f} s, longer than its lease's "
+                   f"TTL ({held['ttl']} s)")
         self.check(took["token"] > held["token"],
                    f"{taker.name}'s token {took['token']} is larger than {holder.name}'s "
                    f"{held['token']}")
@@ -546,7 +549,7 @@ class Demo:
         change = await self.within(f"{daemon.name} reacting", daemon.expect("reconfigured"))
         reaction = (change["received"] - sent) * 1000
         say(f"   {daemon.name} applies {_change(change)} at revision {change['revision']}, "
-            f"{reaction:.0f} ms after the write was sent")
+            f"{reaction:.0f} ms after the write")
         self.check(change["revision"] == written.revision
                    and change["changed"] == {"log_level": ["info", "debug"]}
                    and not change["added"] and not change["removed"],
@@ -562,7 +565,7 @@ class Demo:
         second = await self.within(f"{daemon.name} reacting", daemon.expect("reconfigured"))
         reaction2 = (second["received"] - sent) * 1000
         say(f"   {daemon.name} applies {_change(second)} at revision {second['revision']}, "
-            f"{reaction2:.0f} ms after the write was sent")
+            f"{reaction2:.0f} ms after the write")
         self.check(second["revision"] == both.header.revision
                    and second["added"] == {"pool_size": 16, "timeout_ms": 500}
                    and not second["changed"] and not second["removed"],
@@ -647,9 +650,9 @@ class Demo:
         lingering = ours & {lease.lease_id for lease in await self.client.leases()}
         if ours:
             others = len(ours) - revoked
-            say(f"   the workers' sessions had {_count(len(ours), 'lease')}: "
-                + (f"{revoked} still lived (revoked now), " if revoked else "")
-                + (f"{others} closed by their workers or expired" if others else ""))
+            fates = ([f"{revoked} still lived (revoked now)"] if revoked else []) + (
+                [f"{others} closed by their workers or expired"] if others else [])
+            say(f"   the workers' sessions had {_count(len(ours), 'lease')}: {', '.join(fates)}")
         say(f"   deleted {_count(deleted, 'key')} under {PREFIX}")
         self.check(left == 0 and not lingering,
                    f"nothing left: no key under {PREFIX}, none of the {len(ours)} leases")
