@@ -1,4 +1,4 @@
-"""`coord demo`: the client at work against a real etcd, end to end, in a few seconds.
+"""`coord demo --kv`: the KV client at work against a real etcd, end to end, in a few seconds.
 
 It reads the member's status, writes config-like keys and reads them back by prefix,
 does a compare-and-swap transaction that succeeds and one that fails, attaches a key
@@ -14,7 +14,6 @@ embedded one (`coord.server.EtcdServer` on free loopback ports, stopped at the e
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import traceback
@@ -34,8 +33,9 @@ from coord import (
     OpSet,
     Transaction,
 )
+from coord.demo import CheckFailed, Checks
 
-__all__ = ["main"]
+__all__ = ["run", "run_at"]
 
 PREFIX = b"coord-demo/"
 
@@ -45,24 +45,6 @@ CONFIG = {
     b"config/app/workers": b"8",
     b"config/app/feature_x": b"off",
 }
-
-
-class CheckFailed(Exception):
-    """A demo check did not hold."""
-
-
-class Checks:
-    """Counts the checks that held; the first one that does not raises CheckFailed."""
-
-    def __init__(self) -> None:
-        self.passed = 0
-
-    def __call__(self, condition: object, what: str) -> None:
-        # A plain `assert` would vanish under `python -O`; the demo must still check.
-        if not condition:
-            raise CheckFailed(what)
-        self.passed += 1
-        print(f"    ok  {what}")
 
 
 def _show(kv: Any) -> str:
@@ -206,35 +188,14 @@ async def run(reactor: Any, url: str) -> None:
     print(f"demo ok: {check.passed} checks passed ({elapsed_ms:.0f} ms)")
 
 
-def _react(url: str) -> int:
-    """Run the demo on the reactor; `react` ends with SystemExit, turned into a status."""
+def run_at(url: str) -> int:
+    """Run the walk-through against ``url`` on the reactor.
+
+    Returns:
+        The exit status: 0 when every check held, 1 otherwise.
+    """
     try:
         react(run, (url,))
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     return 0  # pragma: no cover - react always exits
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run the demo against ``args.url``, or against an embedded etcd when it is None.
-
-    Returns:
-        The exit status: 0 when every check held, 1 otherwise.
-    """
-    if args.url is not None:
-        return _react(args.url)
-
-    from coord.server import EtcdNotFound, EtcdServer, EtcdStartError
-
-    try:
-        server = EtcdServer()
-        server.start()
-    except (EtcdNotFound, EtcdStartError) as e:
-        print(f"coord demo: cannot start an embedded etcd: {e}", file=sys.stderr)
-        return 1
-    try:
-        print(f"started embedded etcd {server.version} at {server.url}")
-        return _react(server.url)
-    finally:
-        server.stop()
-        print("embedded etcd stopped")
