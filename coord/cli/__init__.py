@@ -79,7 +79,7 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """`coord demo`: imported lazily, so that `coord server` never loads the client stack."""
+    """`coord demo`: the recipes demo, or with --kv the KV walk-through (coord.demo)."""
     demo = importlib.import_module("coord.demo")
     result = demo.main(args)
     return int(result or 0)
