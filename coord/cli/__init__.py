@@ -85,24 +85,32 @@ def run_demo(args: argparse.Namespace) -> int:
     return int(result or 0)
 
 
-def _client_command(commands: Any) -> Callable[..., argparse.ArgumentParser]:
-    """``command(name, handler, help, description, parent=..., aliases=...)``: a subparser
-    for a client command, with the connection options, that runs ``handler``.  ``parent``
-    is ``(subparsers, "lease")`` for a command of a group (``coord lease grant``)."""
+class Commands:
+    """Where the client commands are registered (see ``add_commands`` in
+    :mod:`coord.cli._kv` and :mod:`coord.cli._recipes`)."""
 
-    def command(name: str, handler: Callable[..., Any], help: str, description: str,
-                parent: tuple[Any, str] | None = None,
+    def __init__(self, subparsers: Any) -> None:
+        self._subparsers = subparsers
+
+    def group(self, name: str, help: str, description: str) -> tuple[Any, str]:
+        """A command group (``coord lease ...``): pass it as ``group=`` to
+        :meth:`command` for each of its commands."""
+        parser = self._subparsers.add_parser(name, help=help, description=description)
+        return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND",
+                                     required=True), name
+
+    def command(self, name: str, handler: Callable[..., Any], help: str, description: str,
+                group: tuple[Any, str] | None = None,
                 aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
-        where = parent[0] if parent is not None else commands
-        full = name if parent is None else f"{parent[1]} {name}"
+        """A subparser for a client command, with the connection options, that runs
+        ``handler`` (``async def handler(ctx) -> int``) by :func:`coord.cli._runtime.run`."""
+        where = group[0] if group is not None else self._subparsers
+        full = name if group is None else f"{group[1]} {name}"
         sub: argparse.ArgumentParser = where.add_parser(
-            name, help=help, description=description, aliases=list(aliases),
-            epilog=EPILOG)
+            name, help=help, description=description, aliases=list(aliases), epilog=EPILOG)
         _options.add_global_options(sub)
         sub.set_defaults(handler=functools.partial(_run_client, handler, full))
         return sub
-
-    return command
 
 
 EPILOG = """\
@@ -126,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG)
     _options.add_global_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    command = _client_command(commands)
-    _kv.add_commands(commands, command)
-    _recipes.add_commands(commands, command)
+    client_commands = Commands(commands)
+    _kv.add_commands(client_commands)
+    _recipes.add_commands(client_commands)
 
     server = commands.add_parser(
         "server",

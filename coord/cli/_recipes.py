@@ -351,9 +351,9 @@ def _runs_command(parser: Any) -> None:
         " [-- COMMAND [ARG ...]]"
 
 
-def add_commands(commands: Any, command: Any) -> None:
+def add_commands(commands: Any) -> None:
     """Register the subcommands (see :func:`coord.cli._kv.add_commands`)."""
-    p = command("lock", lock, "take a lock, hold it while a command runs",
+    p = commands.command("lock", lock, "take a lock, hold it while a command runs",
                 "Take the lock NAME (waiting for it), then run COMMAND while holding it and "
                 "exit with its status; without a COMMAND, print the lock's key and hold it "
                 "until Ctrl-C or SIGTERM. The command's environment has COORD_LOCK_KEY, "
@@ -365,7 +365,7 @@ def add_commands(commands: Any, command: Any) -> None:
     _holding(p)
     _runs_command(p)
 
-    p = command("elect", elect, "campaign in an election, lead while a command runs",
+    p = commands.command("elect", elect, "campaign in an election, lead while a command runs",
                 "Campaign in the election NAME with VALUE; once leader, run COMMAND while "
                 "leading and exit with its status, or without a COMMAND print the leader's "
                 "key and value and lead until Ctrl-C or SIGTERM (then resign). The command's "
@@ -380,52 +380,49 @@ def add_commands(commands: Any, command: Any) -> None:
     _holding(p, ttl=60)
     _runs_command(p)
 
-    p = command("observe", observe, "print an election's leader at each change",
+    p = commands.command("observe", observe, "print an election's leader at each change",
                 "Print the leader of the election NAME (its key and value, as `etcdctl elect "
                 "--listen` does) now and at each change, until Ctrl-C or SIGTERM.")
     p.add_argument("name", help="the election's name")
 
-    barrier = commands.add_parser(
+    barriers = commands.group(
         "barrier", help="barriers: hold, release, wait; enter a double barrier",
         description="Barriers (Go's recipe layout: the barrier is the key NAME).")
-    barriers = barrier.add_subparsers(dest="barrier_command", metavar="COMMAND",
-                                      required=True)
-    p = command("hold", barrier_hold, "hold a barrier (waiters block)",
+    p = commands.command("hold", barrier_hold, "hold a barrier (waiters block)",
                 "Hold the barrier NAME: `barrier wait NAME` blocks until it is released. "
                 "Without --ttl the hold stays after this command exits, until `barrier "
                 "release NAME`; with --ttl it is held by a lease until Ctrl-C or SIGTERM "
-                "(or this process dies and the TTL passes).", parent=(barriers, "barrier"))
+                "(or this process dies and the TTL passes).", group=barriers)
     p.add_argument("name", help="the barrier's key")
     p.add_argument("--ttl", type=int, default=None,
                    help="hold under a lease of this TTL, until stopped")
-    p = command("release", barrier_release, "release a barrier",
-                "Release the barrier NAME: every waiter goes on.", parent=(barriers, "barrier"))
+    p = commands.command("release", barrier_release, "release a barrier",
+                "Release the barrier NAME: every waiter goes on.", group=barriers)
     p.add_argument("name", help="the barrier's key")
-    p = command("wait", barrier_wait, "wait until a barrier is released",
+    p = commands.command("wait", barrier_wait, "wait until a barrier is released",
                 "Wait until the barrier NAME is not held (at once if it is not).",
-                parent=(barriers, "barrier"))
+                group=barriers)
     p.add_argument("name", help="the barrier's key")
     p.add_argument("--timeout", default=None, help="give up after this long (exit 4)")
-    p = command("enter", barrier_enter, "meet COUNT processes at a double barrier",
+    p = commands.command("enter", barrier_enter, "meet COUNT processes at a double barrier",
                 "Enter the double barrier NAME: wait until COUNT participants have entered, "
                 "run COMMAND (if any), then leave: wait until all have left.",
-                parent=(barriers, "barrier"))
+                group=barriers)
     p.add_argument("name", help="the barrier's name")
     p.add_argument("count", type=int, help="how many participants meet")
     _holding(p)
     _runs_command(p)
 
-    config = commands.add_parser(
+    configs = commands.group(
         "config", help="dump or watch a config prefix",
         description="A config is the keys under a prefix, read as one consistent snapshot "
                     "and kept up to date by a watch (coord.recipes.ConfigWatcher).")
-    configs = config.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
-    p = command("dump", config_dump, "print a config prefix",
+    p = commands.command("dump", config_dump, "print a config prefix",
                 "Print every key under PREFIX as key=value, one consistent snapshot.",
-                parent=(configs, "config"))
+                group=configs)
     p.add_argument("prefix", help="the config prefix, e.g. config/app/")
-    p = command("watch", config_watch, "print a config prefix, then each change",
+    p = commands.command("watch", config_watch, "print a config prefix, then each change",
                 "Print every key under PREFIX as key=value, then each change (PUT key=value, "
                 "DELETE key) as it is applied, until Ctrl-C or SIGTERM.",
-                parent=(configs, "config"))
+                group=configs)
     p.add_argument("prefix", help="the config prefix")
