@@ -344,7 +344,8 @@ def _key_arguments(parser: Any, what: str, from_key: bool = True) -> None:
 def add_commands(commands: Any) -> None:
     """Register the store and cluster commands on ``commands`` (a
     :class:`coord.cli.Commands`)."""
-    p = commands.command("get", get, "read keys",
+    command = commands.command
+    p = command("get", get, "read keys",
                 "Read a key, a range [KEY, RANGE_END), or every key with a prefix. "
                 "Prints each key and its value on two lines, as etcdctl does.")
     _key_arguments(p, "read")
@@ -362,7 +363,7 @@ def add_commands(commands: Any) -> None:
                    help="l: linearizable (default); s: serializable (the member's own "
                         "copy, possibly stale)")
 
-    p = commands.command("put", put, "write a key",
+    p = command("put", put, "write a key",
                 "Write VALUE at KEY (VALUE from stdin if not given, without its final "
                 "newline). Prints OK.")
     p.add_argument("key", help="the key")
@@ -374,12 +375,12 @@ def add_commands(commands: Any) -> None:
     p.add_argument("--ignore-lease", action="store_true",
                    help="keep the current lease (change only the value)")
 
-    p = commands.command("del", delete, "delete keys",
+    p = command("del", delete, "delete keys",
                 "Delete a key, a range or a prefix. Prints the number of keys deleted.")
     _key_arguments(p, "delete")
     p.add_argument("--prev-kv", action="store_true", help="also print the deleted values")
 
-    p = commands.command("watch", watch, "print changes to keys as they happen",
+    p = command("watch", watch, "print changes to keys as they happen",
                 "Print every change to a key, a range or a prefix (PUT or DELETE, the key, "
                 "the value) until Ctrl-C or SIGTERM. Resumes across broken connections "
                 "and failover without losing or repeating a change.")
@@ -393,21 +394,21 @@ def add_commands(commands: Any) -> None:
         "lease", help="grant, revoke and inspect leases",
         description="Leases: a key written with --lease ID is deleted when its lease expires "
                     "(TTL seconds after its last keep-alive) or is revoked.")
-    p = commands.command("grant", lease_grant, "grant a lease", "Grant a lease of TTL seconds.",
+    p = command("grant", lease_grant, "grant a lease", "Grant a lease of TTL seconds.",
                 group=leases)
     p.add_argument("ttl", type=int, help="seconds")
-    p = commands.command("revoke", lease_revoke, "revoke a lease (deleting its keys)",
+    p = command("revoke", lease_revoke, "revoke a lease (deleting its keys)",
                 "Revoke a lease: every key attached to it is deleted.",
                 group=leases)
     p.add_argument("id", help="the lease ID (hex)")
-    p = commands.command("timetolive", lease_timetolive, "a lease's remaining time",
+    p = command("timetolive", lease_timetolive, "a lease's remaining time",
                 "Print a lease's granted TTL and remaining time.", group=leases,
                 aliases=["ttl"])
     p.add_argument("id", help="the lease ID (hex)")
     p.add_argument("--keys", action="store_true", help="also print the attached keys")
-    commands.command("list", lease_list, "list the leases", "List every lease's ID.",
+    command("list", lease_list, "list the leases", "List every lease's ID.",
             group=leases)
-    p = commands.command("keep-alive", lease_keep_alive, "keep a lease alive",
+    p = command("keep-alive", lease_keep_alive, "keep a lease alive",
                 "Refresh a lease until Ctrl-C or SIGTERM (or once, with --once).",
                 group=leases)
     p.add_argument("id", help="the lease ID (hex)")
@@ -416,25 +417,25 @@ def add_commands(commands: Any) -> None:
     members = commands.group(
         "member", help="cluster members",
         description="The cluster's members, as the endpoints' cluster knows them.")
-    commands.command("list", member_list, "list the members",
+    command("list", member_list, "list the members",
             "List the members: ID, status, name, peer URLs, client URLs, is learner.",
             group=members)
 
     endpoints = commands.group(
         "endpoint", help="endpoint health and status",
         description="Ask each endpoint (or with --cluster, each member) on its own.")
-    p = commands.command("health", endpoint_health, "check each endpoint's health",
+    p = command("health", endpoint_health, "check each endpoint's health",
                 "Check that each endpoint can serve a linearizable read (through raft) "
                 "and has no NOSPACE alarm. Exits 1 if any is unhealthy.",
                 group=endpoints)
     p.add_argument("--cluster", action="store_true",
                    help="check every member's client URLs, not only --endpoints")
-    p = commands.command("status", status, "each endpoint's status",
+    p = command("status", status, "each endpoint's status",
                 "Print each endpoint's status (as `coord status`).",
                 group=endpoints)
     p.add_argument("--cluster", action="store_true",
                    help="every member's client URLs, not only --endpoints")
-    p = commands.command("status", status, "the status of each endpoint",
+    p = command("status", status, "the status of each endpoint",
                 "Print each endpoint's status: endpoint, member ID, version, db size, is "
                 "leader, is learner, raft term, raft index, raft applied index, errors.")
     p.add_argument("--cluster", action="store_true",

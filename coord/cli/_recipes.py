@@ -353,7 +353,8 @@ def _runs_command(parser: Any) -> None:
 
 def add_commands(commands: Any) -> None:
     """Register the subcommands (see :func:`coord.cli._kv.add_commands`)."""
-    p = commands.command("lock", lock, "take a lock, hold it while a command runs",
+    command = commands.command
+    p = command("lock", lock, "take a lock, hold it while a command runs",
                 "Take the lock NAME (waiting for it), then run COMMAND while holding it and "
                 "exit with its status; without a COMMAND, print the lock's key and hold it "
                 "until Ctrl-C or SIGTERM. The command's environment has COORD_LOCK_KEY, "
@@ -365,7 +366,7 @@ def add_commands(commands: Any) -> None:
     _holding(p)
     _runs_command(p)
 
-    p = commands.command("elect", elect, "campaign in an election, lead while a command runs",
+    p = command("elect", elect, "campaign in an election, lead while a command runs",
                 "Campaign in the election NAME with VALUE; once leader, run COMMAND while "
                 "leading and exit with its status, or without a COMMAND print the leader's "
                 "key and value and lead until Ctrl-C or SIGTERM (then resign). The command's "
@@ -380,7 +381,7 @@ def add_commands(commands: Any) -> None:
     _holding(p, ttl=60)
     _runs_command(p)
 
-    p = commands.command("observe", observe, "print an election's leader at each change",
+    p = command("observe", observe, "print an election's leader at each change",
                 "Print the leader of the election NAME (its key and value, as `etcdctl elect "
                 "--listen` does) now and at each change, until Ctrl-C or SIGTERM.")
     p.add_argument("name", help="the election's name")
@@ -388,7 +389,7 @@ def add_commands(commands: Any) -> None:
     barriers = commands.group(
         "barrier", help="barriers: hold, release, wait; enter a double barrier",
         description="Barriers (Go's recipe layout: the barrier is the key NAME).")
-    p = commands.command("hold", barrier_hold, "hold a barrier (waiters block)",
+    p = command("hold", barrier_hold, "hold a barrier (waiters block)",
                 "Hold the barrier NAME: `barrier wait NAME` blocks until it is released. "
                 "Without --ttl the hold stays after this command exits, until `barrier "
                 "release NAME`; with --ttl it is held by a lease until Ctrl-C or SIGTERM "
@@ -396,15 +397,15 @@ def add_commands(commands: Any) -> None:
     p.add_argument("name", help="the barrier's key")
     p.add_argument("--ttl", type=int, default=None,
                    help="hold under a lease of this TTL, until stopped")
-    p = commands.command("release", barrier_release, "release a barrier",
+    p = command("release", barrier_release, "release a barrier",
                 "Release the barrier NAME: every waiter goes on.", group=barriers)
     p.add_argument("name", help="the barrier's key")
-    p = commands.command("wait", barrier_wait, "wait until a barrier is released",
+    p = command("wait", barrier_wait, "wait until a barrier is released",
                 "Wait until the barrier NAME is not held (at once if it is not).",
                 group=barriers)
     p.add_argument("name", help="the barrier's key")
     p.add_argument("--timeout", default=None, help="give up after this long (exit 4)")
-    p = commands.command("enter", barrier_enter, "meet COUNT processes at a double barrier",
+    p = command("enter", barrier_enter, "meet COUNT processes at a double barrier",
                 "Enter the double barrier NAME: wait until COUNT participants have entered, "
                 "run COMMAND (if any), then leave: wait until all have left.",
                 group=barriers)
@@ -417,11 +418,11 @@ def add_commands(commands: Any) -> None:
         "config", help="dump or watch a config prefix",
         description="A config is the keys under a prefix, read as one consistent snapshot "
                     "and kept up to date by a watch (coord.recipes.ConfigWatcher).")
-    p = commands.command("dump", config_dump, "print a config prefix",
+    p = command("dump", config_dump, "print a config prefix",
                 "Print every key under PREFIX as key=value, one consistent snapshot.",
                 group=configs)
     p.add_argument("prefix", help="the config prefix, e.g. config/app/")
-    p = commands.command("watch", config_watch, "print a config prefix, then each change",
+    p = command("watch", config_watch, "print a config prefix, then each change",
                 "Print every key under PREFIX as key=value, then each change (PUT key=value, "
                 "DELETE key) as it is applied, until Ctrl-C or SIGTERM.",
                 group=configs)
