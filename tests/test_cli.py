@@ -522,3 +522,9 @@ def test_the_guides_fenced_write_runs_under_coord_lock(etcd, tmp_path):
     assert late.returncode == 1
     assert b"the lock was lost: the report was not written" in late.stderr
     assert ok(coord("get", "jobs/nightly/report", url=url)) == b""
+
+
+def test_watch_of_an_unreachable_etcd_fails_at_once():
+    # The watch itself would retry for ever: the command says so first.
+    result = coord("watch", "k", url="127.0.0.1:1", env={"ETCDCTL_DIAL_TIMEOUT": "1s"})
+    assert result.returncode == 3 and b"cannot reach etcd" in result.stderr

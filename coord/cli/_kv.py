@@ -128,7 +128,10 @@ async def watch(ctx: Context) -> int:
         else:
             ctx.write(out.event_simple(event, args.prev_kv))
 
-    watching = ctx.client.watch(_keyset(ctx), show, start_revision=args.rev or None,
+    keys = _keyset(ctx)
+    # A watch retries an unreachable etcd for ever; a first read says at once if it is.
+    await ctx.client.get(keys, count_only=True)
+    watching = ctx.client.watch(keys, show, start_revision=args.rev or None,
                                 return_previous=args.prev_kv)
     try:
         await ctx.until_stopped(watching)
