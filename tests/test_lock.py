@@ -1511,6 +1511,12 @@ SEMAPHORE_WORKER = textwrap.dedent("""
         client = Client(reactor, url)
         session = await Session.create(client, ttl=5)
         sem = Semaphore(session, b"pool", 3)
+        # All start together: a process that started late (a loaded machine) would find
+        # the others done, and the permits never all in use.
+        with open(path + ".ready", "a") as f:
+            f.write("ready\\n")
+        while not os.path.exists(path + ".go"):
+            await task.deferLater(reactor, 0.01, lambda: None)
         for _ in range(rounds):
             await sem.acquire(timeout=60)
             with open(path, "a") as f:
@@ -1529,7 +1535,14 @@ SEMAPHORE_WORKER = textwrap.dedent("""
 def test_semaphore_8_processes_3_permits(etcd, tmp_path):
     path = tmp_path / "log"
     workers = [spawn(SEMAPHORE_WORKER, etcd.url, path, 8) for _ in range(8)]
+    ready = tmp_path / "log.ready"
     try:
+        deadline = time.monotonic() + 60
+        while not (ready.exists() and len(ready.read_text().splitlines()) == 8):
+            assert time.monotonic() < deadline, "the workers did not all start"
+            assert all(w.poll() is None for w in workers), "a worker exited early"
+            time.sleep(0.05)
+        (tmp_path / "log.go").touch()
         for w in workers:
             _, err = w.communicate(timeout=120)
             assert w.returncode == 0, err
