@@ -236,16 +236,27 @@ class Child:
     """
 
     def __init__(self, reactor: Any, argv: Sequence[str], env: dict[str, str]) -> None:
-        if not argv:
-            raise OptionError("no COMMAND after --")
+        executable = self.check(argv)
         self._reactor = reactor
         self._proto = _ChildProtocol()
         self.ended = self._proto.ended
         environment = dict(os.environ)
         environment.update(env)
-        executable = _which(argv[0])
         self._process = reactor.spawnProcess(self._proto, executable, list(argv),
                                              env=environment, childFDs={0: 0, 1: 1, 2: 2})
+
+    @staticmethod
+    def check(argv: Sequence[str]) -> str:
+        """The executable that would run ``argv`` (looked up on ``$PATH``), so that a
+        command can refuse a COMMAND before it takes anything.
+
+        Raises:
+            OptionError: ``argv`` is empty (``--`` with nothing after it), or its program
+                is not found.
+        """
+        if not argv:
+            raise OptionError("no COMMAND after --")
+        return _which(argv[0])
 
     @property
     def pid(self) -> int | None:
