@@ -201,6 +201,7 @@ class _Resign:
 
 
 async def observe(ctx: Context) -> int:
+    from coord.errors import NoLeader
     from coord.recipes import election
 
     def report(leader: Any) -> None:
@@ -211,6 +212,16 @@ async def observe(ctx: Context) -> int:
         else:
             ctx.write(leader.key + b"\n" + leader.value + b"\n")
 
+    # The observation rides out an unreachable or hung etcd, its first read included (it
+    # reads again until it can): read the leader once first, so that a bad endpoint, a
+    # hung server or a refused read ends this command as it ends the others (exit 3, 4,
+    # 5) instead of waiting in silence.
+    try:
+        await ctx.until_stopped(election.leader(ctx.client, _bytes(ctx.args.name)))
+    except NoLeader:
+        pass
+    except Stopped:
+        return EXIT_OK
     observation = election.observe(ctx.client, _bytes(ctx.args.name), report)
     try:
         await ctx.until_stopped(observation.done)
@@ -261,8 +272,13 @@ async def barrier_release(ctx: Context) -> int:
 async def barrier_wait(ctx: Context) -> int:
     from coord.recipes import Barrier
 
-    revision = await ctx.until_stopped(
-        Barrier(ctx.client, _bytes(ctx.args.name)).wait(timeout=_seconds(ctx, "timeout")))
+    timeout = _seconds(ctx, "timeout")
+    barrier = Barrier(ctx.client, _bytes(ctx.args.name))
+    # Barrier.wait rides out an unreachable or hung etcd (it reads again until it can):
+    # one read first, so that a bad endpoint, a hung server or a refused read ends this
+    # command as it ends the others (exit 3, 4, 5) instead of waiting in silence.
+    await ctx.until_stopped(ctx.client.get(barrier.key, keys_only=True))
+    revision = await ctx.until_stopped(barrier.wait(timeout=timeout))
     ctx.write(out.json_line({"released": True, "revision": revision}) if ctx.json else
               b"released\n")
     return EXIT_OK
