@@ -110,11 +110,14 @@ def error_exit(name: str, exc: BaseException) -> tuple[int, str]:
 
     text = str(exc) or type(exc).__name__
     kind = type(exc).__name__
+    # The transport's OutcomeUnknown messages say so already ("...; the write may or may
+    # not have been applied"): say it once.
+    unknown = "" if "may or may not" in text else \
+        " (the write may or may not have been applied)"
     if isinstance(exc, OptionError):
         return _options.EXIT_USAGE, text
     if isinstance(exc, errors.Timeout):
-        extra = " (the write may or may not have been applied)" \
-            if isinstance(exc, errors.OutcomeUnknown) else ""
+        extra = unknown if isinstance(exc, errors.OutcomeUnknown) else ""
         return _options.EXIT_TIMEOUT, f"timed out: {text}{extra}"
     if isinstance(exc, (errors.PermissionDenied, errors.Unauthenticated)):
         return _options.EXIT_DENIED, f"{kind}: {text}"
@@ -122,7 +125,7 @@ def error_exit(name: str, exc: BaseException) -> tuple[int, str]:
                         errors.ParticipantLost)):
         return _options.EXIT_LOST, f"{kind}: {text}"
     if isinstance(exc, errors.OutcomeUnknown):
-        return _options.EXIT_ERROR, f"{kind}: {text} (it may or may not have been applied)"
+        return _options.EXIT_ERROR, f"{kind}: {text}{unknown}"
     if isinstance(exc, errors.Unavailable):
         return _options.EXIT_UNAVAILABLE, f"cannot reach etcd: {text}"
     if isinstance(exc, (errors.InvalidArgument, TypeError)) and \
