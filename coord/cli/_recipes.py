@@ -30,15 +30,16 @@ DEFAULT_TTL = 10  # seconds, as etcdctl lock's --ttl (etcdctl elect's is 60)
 
 def _command(ctx: Context) -> list[str] | None:
     """The COMMAND given after ``--`` (None if there was no ``--``), checked before
-    anything is taken: ``--`` with nothing after it, or a program that is not found, is a
-    usage error at once -- not after waiting for the lock.
+    anything is taken: ``--`` with nothing after it, a program that is not found, or a
+    bad ``--kill-after`` is a usage error at once -- not after waiting for the lock.
 
     Raises:
-        OptionError: as :meth:`coord.cli._runtime.Child.check`.
+        OptionError: as :meth:`coord.cli._runtime.Child.check`, or a bad --kill-after.
     """
     argv: list[str] | None = ctx.args.command
     if argv is not None:
         Child.check(argv)
+        _seconds(ctx, "kill_after")
     return argv
 
 
