@@ -72,9 +72,24 @@ class Context:
         return self.settings.output == "json"
 
     def write(self, data: bytes) -> None:
-        """Write to stdout and flush (so a pipe reading a stream sees each record)."""
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        """Write to stdout and flush (so a pipe reading a stream sees each record).
+
+        If the reader has gone away (``coord observe NAME | head -2``), the command is
+        stopped as by a signal (SIGPIPE): what it holds is released and it exits.
+        """
+        try:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            # Python ignores SIGPIPE, so the write fails instead of killing us (etcdctl
+            # dies of it).  stdout now points at /dev/null: the interpreter's own flush
+            # at exit would fail again and make the exit status 120 (Python's docs,
+            # "Note on SIGPIPE").
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            self.signum = signal.SIGPIPE
+            _fire(self.stopped, signal.SIGPIPE)
 
     def say(self, message: str) -> None:
         """A message for the person at the terminal, on stderr."""
