@@ -28,6 +28,21 @@ __all__ = ["add_commands"]
 DEFAULT_TTL = 10  # seconds, as etcdctl lock's --ttl (etcdctl elect's is 60)
 
 
+def _command(ctx: Context) -> list[str] | None:
+    """The COMMAND given after ``--`` (None if there was no ``--``), checked before
+    anything is taken: ``--`` with nothing after it, a program that is not found, or a
+    bad ``--kill-after`` is a usage error at once -- not after waiting for the lock.
+
+    Raises:
+        OptionError: as :meth:`coord.cli._runtime.Child.check`, or a bad --kill-after.
+    """
+    argv: list[str] | None = ctx.args.command
+    if argv is not None:
+        Child.check(argv)
+        _seconds(ctx, "kill_after")
+    return argv
+
+
 def _seconds(ctx: Context, name: str) -> float | None:
     text = getattr(ctx.args, name)
     return None if text is None else parse_duration("--" + name.replace("_", "-"), text)
@@ -83,7 +98,7 @@ async def _hold(ctx: Context, what: str, lost: defer.Deferred[Any], env: dict[st
     for a stop signal); stop the command if ``lost`` fires.  Returns the exit status."""
     argv = ctx.args.command
     grace = _seconds(ctx, "kill_after") or 10.0
-    if not argv:
+    if argv is None:
         ctx.write(shown)
         which, value = await _first(ctx, lost=lost)
         if which == "lost":
@@ -109,6 +124,7 @@ async def _hold(ctx: Context, what: str, lost: defer.Deferred[Any], env: dict[st
 async def lock(ctx: Context) -> int:
     from coord.recipes import Lock
 
+    _command(ctx)
     timeout = _seconds(ctx, "timeout")
     session = await _session(ctx)
     held = Lock(session, _bytes(ctx.args.name))
@@ -146,11 +162,12 @@ async def elect(ctx: Context) -> int:
     from coord.recipes import Election
 
     if ctx.args.listen:
-        if ctx.args.value is not None or ctx.args.command:
+        if ctx.args.value is not None or ctx.args.command is not None:
             raise OptionError("--listen takes only NAME")
         return await observe(ctx)
     if ctx.args.value is None:
         raise OptionError("elect needs NAME and VALUE (or --listen NAME)")
+    _command(ctx)
     timeout = _seconds(ctx, "timeout")
     session = await _session(ctx)
     candidacy = Election(session, _bytes(ctx.args.name))
@@ -185,6 +202,7 @@ class _Resign:
 
 
 async def observe(ctx: Context) -> int:
+    from coord.errors import NoLeader
     from coord.recipes import election
 
     def report(leader: Any) -> None:
@@ -195,6 +213,16 @@ async def observe(ctx: Context) -> int:
         else:
             ctx.write(leader.key + b"\n" + leader.value + b"\n")
 
+    # The observation rides out an unreachable or hung etcd, its first read included (it
+    # reads again until it can): read the leader once first, so that a bad endpoint, a
+    # hung server or a refused read ends this command as it ends the others (exit 3, 4,
+    # 5) instead of waiting in silence.
+    try:
+        await ctx.until_stopped(election.leader(ctx.client, _bytes(ctx.args.name)))
+    except NoLeader:
+        pass
+    except Stopped:
+        return EXIT_OK
     observation = election.observe(ctx.client, _bytes(ctx.args.name), report)
     try:
         await ctx.until_stopped(observation.done)
@@ -245,8 +273,13 @@ async def barrier_release(ctx: Context) -> int:
 async def barrier_wait(ctx: Context) -> int:
     from coord.recipes import Barrier
 
-    revision = await ctx.until_stopped(
-        Barrier(ctx.client, _bytes(ctx.args.name)).wait(timeout=_seconds(ctx, "timeout")))
+    timeout = _seconds(ctx, "timeout")
+    barrier = Barrier(ctx.client, _bytes(ctx.args.name))
+    # Barrier.wait rides out an unreachable or hung etcd (it reads again until it can):
+    # one read first, so that a bad endpoint, a hung server or a refused read ends this
+    # command as it ends the others (exit 3, 4, 5) instead of waiting in silence.
+    await ctx.until_stopped(ctx.client.get(barrier.key, keys_only=True))
+    revision = await ctx.until_stopped(barrier.wait(timeout=timeout))
     ctx.write(out.json_line({"released": True, "revision": revision}) if ctx.json else
               b"released\n")
     return EXIT_OK
@@ -257,6 +290,7 @@ async def barrier_enter(ctx: Context) -> int:
 
     if ctx.args.count < 1:
         raise OptionError("COUNT must be at least 1")
+    _command(ctx)
     timeout = _seconds(ctx, "timeout")
     session = await _session(ctx)
     barrier = DoubleBarrier(session, _bytes(ctx.args.name), ctx.args.count)
@@ -264,7 +298,7 @@ async def barrier_enter(ctx: Context) -> int:
         await ctx.until_stopped(barrier.enter(timeout=timeout))
         ctx.say(f"entered {ctx.args.name!r} with {ctx.args.count - 1} others")
         code = EXIT_OK
-        if ctx.args.command:
+        if ctx.args.command is not None:
             env = {"COORD_BARRIER_KEY": barrier.key.decode("utf-8", "surrogateescape"),
                    "COORD_LEASE_ID": out.hex_id(session.lease_id)}
             code = await _hold(ctx, f"the barrier {ctx.args.name!r}", barrier.lost, env, b"")
@@ -344,7 +378,7 @@ def _runs_command(parser: Any) -> None:
     parser.add_argument("--kill-after", default=None,
                         help="after SIGTERM, SIGKILL the command if it has not ended "
                              "after this long (default: 10s)")
-    parser.set_defaults(command=[])
+    parser.set_defaults(command=None)  # None: no `--`; [] is `--` with nothing after it
     # The COMMAND after `--` is split off argv before parsing (coord.cli.split_command):
     # an argparse REMAINDER would swallow the options that follow NAME.
     parser.usage = parser.format_usage().replace("usage: ", "", 1).rstrip() + \

@@ -72,9 +72,24 @@ class Context:
         return self.settings.output == "json"
 
     def write(self, data: bytes) -> None:
-        """Write to stdout and flush (so a pipe reading a stream sees each record)."""
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        """Write to stdout and flush (so a pipe reading a stream sees each record).
+
+        If the reader has gone away (``coord observe NAME | head -2``), the command is
+        stopped as by a signal (SIGPIPE): what it holds is released and it exits.
+        """
+        try:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            # Python ignores SIGPIPE, so the write fails instead of killing us (etcdctl
+            # dies of it).  stdout now points at /dev/null: the interpreter's own flush
+            # at exit would fail again and make the exit status 120 (Python's docs,
+            # "Note on SIGPIPE").
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            self.signum = signal.SIGPIPE
+            _fire(self.stopped, signal.SIGPIPE)
 
     def say(self, message: str) -> None:
         """A message for the person at the terminal, on stderr."""
@@ -110,11 +125,14 @@ def error_exit(name: str, exc: BaseException) -> tuple[int, str]:
 
     text = str(exc) or type(exc).__name__
     kind = type(exc).__name__
+    # The transport's OutcomeUnknown messages say so already ("...; the write may or may
+    # not have been applied"): say it once.
+    unknown = "" if "may or may not" in text else \
+        " (the write may or may not have been applied)"
     if isinstance(exc, OptionError):
         return _options.EXIT_USAGE, text
     if isinstance(exc, errors.Timeout):
-        extra = " (the write may or may not have been applied)" \
-            if isinstance(exc, errors.OutcomeUnknown) else ""
+        extra = unknown if isinstance(exc, errors.OutcomeUnknown) else ""
         return _options.EXIT_TIMEOUT, f"timed out: {text}{extra}"
     if isinstance(exc, (errors.PermissionDenied, errors.Unauthenticated)):
         return _options.EXIT_DENIED, f"{kind}: {text}"
@@ -122,7 +140,7 @@ def error_exit(name: str, exc: BaseException) -> tuple[int, str]:
                         errors.ParticipantLost)):
         return _options.EXIT_LOST, f"{kind}: {text}"
     if isinstance(exc, errors.OutcomeUnknown):
-        return _options.EXIT_ERROR, f"{kind}: {text} (it may or may not have been applied)"
+        return _options.EXIT_ERROR, f"{kind}: {text}{unknown}"
     if isinstance(exc, errors.Unavailable):
         return _options.EXIT_UNAVAILABLE, f"cannot reach etcd: {text}"
     if isinstance(exc, (errors.InvalidArgument, TypeError)) and \
@@ -236,16 +254,27 @@ class Child:
     """
 
     def __init__(self, reactor: Any, argv: Sequence[str], env: dict[str, str]) -> None:
-        if not argv:
-            raise OptionError("no COMMAND after --")
+        executable = self.check(argv)
         self._reactor = reactor
         self._proto = _ChildProtocol()
         self.ended = self._proto.ended
         environment = dict(os.environ)
         environment.update(env)
-        executable = _which(argv[0])
         self._process = reactor.spawnProcess(self._proto, executable, list(argv),
                                              env=environment, childFDs={0: 0, 1: 1, 2: 2})
+
+    @staticmethod
+    def check(argv: Sequence[str]) -> str:
+        """The executable that would run ``argv`` (looked up on ``$PATH``), so that a
+        command can refuse a COMMAND before it takes anything.
+
+        Raises:
+            OptionError: ``argv`` is empty (``--`` with nothing after it), or its program
+                is not found.
+        """
+        if not argv:
+            raise OptionError("no COMMAND after --")
+        return _which(argv[0])
 
     @property
     def pid(self) -> int | None:
