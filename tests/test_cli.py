@@ -8,7 +8,6 @@ etcdctl's for the same request.  (The recipe commands: tests/test_cli_recipes.py
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -465,35 +464,6 @@ def test_watch_prints_changes_until_stopped(etcd):
         finally:
             simple.kill()
             as_json.kill()
-
-
-def _subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                if not sub.prog.endswith(" " + name):
-                    continue  # an alias (lease ttl = lease timetolive)
-                yield (*path, name)
-                yield from _subcommands(sub, (*path, name))
-
-
-def test_every_subcommand_has_help(capsys):
-    parser = build_parser()
-    paths = sorted(set(_subcommands(parser)))
-    assert ("lock",) in paths and ("lease", "grant") in paths and ("config", "watch") in paths
-    for path in [(), *paths]:
-        with pytest.raises(SystemExit) as exited:
-            build_parser().parse_args([*path, "--help"])
-        assert exited.value.code == 0, path
-        text = capsys.readouterr().out
-        assert text.startswith("usage: coord " + " ".join(path)), path
-        # A group lists its commands; a command says what it does beyond its usage.
-        children = [p[-1] for p in paths if p[:-1] == path]
-        assert all(child in text for child in children), path
-        assert len(text.split("\n\n", 1)[1]) > 60, path
-    # And as a user runs it:
-    result = coord("lock", "--help")
-    assert result.returncode == 0 and b"COORD_FENCING_TOKEN" in result.stdout
 
 
 def test_no_subcommand_is_a_usage_error():

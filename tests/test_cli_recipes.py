@@ -1022,6 +1022,10 @@ def test_help_exits_0_and_prints_usage(path, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: {COMMAND_PATHS.get(path, 'coord')} ")
     assert "-h, --help" in out
+    # A group lists its commands; a command says what it does beyond its usage.
+    children = [p[-1] for p in COMMAND_PATHS if p[:-1] == path]
+    assert all(child in out for child in children)
+    assert len(out.split("\n\n", 1)[1]) > 60
 
 
 def test_help_through_the_command_line():
