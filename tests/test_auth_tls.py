@@ -1031,6 +1031,7 @@ async def test_auth_watch_outside_prefix_is_permission_denied(auth_server, new_c
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.slow
 async def test_auth_token_expiry_is_transparent(short_token_server, new_client):
     client = new_client(short_token_server.url, user="root", password=ROOT_PASSWORD, timeout=10)
     await client.set(b"k", b"v1")

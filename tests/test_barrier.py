@@ -258,6 +258,7 @@ async def test_a_compaction_while_disconnected_is_no_release(etcd_factory):
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.slow
 async def test_a_paused_or_killed_etcd_is_no_release_and_a_release_while_away_is_seen(
         etcd_factory):
     server = etcd_factory()
@@ -678,6 +679,7 @@ async def _line(proc, word):
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.slow
 async def test_four_processes_enter_and_leave_one_sigkilled(etcd, pool_client):
     """Four processes enter (each returns only once the fourth called enter); then one is
     SIGKILLed, the three others leave: their leave returns once its lease ended (TTL 3 s)."""

@@ -121,6 +121,7 @@ def test_socket_worker_answer_end_refuses(answer):
         load_kv().answer_end(answer)
 
 
+@pytest.mark.slow
 def test_failover_round():
     # One short round: a 3-member cluster of its own, the preferred follower frozen 1 s.
     out = run(str(ROOT / "benchmarks" / "failover.py"), "--freeze", "1", "--readers", "1",
@@ -185,6 +186,7 @@ def test_socket_worker_reports_a_connection_closed_mid_answer(partial):
         (result, err)
 
 
+@pytest.mark.slow
 def test_scale_round(etcd):
     # 10 locks, each mode; and an unshared run that the open-files limit cannot hold stops
     # with a message before it starts
@@ -212,6 +214,7 @@ def test_barrier_benchmark_prints_figures(etcd):
     assert re.search(r"DoubleBarrier.enter, 2 processes +p50 +[\d.]+ ms", out), out
 
 
+@pytest.mark.slow
 def test_work_queue_round(etcd):
     """benchmarks/work_queue.py: a short run prints each measurement with figures."""
     proc = run(str(ROOT / "benchmarks" / "work_queue.py"), "--url", etcd.url,
@@ -243,6 +246,7 @@ def test_group_round(etcd):
     assert "ratio group / reference: p50" in out
 
 
+@pytest.mark.slow
 def test_counter_round(etcd):
     # 1 and 2 writers, briefly: a table with adds/s next to puts/s, as ratios
     proc = run(str(ROOT / "benchmarks" / "counter.py"), "--url", etcd.url, "--duration",

@@ -629,6 +629,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_8_writers_while_the_leader_is_killed_and_restarted(etcd_cluster):
     """The member all 8 writers talk to is killed twice: as the leader, then (restarted)
     as a follower.  Each writer adds its own delta, so a lost answer is settled exactly."""

@@ -1497,6 +1497,7 @@ def read_log(path):
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.slow
 async def test_five_candidate_processes(etcd, pool_client, tmp_path):
     path = tmp_path / "log"
     seen = []

@@ -511,6 +511,7 @@ async def test_a_write_to_a_hung_member_is_outcome_unknown_and_the_next_goes_els
 
 @pytest.mark.parametrize("role", ["follower", "leader"])
 @pytest_twisted.ensureDeferred
+@pytest.mark.slow
 async def test_session_and_lock_survive_a_hung_preferred_member(etcd_cluster, new_client, role):
     members = members_with_first(etcd_cluster, role)
     hung = members[0]
@@ -587,6 +588,7 @@ async def put_until_done(client, prefix):
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.slow
 async def test_every_attempt_expires_at_its_own_deadline(etcd, listen, new_client):
     # Two members hang (they take requests and never answer), the third is etcd.  A
     # read sent 1 s after another must leave each hung member 2 s after it got there,

@@ -1063,6 +1063,7 @@ async def test_a_held_lock_survives_an_etcd_restart(etcd_factory):
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.slow
 async def test_a_short_hang_suspends_the_session_and_keeps_the_lock(etcd_factory):
     server = etcd_factory()
     client = Client(reactor, server.url, timeout=1.0)
@@ -2237,6 +2238,7 @@ async def test_lost_read_after_a_compaction_past_the_hold_reports_only_a_real_lo
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.slow
 async def test_a_holder_whose_process_stalls_past_its_ttl_is_lost_and_fenced(
         pool_client, sessions):
     """The whole process stalls (GC, swap: here the reactor is blocked) past the
@@ -2332,6 +2334,7 @@ async def test_waiters_watches_of_their_own_key_and_predecessor_survive_an_etcd_
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.slow
 async def test_takes_that_do_not_wait_are_not_held_hostage_by_a_hung_etcd(etcd_factory):
     """try_acquire, acquire(timeout=0) and a Semaphore's try_acquire say "do not wait".
     If etcd hangs, each still ends within the client's timeout plus the clean-up grace

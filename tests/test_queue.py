@@ -620,6 +620,7 @@ CONSUMER = textwrap.dedent("""
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.slow
 async def test_4_producers_4_consumers_one_killed_holding_an_item(etcd, pool_client):
     """Every item put is acked exactly once, the one the killed consumer held too; the
     first deliveries of each producer's items come in its put order.

@@ -317,6 +317,7 @@ def test_find_etcdctl_matches_the_etcd_in_use(binary: str, monkeypatch: pytest.M
 # --------------------------------------------------------------------------- EtcdCluster
 
 
+@pytest.mark.slow
 def test_cluster_elects_and_survives_leader_loss(binary: str) -> None:
     with EtcdCluster(3, binary) as cluster:
         assert len(cluster.members) == len(set(cluster.urls)) == 3

@@ -45,6 +45,7 @@ async def test_create_repr_and_close_revokes(pool_client):
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.slow
 async def test_keepalive_outlives_the_ttl(pool_client):
     session = await Session.create(pool_client, ttl=2)
     await pool_client.set(b"s/k", b"v", lease=session.lease_id)

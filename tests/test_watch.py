@@ -222,6 +222,7 @@ def _check_exactly_once(seen, truth):
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.slow
 async def test_exactly_once_across_two_restarts(etcd_factory, new_client):
     server = etcd_factory()
     writer = new_client(server.url, timeout=5)
@@ -250,6 +251,7 @@ async def test_exactly_once_across_two_restarts(etcd_factory, new_client):
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.slow
 async def test_exactly_once_when_the_watched_member_dies(etcd_cluster, new_client):
     writer = new_client(etcd_cluster.urls, timeout=5)
     watcher = new_client(etcd_cluster.urls)
