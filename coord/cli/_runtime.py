@@ -65,7 +65,6 @@ class Context:
         self.client = client
         self.name = name
         self.stopped: defer.Deferred[int] = defer.Deferred()
-        self.signum: int | None = None
 
     @property
     def json(self) -> bool:
@@ -88,7 +87,6 @@ class Context:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
-            self.signum = signal.SIGPIPE
             _fire(self.stopped, signal.SIGPIPE)
 
     def say(self, message: str) -> None:
@@ -199,7 +197,6 @@ def run(args: argparse.Namespace, command: Callable[[Context], Awaitable[int]],
         ctx = Context(reactor, args, settings, client, f"coord {name}")
 
         def on_signal(signum: int, frame: Any) -> None:
-            ctx.signum = signum
             reactor.callFromThread(_fire, ctx.stopped, signum)
 
         # Twisted's handlers would stop the reactor under our feet: a signal now ends the
